@@ -1,0 +1,147 @@
+"""The data side: resolve ``data``, decode once, split, and hand out uint8 arrays per split.
+
+``prepare_data`` is the one call the training code makes; ``load_split_from_manifest`` is what
+evaluation uses, so it sees exactly the images the training run put in each split.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sceneml.data.decode import decode_images, load_rgb
+from sceneml.data.sources import DataSource, cache_dir, list_images, resolve_source
+from sceneml.data.splits import (
+    limit_per_class,
+    manifest_csv,
+    manifest_digest,
+    read_manifest,
+    stratified_split,
+)
+from sceneml.errors import SceneMLError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DataSource", "PreparedData", "SplitData", "load_rgb", "load_split_from_manifest",
+    "prepare_data", "resolve_source",
+]
+
+
+@dataclass
+class SplitData:
+    paths: list[str]  # relative to the source root, as in the manifest
+    labels: np.ndarray  # (n,) int64 class indices
+    pixels: np.ndarray  # (n, H, W, 3) uint8
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+@dataclass
+class PreparedData:
+    source: DataSource
+    classes: list[str]
+    image_size: int
+    manifest: str  # CSV text: path, label, split
+    digest: str  # hash of the manifest: the data set's identity in MLflow
+    splits: dict[str, SplitData]
+    skipped: dict[str, str] = field(default_factory=dict)  # relative path -> reason
+
+    @property
+    def class_to_idx(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.classes)}
+
+
+def _relative(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def prepare_data(spec: str = "synthetic", image_size: int = 0, seed: int = 42,
+                 val_fraction: float = 0.15, test_fraction: float = 0.15, limit: int = 0,
+                 workers: int = 2, progress: bool = True, cache: Path | None = None) -> PreparedData:
+    """Resolve ``spec``, decode every image once (cached), skip bad files, split and return arrays."""
+    if not 0 < val_fraction < 1 or not 0 < test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise SceneMLError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in "
+                           "(0, 1) and sum to less than 1")
+    cache = Path(cache) if cache is not None else cache_dir()
+    source = resolve_source(spec, cache)
+    size = image_size or source.native_size
+    classes, train_items = list_images(source.train_dir)
+    test_items: list[tuple[Path, str]] = []
+    if source.test_dir is not None:
+        test_classes, test_items = list_images(source.test_dir)
+        if test_classes != classes:
+            raise SceneMLError(f"seg_test classes {test_classes} differ from seg_train classes {classes}")
+    class_to_idx = {c: i for i, c in enumerate(classes)}
+
+    # limit each pool (and the data's own test split) to a seeded subset per class
+    pools = []
+    for items in (train_items, test_items):
+        labels = np.array([class_to_idx[c] for _, c in items], dtype=np.int64)
+        keep = limit_per_class(labels, limit, seed) if len(items) else np.arange(0)
+        pools.append([items[i] for i in keep])
+    train_items, test_items = pools
+    all_items = train_items + test_items
+
+    decoded = decode_images([p for p, _ in all_items], size, cache / "decoded", workers, progress)
+    skipped = {_relative(all_items[i][0], source.root): why for i, why in decoded.errors.items()}
+    if skipped:
+        log.warning("skipped %d unreadable image(s), e.g. %s", len(skipped), next(iter(skipped.items())))
+    labels_all = np.array([class_to_idx[c] for _, c in all_items], dtype=np.int64)
+    for name, idx in class_to_idx.items():
+        if not np.any(decoded.ok & (labels_all == idx)):
+            raise SceneMLError(f"class {name!r} has no usable image (all {np.sum(labels_all == idx)} failed to decode)")
+
+    n_train_pool = len(train_items)
+    is_test_pool = np.arange(len(all_items)) >= n_train_pool
+    split = np.empty(len(all_items), dtype=object)
+    pool_idx = np.flatnonzero(decoded.ok & ~is_test_pool)
+    split[pool_idx] = stratified_split(labels_all[pool_idx], classes, seed, val_fraction,
+                                       test_fraction, has_test=source.test_dir is not None)
+    if source.test_dir is not None:
+        test_idx = np.flatnonzero(decoded.ok & is_test_pool)
+        missing = [c for c, i in class_to_idx.items() if not np.any(labels_all[test_idx] == i)]
+        if missing:
+            raise SceneMLError(f"the test split (seg_test) has no usable image of class(es) {missing}")
+        split[test_idx] = "test"
+
+    used = np.flatnonzero(decoded.ok)
+    rel = [_relative(p, source.root) for p, _ in all_items]
+    manifest = manifest_csv([rel[i] for i in used], [all_items[i][1] for i in used],
+                            [split[i] for i in used])
+    splits = {}
+    for name in ("train", "val", "test"):
+        idx = np.flatnonzero(split == name)
+        # a contiguous in-memory copy: batches index it randomly, a memmap would page-fault
+        splits[name] = SplitData([rel[i] for i in idx], labels_all[idx], np.ascontiguousarray(decoded.pixels[idx]))
+    return PreparedData(source, classes, size, manifest, manifest_digest(manifest), splits, skipped)
+
+
+def load_split_from_manifest(spec: str, manifest: str, classes: list[str], image_size: int,
+                             split: str, workers: int = 2, progress: bool = True,
+                             cache: Path | None = None) -> SplitData:
+    """The images a training run put in ``split``, read back from its manifest (never re-split)."""
+    cache = Path(cache) if cache is not None else cache_dir()
+    source = resolve_source(spec, cache)
+    rows = [r for r in read_manifest(manifest) if r["split"] == split]
+    if not rows:
+        raise SceneMLError(f"the split manifest has no rows for split {split!r}")
+    class_to_idx = {c: i for i, c in enumerate(classes)}
+    files = [source.root / r["path"] for r in rows]
+    missing = [str(f) for f in files if not f.exists()]
+    if missing:
+        raise SceneMLError(f"{len(missing)} image(s) of the recorded {split} split are missing under "
+                           f"{source.root}, e.g. {missing[0]}; pass the data the model was trained on")
+    decoded = decode_images(files, image_size, cache / "decoded", workers, progress)
+    if decoded.errors:
+        i, why = next(iter(decoded.errors.items()))
+        raise SceneMLError(f"{files[i]} no longer decodes ({why}); the recorded split cannot be reproduced")
+    labels = np.array([class_to_idx[r["label"]] for r in rows], dtype=np.int64)
+    return SplitData([r["path"] for r in rows], labels, np.ascontiguousarray(decoded.pixels))
+
+
+__all__ += ["manifest_digest", "read_manifest"]

@@ -1,0 +1,167 @@
+"""Where the images come from: the ``data`` parameter resolved to folders of class sub-folders.
+
+Accepted forms of ``data``:
+
+* ``synthetic`` or ``synthetic:N`` -- the embedded procedural data set (N images per class);
+* a folder of class sub-folders (ImageFolder layout);
+* the Kaggle Intel layout, ``seg_train/[seg_train/]<class>/*`` and ``seg_test/[seg_test/]<class>/*``
+  (``seg_pred`` has no labels and is ignored); ``seg_test`` becomes the test split;
+* a ``.zip`` of either folder layout, extracted once into a cache keyed by the archive's hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from sceneml.data import synthetic
+from sceneml.errors import SceneMLError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+FOLDER_NATIVE_SIZE = 150  # the Intel images are 150x150
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A resolved ``data`` parameter. Manifest paths are relative to ``root``."""
+
+    spec: str
+    kind: str  # "synthetic" | "folder" | "kaggle"
+    root: Path
+    train_dir: Path  # class sub-folders; the whole pool when there is no test_dir
+    test_dir: Path | None  # class sub-folders of a split the data bring themselves
+    native_size: int
+
+
+def cache_dir() -> Path:
+    """Where decoded arrays, extracted zips and the synthetic images live (``$SCENEML_CACHE``)."""
+    return Path(os.environ.get("SCENEML_CACHE", Path.home() / ".cache" / "sceneml"))
+
+
+def resolve_source(spec: str, cache: Path | None = None) -> DataSource:
+    """Turn the ``data`` parameter into a :class:`DataSource`, extracting or rendering as needed."""
+    cache = Path(cache) if cache is not None else cache_dir()
+    spec = spec.strip()
+    if spec == "synthetic" or spec.startswith("synthetic:"):
+        per_class = synthetic.DEFAULT_PER_CLASS
+        if ":" in spec:
+            try:
+                per_class = int(spec.split(":", 1)[1])
+            except ValueError:
+                per_class = 0
+            if per_class < 3:
+                raise SceneMLError(f"data={spec!r}: use synthetic:N with N >= 3 images per class")
+        folder = cache / "synthetic" / f"v{synthetic.RENDERER_VERSION}-n{per_class}-s0-{synthetic.DEFAULT_SIZE}px"
+        synthetic.write_synthetic_dataset(folder, per_class=per_class)
+        return DataSource(spec, "synthetic", folder, folder, None, synthetic.DEFAULT_SIZE)
+
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise SceneMLError(f"data={spec!r} does not exist (expected 'synthetic', a folder or a .zip)")
+    if path.is_file():
+        if path.suffix.lower() != ".zip":
+            raise SceneMLError(f"data={spec!r} is a file but not a .zip archive")
+        path = extract_zip(path, cache / "zips")
+    return _resolve_folder(spec, _unwrap(path))
+
+
+def _has_class_dirs(folder: Path) -> bool:
+    return any(child.is_dir() and not child.name.startswith(".") for child in folder.iterdir())
+
+
+def _unwrap(folder: Path) -> Path:
+    """Descend through single wrapper folders (``archive/intel/seg_train`` -> ``archive/intel``)."""
+    while True:
+        children = [c for c in folder.iterdir() if not c.name.startswith((".", "__MACOSX"))]
+        dirs = [c for c in children if c.is_dir()]
+        if len(dirs) == 1 and len(children) == 1 and dirs[0].name not in ("seg_train", "seg_test"):
+            if _has_class_dirs(dirs[0]):
+                folder = dirs[0]
+                continue
+        return folder
+
+
+def _kaggle_split_dir(root: Path, name: str) -> Path | None:
+    """``seg_train`` may hold the classes directly or wrap them once more (``seg_train/seg_train``)."""
+    outer = root / name
+    if not outer.is_dir():
+        return None
+    inner = outer / name
+    return inner if inner.is_dir() else outer
+
+
+def _resolve_folder(spec: str, root: Path) -> DataSource:
+    train = _kaggle_split_dir(root, "seg_train")
+    if train is not None:
+        test = _kaggle_split_dir(root, "seg_test")
+        return DataSource(spec, "kaggle", root, train, test, FOLDER_NATIVE_SIZE)
+    if not _has_class_dirs(root):
+        raise SceneMLError(f"data={spec!r}: no class sub-folders found in {root}")
+    return DataSource(spec, "folder", root, root, None, FOLDER_NATIVE_SIZE)
+
+
+def list_images(class_root: Path) -> tuple[list[str], list[tuple[Path, str]]]:
+    """Sorted class names and (file, class) pairs under ``class_root/<class>/``.
+
+    Files are found by extension; whether they really decode is checked later, when decoding.
+    A class folder with no image file at all is an error that names it.
+    """
+    classes = sorted(c.name for c in class_root.iterdir() if c.is_dir() and not c.name.startswith("."))
+    if len(classes) < 2:
+        raise SceneMLError(f"{class_root}: need at least 2 class sub-folders, found {classes}")
+    items: list[tuple[Path, str]] = []
+    for name in classes:
+        files = sorted(
+            p for p in (class_root / name).rglob("*")
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+        )
+        if not files:
+            raise SceneMLError(f"class {name!r} has no image files in {class_root / name}")
+        items.extend((p, name) for p in files)
+    return classes, items
+
+
+def file_digest(path: Path, chunk: int = 1 << 20) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+def extract_zip(archive: Path, zip_cache: Path) -> Path:
+    """Extract ``archive`` once into ``zip_cache/<sha256>``; refuse entries that escape the folder.
+
+    Every entry is checked *before* anything is written, so a zip-slip archive leaves nothing behind.
+    Extraction goes to a temporary folder renamed into place at the end, so a crash mid-way is redone.
+    """
+    target = zip_cache / file_digest(archive)[:20]
+    if target.is_dir():
+        return target
+    try:
+        zf = zipfile.ZipFile(archive)
+    except zipfile.BadZipFile as exc:
+        raise SceneMLError(f"{archive} is not a readable zip archive: {exc}") from None
+    with zf:
+        for info in zf.infolist():
+            name = info.filename
+            is_link = stat.S_ISLNK(info.external_attr >> 16)
+            parts = Path(name.replace("\\", "/")).parts
+            if is_link or name.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
+                raise SceneMLError(
+                    f"{archive}: refusing unsafe zip entry {name!r} (absolute path, '..' or link)"
+                )
+        tmp = zip_cache / f".tmp-{target.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        zf.extractall(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # a concurrent run won the race: use its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

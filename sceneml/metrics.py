@@ -1,0 +1,96 @@
+"""Classification metrics as pure functions over numpy arrays (no torch, no MLflow).
+
+Conventions: ``y_true`` is an (n,) int array of class indices, ``scores`` an (n, C) array of softmax
+probabilities. A class absent from ``y_true`` has an undefined AP and accuracy: NaN, never a crash,
+and the means skip NaN.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from sklearn.metrics import average_precision_score
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def cross_entropy_from_probs(y_true: np.ndarray, scores: np.ndarray) -> float:
+    """Mean negative log-probability of the true class (the loss, recomputable from a scores file)."""
+    p = np.clip(scores[np.arange(len(y_true)), y_true], np.finfo(np.float64).tiny, 1.0)
+    return float(-np.mean(np.log(p)))
+
+
+def per_class_average_precision(y_true: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """One-vs-rest AP per class (sklearn ``average_precision_score``); NaN for a class with no positive."""
+    n_classes = scores.shape[1]
+    ap = np.full(n_classes, np.nan)
+    for c in range(n_classes):
+        positives = y_true == c
+        if positives.any():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ap[c] = average_precision_score(positives, scores[:, c])
+    return ap
+
+
+def per_class_accuracy(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """Recall of each class: the share of its images predicted as it; NaN for an absent class."""
+    acc = np.full(n_classes, np.nan)
+    for c in range(n_classes):
+        members = y_true == c
+        if members.any():
+            acc[c] = float(np.mean(y_pred[members] == c))
+    return acc
+
+
+def nanmean_or_nan(values: np.ndarray) -> float:
+    return float(np.nanmean(values)) if np.any(~np.isnan(values)) else float("nan")
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """Counts with rows = true class, columns = predicted class."""
+    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(cm, (y_true, y_pred), 1)
+    return cm
+
+
+def classification_metrics(y_true: np.ndarray, scores: np.ndarray, class_names: list[str],
+                           prefix: str) -> dict[str, float]:
+    """Every logged metric of one split, keyed as in the MLflow contract (``{prefix}_ap_<class>`` ...).
+
+    Everything, the loss included, derives from ``scores``, so a saved scores file reproduces it.
+    """
+    y_true = np.asarray(y_true)
+    scores = np.asarray(scores, dtype=np.float64)
+    y_pred = scores.argmax(axis=1)
+    ap = per_class_average_precision(y_true, scores)
+    acc = per_class_accuracy(y_true, y_pred, len(class_names))
+    out = {
+        f"{prefix}_loss": cross_entropy_from_probs(y_true, scores),
+        f"{prefix}_acc": float(np.mean(y_pred == y_true)),
+        f"{prefix}_mAP": nanmean_or_nan(ap),
+        f"{prefix}_mean_class_acc": nanmean_or_nan(acc),
+    }
+    for name, value in zip(class_names, ap):
+        out[f"{prefix}_ap_{name}"] = float(value)
+    for name, value in zip(class_names, acc):
+        out[f"{prefix}_acc_{name}"] = float(value)
+    return out
+
+
+# Selection: which direction is better for each selectable metric.
+LOWER_IS_BETTER = {"val_loss"}
+SELECT_METRICS = ("val_mean_class_acc", "val_mAP", "val_loss", "val_acc")
+
+
+def is_better(candidate: float, incumbent: float | None, metric: str) -> bool:
+    if incumbent is None or np.isnan(incumbent):
+        return not np.isnan(candidate)
+    if np.isnan(candidate):
+        return False
+    return candidate < incumbent if metric in LOWER_IS_BETTER else candidate > incumbent

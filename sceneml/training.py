@@ -1,0 +1,206 @@
+"""The torch side of training: batches from uint8 arrays, ``train_one_epoch``, ``evaluate``, and the
+resumable checkpoint dict. Nothing here talks to MLflow; callers pass a callback for batch losses.
+
+Images live in memory as uint8 (decoded once); a batch is indexed, moved to the device, scaled to
+``[0, 1]`` and augmented there, so no worker process ever decodes a JPEG during training.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from sceneml.errors import SceneMLError
+from sceneml.models import AUX_LOSS_WEIGHT, split_logits
+
+OPTIMIZERS = ("adamw", "adam", "rmsprop", "sgd")
+SCHEDULERS = ("none", "cosine", "step")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(name: str, params, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    """The ``--opt`` switch of torchvision's references/classification, for the optimizers we sweep."""
+    params = [p for p in params if p.requires_grad]
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                               nesterov=momentum > 0)
+    if name == "rmsprop":
+        # eps/alpha as in torchvision's references (TF-style RMSprop)
+        return torch.optim.RMSprop(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                   eps=0.0316, alpha=0.9)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    raise SceneMLError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def build_scheduler(name: str, optimizer: torch.optim.Optimizer, epochs: int):
+    """An epoch-level LR schedule (stepped once per epoch), or None."""
+    if name == "none":
+        return None
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    if name == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, epochs // 3), gamma=0.1)
+    raise SceneMLError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+
+
+def to_float_batch(pixels: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [0, 1] on ``device`` (converted after the copy:
+    uint8 is 4x less to move)."""
+    t = torch.as_tensor(np.asarray(pixels)) if not isinstance(pixels, torch.Tensor) else pixels
+    non_blocking = device.type == "cuda"
+    t = t.to(device, non_blocking=non_blocking).permute(0, 3, 1, 2)
+    return t.float().div_(255.0).contiguous(memory_format=torch.channels_last)
+
+
+def random_resized_crop(x: torch.Tensor, generator: torch.Generator, scale=(0.5, 1.0)) -> torch.Tensor:
+    """Per-image random crop (area share in ``scale``, aspect 3/4..4/3) resized back, as one grid_sample."""
+    b = x.shape[0]
+    area = torch.empty(b).uniform_(*scale, generator=generator)
+    log_ratio = torch.empty(b).uniform_(np.log(3 / 4), np.log(4 / 3), generator=generator)
+    ratio = torch.exp(log_ratio)
+    w = torch.sqrt(area * ratio).clamp(max=1.0)
+    h = torch.sqrt(area / ratio).clamp(max=1.0)
+    cx = (torch.rand(b, generator=generator) * 2 - 1) * (1 - w)
+    cy = (torch.rand(b, generator=generator) * 2 - 1) * (1 - h)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w, cx, h, cy
+    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def iterate_batches(pixels: np.ndarray, labels: np.ndarray, batch_size: int, device: torch.device,
+                    generator: torch.Generator | None = None, augment: bool = False,
+                    crop: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (images, labels) batches; shuffled and augmented when a generator is given."""
+    n = len(labels)
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    labels_t = torch.as_tensor(labels)
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size].numpy()
+        x = to_float_batch(pixels[idx], device)
+        y = labels_t[idx].to(device, non_blocking=device.type == "cuda")
+        if augment and generator is not None:
+            flip = torch.rand(len(idx), generator=generator) < 0.5
+            x = torch.where(flip.to(device).view(-1, 1, 1, 1), x.flip(3), x)
+            if crop:
+                x = random_resized_crop(x, generator)
+        yield x, y
+
+
+def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, pixels: np.ndarray,
+                    labels: np.ndarray, batch_size: int, device: torch.device, generator: torch.Generator,
+                    crop: bool = False, on_losses: Callable[[list[float]], None] | None = None,
+                    flush_every: int = 20, progress: bool = True, desc: str = "train") -> float:
+    """One pass over the training data. Returns the mean training loss (weighted by batch size).
+
+    Batch losses stay on the device and are fetched every ``flush_every`` batches (one sync instead of
+    one per batch), then handed to ``on_losses`` for logging.
+    """
+    model.train()
+    pending: list[torch.Tensor] = []
+    total, seen = torch.zeros((), device=device), 0
+    start = time.perf_counter()
+    bar = tqdm(total=len(labels), desc=desc, unit="img", disable=not progress, leave=False)
+
+    def flush() -> None:
+        if pending:
+            values = torch.stack(pending).tolist()
+            pending.clear()
+            if on_losses is not None:
+                on_losses(values)
+            bar.set_postfix(loss=f"{values[-1]:.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
+
+    for x, y in iterate_batches(pixels, labels, batch_size, device, generator, augment=True, crop=crop):
+        logits, aux = split_logits(model(x))
+        loss = F.cross_entropy(logits, y)
+        for aux_logits in aux:
+            loss = loss + AUX_LOSS_WEIGHT * F.cross_entropy(aux_logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        detached = loss.detach()
+        pending.append(detached)
+        total += detached * len(y)
+        seen += len(y)
+        bar.update(len(y))
+        if len(pending) >= flush_every:
+            flush()
+    flush()
+    bar.close()
+    mean_loss = float(total) / max(seen, 1)
+    if not np.isfinite(mean_loss):
+        raise SceneMLError(f"training diverged (loss={mean_loss}); lower the learning rate")
+    return mean_loss
+
+
+@torch.inference_mode()
+def predict_scores(model: nn.Module, pixels: np.ndarray, device: torch.device, batch_size: int = 256,
+                   progress: bool = False, desc: str = "eval") -> np.ndarray:
+    """Softmax probabilities (n, C) as float64, in the order of ``pixels``."""
+    model.eval()
+    dummy = np.zeros(len(pixels), dtype=np.int64)
+    out = []
+    for x, _ in tqdm(iterate_batches(pixels, dummy, batch_size, device), desc=desc, disable=not progress,
+                     leave=False, total=(len(pixels) + batch_size - 1) // batch_size):
+        logits, _ = split_logits(model(x))
+        out.append(torch.softmax(logits.float(), dim=1).cpu())
+    return torch.cat(out).double().numpy() if out else np.zeros((0, 0))
+
+
+# ---------------------------------------------------------------- resumable checkpoint dict
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        # numpy's state as plain lists/ints so torch.load(weights_only=True) can read it back
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(tuple(state["python"][:1]) + (tuple(state["python"][1]),) + tuple(state["python"][2:]))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, epoch: int, extra: dict) -> None:
+    """Write the resumable state atomically: a kill mid-write leaves the previous checkpoint intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "epoch": epoch,
+        "rng": rng_state(),
+        **extra,
+    }
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
