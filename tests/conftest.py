@@ -1,0 +1,49 @@
+"""Shared fixtures: a hermetic cache, no network, and a fresh sqlite tracking store per test."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlflow
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def hermetic_env(tmp_path_factory):
+    """One cache per test session (the synthetic set renders once), offline, an empty TORCH_HOME."""
+    cache = tmp_path_factory.mktemp("sceneml-cache")
+    torch_home = tmp_path_factory.mktemp("torch-home")
+    saved = {k: os.environ.get(k) for k in ("SCENEML_CACHE", "SCENEML_OFFLINE", "TORCH_HOME")}
+    os.environ.update(SCENEML_CACHE=str(cache), SCENEML_OFFLINE="1", TORCH_HOME=str(torch_home))
+    yield cache
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for `mlflow run` subprocesses: this interpreter's bin first on PATH, since the
+    MLproject commands call plain `python`."""
+    import sys
+
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**os.environ, "PATH": path, **extra}
+
+
+@pytest.fixture
+def tracking_uri(tmp_path, monkeypatch):
+    """A fresh sqlite store in tmp_path, for this process and for subprocesses."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # artifacts (./mlruns) land in tmp_path too
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)

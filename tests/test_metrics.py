@@ -1,0 +1,73 @@
+"""Metric functions against hand-computed cases."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from sceneml.metrics import (
+    classification_metrics,
+    confusion_matrix,
+    cross_entropy_from_probs,
+    is_better,
+    per_class_accuracy,
+    per_class_average_precision,
+    softmax,
+)
+
+CLASSES = ["a", "b", "c"]
+
+
+def test_perfect_scores():
+    y = np.array([0, 1, 2, 0])
+    scores = np.eye(3)[y] * 0.8 + 0.2 / 3
+    m = classification_metrics(y, scores, CLASSES, "val")
+    assert m["val_acc"] == 1.0 and m["val_mAP"] == 1.0 and m["val_mean_class_acc"] == 1.0
+    assert all(m[f"val_ap_{c}"] == 1.0 for c in CLASSES)
+
+
+def test_inverted_scores_give_the_worst_ap():
+    # class 0 positives get the lowest scores: AP = mean precision at each positive = (1/3 + 2/4) / 2
+    y = np.array([0, 0, 1, 1])
+    s0 = np.array([0.1, 0.2, 0.9, 0.8])
+    ap = per_class_average_precision(y, np.stack([s0, 1 - s0], axis=1))
+    assert ap[0] == pytest.approx((1 / 3 + 2 / 4) / 2)
+    assert ap[1] == pytest.approx((1 / 3 + 2 / 4) / 2)  # 1 - s0 inverts class 1 as well
+
+
+def test_tied_scores():
+    # all scores equal: one threshold, precision = prevalence
+    y = np.array([0, 1, 1, 1])
+    scores = np.full((4, 2), 0.5)
+    ap = per_class_average_precision(y, scores)
+    assert ap[0] == pytest.approx(0.25) and ap[1] == pytest.approx(0.75)
+
+
+def test_absent_class_is_nan_and_skipped_by_means():
+    y = np.array([0, 0, 1])
+    scores = np.array([[0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1]])
+    m = classification_metrics(y, scores, CLASSES, "test")
+    assert math.isnan(m["test_ap_c"]) and math.isnan(m["test_acc_c"])
+    assert m["test_mAP"] == 1.0 and m["test_mean_class_acc"] == 1.0
+
+
+def test_per_class_accuracy_is_recall():
+    y = np.array([0, 0, 0, 1, 1, 2])
+    pred = np.array([0, 1, 1, 1, 1, 0])
+    np.testing.assert_allclose(per_class_accuracy(y, pred, 3), [1 / 3, 1.0, 0.0])
+    assert confusion_matrix(y, pred, 3).tolist() == [[1, 2, 0], [0, 2, 0], [1, 0, 0]]
+
+
+def test_loss_matches_cross_entropy_of_logits():
+    logits = np.array([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]])
+    y = np.array([0, 2])
+    expected = -np.mean([logits[0, 0] - np.log(np.exp(logits[0]).sum()), logits[1, 2] - np.log(np.exp(logits[1]).sum())])
+    assert cross_entropy_from_probs(y, softmax(logits)) == pytest.approx(expected)
+
+
+def test_is_better_knows_the_direction():
+    assert is_better(0.9, 0.8, "val_mean_class_acc") and not is_better(0.7, 0.8, "val_mAP")
+    assert is_better(0.3, 0.5, "val_loss") and not is_better(0.6, 0.5, "val_loss")
+    assert is_better(0.1, None, "val_mAP") and not is_better(float("nan"), 0.1, "val_mAP")

@@ -1,0 +1,98 @@
+"""Models and weights: offline errors, state-dict files, GoogLeNet's aux heads, real ImageNet weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from sceneml.errors import SceneMLError
+from sceneml.models import build_model, freeze_backbone, head_parameters, split_logits
+from sceneml.training import build_optimizer, seed_everything, train_one_epoch
+
+from .conftest import SHARED_DATA
+
+
+def test_imagenet_offline_names_the_file_and_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    with pytest.raises(SceneMLError) as err:
+        build_model("resnet18", 6, "imagenet")
+    message = str(err.value)
+    assert "resnet18-f37072fd.pth" in message
+    assert str(tmp_path / "empty-torch-home" / "hub" / "checkpoints") in message
+    assert "weights=none" in message
+
+
+def test_auto_falls_back_to_random_init_and_says_so(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    _, resolved = build_model("resnet18", 6, "auto")
+    assert resolved == "none"
+    assert "RANDOM" in caplog.text
+
+
+def test_state_dict_file_loads_backbone_and_replaces_head(tmp_path):
+    source = torchvision.models.resnet18(num_classes=1000)
+    torch.save(source.state_dict(), tmp_path / "r18.pth")
+    model, resolved = build_model("resnet18", 6, str(tmp_path / "r18.pth"))
+    assert resolved.startswith("file:")
+    torch.testing.assert_close(model.backbone.layer3[0].conv1.weight, source.layer3[0].conv1.weight)
+    assert model.backbone.fc.out_features == 6
+
+
+def test_weights_of_another_arch_are_named_as_a_mismatch(tmp_path):
+    torch.save(torchvision.models.resnet50().state_dict(), tmp_path / "r50.pth")
+    with pytest.raises(SceneMLError, match="do not fit arch resnet18.*shape mismatch at"):
+        build_model("resnet18", 6, str(tmp_path / "r50.pth"))
+
+
+def test_unknown_arch_lists_the_choices():
+    with pytest.raises(SceneMLError, match="choose one of resnet18, resnet34"):
+        build_model("vgg16", 6, "none")
+
+
+def test_googlenet_with_aux_heads_trains_one_epoch():
+    seed_everything(0)
+    model, _ = build_model("googlenet", 3, "none")
+    model.train()
+    x = torch.rand(4, 3, 64, 64)
+    logits, aux = split_logits(model(x))
+    assert logits.shape == (4, 3) and len(aux) == 2 and aux[0].shape == (4, 3)
+    model.eval()
+    with torch.no_grad():
+        assert isinstance(model(x), torch.Tensor)  # plain logits in eval
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (24, 64, 64, 3), dtype=np.uint8)
+    labels = rng.integers(0, 3, 24)
+    opt = build_optimizer("sgd", model.parameters(), 0.01, 0.9, 0.0)
+    before = model.backbone.aux1.fc2.weight.detach().clone()
+    loss = train_one_epoch(model, opt, pixels, labels, 8, torch.device("cpu"), torch.Generator().manual_seed(0),
+                           progress=False)
+    assert np.isfinite(loss)
+    assert not torch.equal(before, model.backbone.aux1.fc2.weight), "aux heads must receive gradients"
+
+
+def test_freeze_backbone_leaves_only_the_head_trainable():
+    model, _ = build_model("mobilenet_v3_small", 6, "none")
+    freeze_backbone("mobilenet_v3_small", model)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in head_parameters("mobilenet_v3_small", model)}
+
+
+HUB = SHARED_DATA / "torch-hub"
+
+
+@pytest.mark.skipif(not (HUB / "hub" / "checkpoints" / "resnet18-f37072fd.pth").exists(),
+                    reason="../shared/data/torch-hub has no resnet18 weights")
+def test_real_imagenet_weights_match_plain_torchvision(monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(HUB))
+    model, resolved = build_model("resnet18", 6, "imagenet")
+    assert resolved == "imagenet"
+    weights = torchvision.models.ResNet18_Weights.DEFAULT
+    reference = torchvision.models.resnet18(weights=weights).eval()
+    model.eval()
+    model.backbone.fc = reference.fc = torch.nn.Identity()  # compare the features: heads differ by design
+    x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    normalised = torchvision.transforms.functional.normalize(x, weights.transforms().mean, weights.transforms().std)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(normalised), rtol=1e-4, atol=1e-4)

@@ -1,0 +1,151 @@
+"""The `train` entry point: the logging contract, recomputable metrics, determinism, resume, bad params."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from sceneml.config import TrainConfig
+from sceneml.errors import SceneMLError
+from sceneml.metrics import per_class_average_precision
+from sceneml.scores import scores_from_csv
+from sceneml.train import StopAfterEpoch, run_train
+
+from .conftest import REPO, subprocess_env
+
+CLASSES = ["buildings", "forest", "glacier", "mountain", "sea", "street"]
+EPOCH_KEYS = ["train_loss", "val_loss", "val_acc", "val_mAP", "val_mean_class_acc", "lr",
+              *[f"val_ap_{c}" for c in CLASSES], *[f"val_acc_{c}" for c in CLASSES]]
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, hermetic_env):
+    """One real `mlflow run . -e train` in a temporary sqlite store, shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("cli-train")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    exp_id = mlflow.create_experiment("train-test", artifact_location=(tmp / "artifacts").as_uri())
+    env = subprocess_env(MLFLOW_TRACKING_URI=uri)
+    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "train", "--env-manager", "local",
+           "--experiment-id", exp_id, "-P", "data=synthetic:100", "-P", "epochs=3", "-P", "weights=none"]
+    proc = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = MlflowClient(uri).search_runs([exp_id])
+    assert len(runs) == 1
+    yield uri, runs[0]
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.slow
+def test_cli_run_beats_chance_and_logs_every_key_with_its_steps(cli_run):
+    uri, run = cli_run
+    client = MlflowClient(uri)
+    assert run.info.status == "FINISHED"
+    metrics = run.data.metrics
+    assert metrics["best_val_mean_class_acc"] >= 0.6, metrics["best_val_mean_class_acc"]  # chance is 1/6
+    for key in EPOCH_KEYS:
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3], key
+    batches = client.get_metric_history(run.info.run_id, "train_batch_loss")
+    steps_per_epoch = math.ceil(int(run.data.params["n_train"]) / 32)
+    assert sorted(m.step for m in batches) == list(range(1, 3 * steps_per_epoch + 1))
+    for key in ("best_epoch", "best_val_mean_class_acc", "best_val_mAP"):
+        assert key in metrics
+    params = run.data.params
+    assert params["classes"] == ",".join(CLASSES) and params["num_classes"] == "6"
+    assert int(params["n_train"]) + int(params["n_val"]) + int(params["n_test"]) == 600
+    assert params["weights_resolved"] == "none" and params["images_skipped"] == "0"
+    assert [i.dataset.digest for i in run.inputs.dataset_inputs] == [params["data_digest"]]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+    assert artifacts == {f"figures/{n}.png" for n in ("loss_curves", "val_per_class_ap", "val_per_class_acc",
+                                                      "val_scores_per_epoch", "val_confusion_matrix")}
+    history = list(csv.DictReader(io.StringIO(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/history.csv"))))
+    assert [int(r["epoch"]) for r in history] == [1, 2, 3] and set(EPOCH_KEYS) <= set(history[0])
+    manifest = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/data/split_manifest.csv")
+    assert manifest.startswith("path,label,split\n") and manifest.count("\n") == 601
+
+
+@pytest.mark.slow
+def test_one_logged_model_per_epoch_and_the_best_is_tagged(cli_run):
+    _, run = cli_run
+    models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    by_epoch = {int(m.tags["sceneml.epoch"]): m for m in models}
+    assert sorted(by_epoch) == [1, 2, 3]
+    best = int(run.data.metrics["best_epoch"])
+    assert [e for e, m in by_epoch.items() if m.tags.get("sceneml.best") == "true"] == [best]
+    client = MlflowClient()
+    for epoch, model in by_epoch.items():
+        # every val metric of the epoch is linked to its checkpoint (MLflow itself also copies any
+        # un-attributed run metric logged at the same step, e.g. train_batch_loss of batch `epoch`)
+        linked = {m.key: m.value for m in model.metrics if m.key.startswith("val_")}
+        assert len(linked) == 4 + 2 * len(CLASSES)
+        for key, value in linked.items():
+            assert value == [h.value for h in client.get_metric_history(run.info.run_id, key) if h.step == epoch][0]
+
+
+@pytest.mark.slow
+def test_logged_ap_equals_recomputation_from_saved_val_scores(cli_run):
+    _, run = cli_run
+    client = MlflowClient()
+    for epoch in (1, 2, 3):
+        text = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/val_scores/epoch_{epoch:03d}.csv")
+        _, y_true, scores, classes = scores_from_csv(text)
+        assert len(y_true) == int(run.data.params["n_val"])
+        ap = per_class_average_precision(y_true, scores)
+        for c, value in zip(classes, ap):
+            logged = [m.value for m in client.get_metric_history(run.info.run_id, f"val_ap_{c}") if m.step == epoch]
+            assert logged[0] == pytest.approx(value, abs=1e-6)
+        logged_map = [m.value for m in client.get_metric_history(run.info.run_id, "val_mAP") if m.step == epoch]
+        assert logged_map[0] == pytest.approx(float(np.mean(ap)), abs=1e-6)
+
+
+def _epoch_metrics(run_id: str) -> dict[tuple[str, int], float]:
+    client = MlflowClient()
+    return {(k, m.step): m.value for k in EPOCH_KEYS for m in client.get_metric_history(run_id, k)}
+
+
+def test_same_seed_same_metrics_and_resume_matches_a_straight_run(tracking_uri):
+    cfg = dict(data="synthetic:30", epochs=3, weights="none", batch_size=16, quiet=True, device="cpu")
+    straight = run_train(TrainConfig(**cfg))
+    with pytest.raises(StopAfterEpoch):
+        run_train(TrainConfig(**cfg, stop_after_epoch=1))
+    stopped = MlflowClient().search_runs([mlflow.get_experiment_by_name("Default").experiment_id],
+                                         filter_string="attributes.status = 'KILLED'")[0].info.run_id
+    assert {s for _, s in _epoch_metrics(stopped)} == {1}
+    resumed = run_train(TrainConfig(**cfg, resume=stopped))
+    assert resumed == stopped
+    a, b = _epoch_metrics(straight), _epoch_metrics(resumed)
+    assert a.keys() == b.keys() and len(a) == 3 * len(EPOCH_KEYS)
+    assert a == b  # bit-identical on CPU: same seed, and resume restores model, optimizer and RNG state
+    assert MlflowClient().get_run(resumed).info.status == "FINISHED"
+    other = _epoch_metrics(run_train(TrainConfig(**{**cfg, "epochs": 1}, seed=7)))
+    assert other[("val_loss", 1)] != a[("val_loss", 1)]  # a different seed gives a different run
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(arch="vgg16"), "unknown arch 'vgg16'; choose one of resnet18"),
+    (dict(optimizer="lion"), "unknown optimizer 'lion'; choose one of adamw, adam, rmsprop, sgd"),
+    (dict(lr=-1.0), "lr must be > 0"),
+    (dict(epochs=0), "epochs must be >= 1"),
+    (dict(scheduler="warm"), "choose one of none, cosine, step"),
+])
+def test_bad_values_fail_before_training(bad, match):
+    with pytest.raises(SceneMLError, match=match):
+        TrainConfig(**bad).validate()
+
+
+def test_cli_prints_one_line_and_starts_no_run(tracking_uri):
+    proc = subprocess.run([sys.executable, str(REPO / "entrypoints" / "train.py"), "--optimizer", "lion"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: unknown optimizer 'lion'; choose one of adamw, adam, rmsprop, sgd"]
+    assert "Traceback" not in proc.stderr
+    assert MlflowClient().search_runs([mlflow.get_experiment_by_name("Default").experiment_id]) == []
