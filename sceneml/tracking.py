@@ -171,8 +171,12 @@ def failure_marks_run(run_id: str) -> Iterator[None]:
 
 
 def launched_by_mlflow_run() -> str | None:
-    """The run id ``mlflow run`` created for this process, if any."""
-    return os.environ.get("MLFLOW_RUN_ID")
+    """The run id ``mlflow run`` created for this process, if any, taken out of the environment.
+
+    MLflow's ``start_run`` re-uses ``MLFLOW_RUN_ID`` even for ``nested=True``, so once adopted it must
+    go, or the first child run would silently be the parent again.
+    """
+    return os.environ.pop("MLFLOW_RUN_ID", None)
 
 
 def ensure_experiment(name: str | None) -> None:

@@ -11,7 +11,6 @@ import csv
 import io
 import json
 import logging
-import os
 from pathlib import Path
 
 import mlflow
@@ -71,7 +70,6 @@ def _start_run(cfg: TrainConfig, run_name: str | None, nested: bool):
             # `mlflow run -P resume=X` created a fresh run for this launch; say where the work went
             tracking.set_tags(launched, {"sceneml.resumed_into": cfg.resume,
                                          "mlflow.note.content": f"This launch resumed run {cfg.resume}."})
-        os.environ.pop("MLFLOW_RUN_ID", None)
         return mlflow.start_run(run_id=cfg.resume)
     if launched and mlflow.active_run() is None:
         return mlflow.start_run(run_id=launched)

@@ -154,7 +154,10 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, pixels: 
 def predict_scores(model: nn.Module, pixels: np.ndarray, device: torch.device, batch_size: int = 256,
                    progress: bool = False, desc: str = "eval") -> np.ndarray:
     """Softmax probabilities (n, C) as float64, in the order of ``pixels``."""
-    model.eval()
+    try:
+        model.eval()
+    except NotImplementedError:  # a module loaded from pt2 is exported in eval mode and refuses .eval()
+        pass
     dummy = np.zeros(len(pixels), dtype=np.int64)
     out = []
     for x, _ in tqdm(iterate_batches(pixels, dummy, batch_size, device), desc=desc, disable=not progress,

@@ -79,10 +79,10 @@ def _unwrap(folder: Path) -> Path:
     while True:
         children = [c for c in folder.iterdir() if not c.name.startswith((".", "__MACOSX"))]
         dirs = [c for c in children if c.is_dir()]
-        if len(dirs) == 1 and len(children) == 1 and dirs[0].name not in ("seg_train", "seg_test"):
-            if _has_class_dirs(dirs[0]):
-                folder = dirs[0]
-                continue
+        wrapper = len(dirs) == 1 and len(children) == 1 and dirs[0].name not in ("seg_train", "seg_test")
+        if wrapper and _has_class_dirs(dirs[0]):
+            folder = dirs[0]
+            continue
         return folder
 
 

@@ -102,7 +102,8 @@ def _draw_street(img, rng, yy, xx, size):
             facade = _colour(rng)
             edge = vx + side * (t * half_bottom + 0.02)
             height = vy - rng.uniform(0.1, 0.3) * (1 + t)
-            mask = (side * (xx - edge) > 0) & (yy > height - (np.abs(xx - vx)) * 0.6) & (yy < vy + (np.abs(xx - vx)) * 1.2)
+            spread = np.abs(xx - vx)
+            mask = (side * (xx - edge) > 0) & (yy > height - spread * 0.6) & (yy < vy + spread * 1.2)
             img[mask] = facade
             x0, x1 = (0.0, vx - 0.1) if side < 0 else (vx + 0.1, 1.0)
             sub = img.copy()
