@@ -9,7 +9,46 @@ import sys
 import warnings
 from collections.abc import Callable
 
+import click
+
+from sceneml.config import TrainConfig
 from sceneml.errors import SceneMLError
+
+_D = TrainConfig()
+# The training options `train` and `main` share (names are the MLproject parameters, dashed).
+_TRAIN_OPTIONS = [
+    click.option("--data", default=_D.data, help="synthetic[:N], a folder, a Kaggle Intel folder or a .zip"),
+    click.option("--arch", default=_D.arch),
+    click.option("--weights", default=_D.weights, help="auto | imagenet | none | path to a state dict"),
+    click.option("--momentum", type=float, default=_D.momentum),
+    click.option("--weight-decay", type=float, default=_D.weight_decay),
+    click.option("--scheduler", default=_D.scheduler),
+    click.option("--epochs", type=int, default=_D.epochs),
+    click.option("--batch-size", type=int, default=_D.batch_size),
+    click.option("--image-size", type=int, default=_D.image_size),
+    click.option("--seed", type=int, default=_D.seed),
+    click.option("--val-fraction", type=float, default=_D.val_fraction),
+    click.option("--test-fraction", type=float, default=_D.test_fraction),
+    click.option("--limit-per-class", type=int, default=_D.limit_per_class),
+    click.option("--freeze-backbone", default="false"),
+    click.option("--random-crop", default="false"),
+    click.option("--device", default=_D.device),
+    click.option("--num-workers", default=_D.num_workers, help="decode threads"),
+    click.option("--quiet", is_flag=True, help="no progress bars"),
+]
+
+
+def train_options(fn: Callable) -> Callable:
+    for option in reversed(_TRAIN_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def train_config(freeze_backbone: str, random_crop: str, quiet: bool, **params) -> TrainConfig:
+    from sceneml.config import parse_bool
+
+    return TrainConfig(**params, freeze_backbone=parse_bool(freeze_backbone), random_crop=parse_bool(random_crop),
+                       quiet=quiet)
 
 
 def setup_logging(quiet: bool = False) -> None:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import mlflow
 import numpy as np
 import pytest
@@ -16,20 +13,14 @@ from sceneml.data import load_split_from_manifest
 from sceneml.registry import select_champion
 from sceneml.train import run_train
 
-from .conftest import REPO, subprocess_env
+from .conftest import mlflow_run_in_tmp
 
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, hermetic_env):
-    tmp = tmp_path_factory.mktemp("study")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    exp_id = mlflow.create_experiment("study-test", artifact_location=(tmp / "artifacts").as_uri())
-    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local", "--experiment-id", exp_id,
-           "-P", "data=synthetic:60", "-P", "epochs=2", "-P", "optimizers=adamw,sgd", "-P", "weights=none"]
-    proc = subprocess.run(cmd, env=subprocess_env(MLFLOW_TRACKING_URI=uri), cwd=tmp, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    uri, exp_id = mlflow_run_in_tmp(tmp_path_factory.mktemp("study"), "study-test", "main",
+                                    {"data": "synthetic:60", "epochs": "2", "optimizers": "adamw,sgd",
+                                     "weights": "none"})
     yield uri, exp_id
     mlflow.set_tracking_uri(None)
 

@@ -19,7 +19,7 @@ from sceneml.metrics import per_class_average_precision
 from sceneml.scores import scores_from_csv
 from sceneml.train import StopAfterEpoch, run_train
 
-from .conftest import REPO, subprocess_env
+from .conftest import REPO, mlflow_run_in_tmp
 
 CLASSES = ["buildings", "forest", "glacier", "mountain", "sea", "street"]
 EPOCH_KEYS = ["train_loss", "val_loss", "val_acc", "val_mAP", "val_mean_class_acc", "lr",
@@ -29,15 +29,8 @@ EPOCH_KEYS = ["train_loss", "val_loss", "val_acc", "val_mAP", "val_mean_class_ac
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory, hermetic_env):
     """One real `mlflow run . -e train` in a temporary sqlite store, shared by the tests below."""
-    tmp = tmp_path_factory.mktemp("cli-train")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    exp_id = mlflow.create_experiment("train-test", artifact_location=(tmp / "artifacts").as_uri())
-    env = subprocess_env(MLFLOW_TRACKING_URI=uri)
-    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "train", "--env-manager", "local",
-           "--experiment-id", exp_id, "-P", "data=synthetic:100", "-P", "epochs=3", "-P", "weights=none"]
-    proc = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    uri, exp_id = mlflow_run_in_tmp(tmp_path_factory.mktemp("cli-train"), "train-test", "train",
+                                    {"data": "synthetic:100", "epochs": "3", "weights": "none"})
     runs = MlflowClient(uri).search_runs([exp_id])
     assert len(runs) == 1
     yield uri, runs[0]
