@@ -37,31 +37,28 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Check every value; one clear line naming the valid choices on the first bad one."""
-        def bad(msg: str) -> SceneMLError:
-            return SceneMLError(msg)
-
         if self.arch not in ARCHS:
-            raise bad(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
+            raise SceneMLError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
         if self.optimizer not in OPTIMIZERS:
-            raise bad(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+            raise SceneMLError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if self.scheduler not in SCHEDULERS:
-            raise bad(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+            raise SceneMLError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
         if not self.lr > 0:
-            raise bad(f"lr must be > 0, got {self.lr}")
+            raise SceneMLError(f"lr must be > 0, got {self.lr}")
         if self.epochs < 1:
-            raise bad(f"epochs must be >= 1, got {self.epochs}")
+            raise SceneMLError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
-            raise bad(f"batch_size must be >= 1, got {self.batch_size}")
+            raise SceneMLError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.momentum < 0 or self.weight_decay < 0:
-            raise bad("momentum and weight_decay must be >= 0")
+            raise SceneMLError("momentum and weight_decay must be >= 0")
         if self.image_size < 0 or 0 < self.image_size < 32:
-            raise bad(f"image_size must be 0 (native) or >= 32, got {self.image_size}")
+            raise SceneMLError(f"image_size must be 0 (native) or >= 32, got {self.image_size}")
         if self.limit_per_class < 0:
-            raise bad(f"limit_per_class must be >= 0, got {self.limit_per_class}")
+            raise SceneMLError(f"limit_per_class must be >= 0, got {self.limit_per_class}")
         if self.num_workers != "auto" and (not str(self.num_workers).isdigit() or int(self.num_workers) < 1):
-            raise bad(f"num_workers must be 'auto' or a positive integer, got {self.num_workers!r}")
+            raise SceneMLError(f"num_workers must be 'auto' or a positive integer, got {self.num_workers!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise bad(f"unknown device {self.device!r}; choose auto, cpu or cuda")
+            raise SceneMLError(f"unknown device {self.device!r}; choose auto, cpu or cuda")
         return self
 
     def decode_workers(self) -> int:

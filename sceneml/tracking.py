@@ -179,11 +179,6 @@ def launched_by_mlflow_run() -> str | None:
     return os.environ.pop("MLFLOW_RUN_ID", None)
 
 
-def ensure_experiment(name: str | None) -> None:
-    if name:
-        mlflow.set_experiment(name)
-
-
 def raise_if_missing_run(run_id: str) -> None:
     try:
         MlflowClient().get_run(run_id)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import torch
 from mlflow import MlflowClient
 
@@ -25,7 +26,7 @@ from sceneml.data.sources import cache_dir
 from sceneml.errors import SceneMLError
 from sceneml.metrics import classification_metrics, confusion_matrix, is_better
 from sceneml.models import build_model, freeze_backbone, pick_device
-from sceneml.scores import scores_to_csv
+from sceneml.scores import scores_from_csv, scores_to_csv
 from sceneml.training import (
     build_optimizer,
     build_scheduler,
@@ -86,8 +87,6 @@ def _log_data(run_id: str, cfg: TrainConfig, data: PreparedData, weights_resolve
     tracking.log_params_once(run_id, params)
     tracking.set_tags(run_id, {tracking.TAG_DIGEST: data.digest, "sceneml.arch": cfg.arch,
                                "sceneml.optimizer": cfg.optimizer})
-    import pandas as pd
-
     manifest_df = pd.read_csv(io.StringIO(data.manifest))
     dataset = mlflow.data.from_pandas(manifest_df, source=str(data.source.root), name=f"{data.source.kind}-splits",
                                       digest=data.digest)
@@ -141,19 +140,17 @@ def _train_in_run(run_id, cfg, data, model, optimizer, scheduler, device, weight
 
     train, val = data.splits["train"], data.splits["val"]
     example = (val.pixels[:2].transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
-    steps_per_epoch = (len(train) + cfg.batch_size - 1) // cfg.batch_size
     meta = {"sceneml": {"classes": data.classes, "image_size": data.image_size, "arch": cfg.arch,
                         "data": cfg.data, "data_digest": data.digest, "training_run_id": run_id}}
 
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        step0 = (epoch - 1) * steps_per_epoch
+    def on_losses(values: list[float]) -> None:
+        for v in values:
+            # batch_losses holds every earlier batch (restored on resume): its length is the global step
+            batch_losses.append((len(batch_losses) + 1, v))
+            metrics.add("train_batch_loss", v, len(batch_losses))
+        metrics.flush()
 
-        def on_losses(values: list[float], _base=[step0]) -> None:  # noqa: B006 (running counter)
-            for v in values:
-                _base[0] += 1
-                batch_losses.append((_base[0], v))
-                metrics.add("train_batch_loss", v, _base[0])
-            metrics.flush()
+    for epoch in range(start_epoch, cfg.epochs + 1):
 
         # one generator per epoch: batch order and augmentation do not depend on where we resumed
         generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
@@ -232,8 +229,6 @@ def _finish(run_id, cfg, data, history, batch_losses, models, metrics) -> None:
 
     classes = data.classes
     val = data.splits["val"]
-    from sceneml.scores import scores_from_csv
-
     text = mlflow.artifacts.load_text(f"runs:/{run_id}/val_scores/epoch_{epoch:03d}.csv")
     _, y_true, scores, _ = scores_from_csv(text)
     cm = confusion_matrix(y_true, scores.argmax(1), len(classes))
