@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
-from mlflow.models import infer_signature
+from mlflow.models import Model, infer_signature
 
+from sceneml import serving
 from sceneml.errors import SceneMLError
 
 log = logging.getLogger(__name__)
@@ -103,12 +104,12 @@ def pip_requirements() -> list[str]:
 
     return [f"torch=={torch.__version__.split('+')[0]}",
             f"torchvision=={torchvision.__version__.split('+')[0]}",
-            f"mlflow=={mlflow.__version__}", "numpy", "pandas"]
+            f"mlflow=={mlflow.__version__}", "numpy", "pandas", "pillow", "tqdm"]
 
 
 def log_checkpoint(model: torch.nn.Module, example: np.ndarray, name: str, step: int,
                    params: dict[str, object], tags: dict[str, object], metadata: dict) -> str:
-    """Log ``model`` as an MLflow 3 LoggedModel in the pt2 format. Returns its ``model_id``.
+    """Log ``model`` as an MLflow 3 LoggedModel in the pt2 format, servable on images. Returns its ``model_id``.
 
     The export is traced on a CPU copy in eval mode (GoogLeNet's aux heads are then skipped), with an
     input example of batch size 2 so the batch dimension stays dynamic.
@@ -119,8 +120,10 @@ def log_checkpoint(model: torch.nn.Module, example: np.ndarray, name: str, step:
     with torch.inference_mode():
         output = cpu_model(torch.from_numpy(example)).numpy()
     signature = infer_signature(example, output)
+    # Model.log with sceneml.serving as the flavor: the pytorch flavor plus an image pyfunc (serving.py)
     info = with_retries(
-        mlflow.pytorch.log_model, cpu_model, name=name, step=step, input_example=example,
+        Model.log, artifact_path=None, flavor=serving, pytorch_model=cpu_model, name=name, step=step,
+        input_example=example,
         signature=signature, serialization_format=CHECKPOINT_FORMAT, pip_requirements=pip_requirements(),
         params={k: str(v) for k, v in params.items()}, tags={k: str(v) for k, v in tags.items()},
         metadata=metadata,

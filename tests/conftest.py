@@ -36,24 +36,30 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PATH": path, **extra}
 
 
+def mlflow_run(uri: str, exp_id: str, entry_point: str, params: dict[str, str], cwd: Path):
+    """`mlflow run <repo> -e <entry_point> --env-manager local` against the store ``uri``; asserts rc 0."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", entry_point, "--env-manager", "local",
+           "--experiment-id", exp_id]
+    for key, value in params.items():
+        cmd += ["-P", f"{key}={value}"]
+    proc = subprocess.run(cmd, env=subprocess_env(MLFLOW_TRACKING_URI=uri), cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def mlflow_run_in_tmp(tmp: Path, experiment: str, entry_point: str, params: dict[str, str]):
     """Run `mlflow run <repo> -e <entry_point>` against a fresh sqlite store in ``tmp``.
 
     Returns (tracking uri, experiment id). The process-wide tracking URI is left pointing at it.
     """
-    import subprocess
-    import sys
-
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     exp_id = mlflow.create_experiment(experiment, artifact_location=(tmp / "artifacts").as_uri())
-    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", entry_point, "--env-manager", "local",
-           "--experiment-id", exp_id]
-    for key, value in params.items():
-        cmd += ["-P", f"{key}={value}"]
-    proc = subprocess.run(cmd, env=subprocess_env(MLFLOW_TRACKING_URI=uri), cwd=tmp, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    mlflow_run(uri, exp_id, entry_point, params, tmp)
     return uri, exp_id
 
 

@@ -2,18 +2,31 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from mlflow import MlflowClient
 
 from sceneml.config import TrainConfig
 from sceneml.data import load_split_from_manifest
+from sceneml.data.sources import resolve_source
 from sceneml.registry import select_champion
 from sceneml.train import run_train
 
-from .conftest import mlflow_run_in_tmp
+from .conftest import mlflow_run, mlflow_run_in_tmp, subprocess_env
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +115,80 @@ def test_select_is_idempotent_and_a_better_run_moves_the_alias(study, monkeypatc
     assert client.get_model_version_by_alias("sceneml", "previous").version == old.version
     assert client.get_run(better).data.tags["sceneml.champion"] == "true"
     assert client.get_run(old.run_id).data.tags["sceneml.champion"] == "false"
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """One synthetic image per class and a text file named like a JPEG."""
+    folder = tmp_path_factory.mktemp("to-predict")
+    root = resolve_source("synthetic:60").train_dir
+    for name in ("buildings", "forest", "glacier", "mountain", "sea", "street"):
+        shutil.copy(sorted((root / name).glob("*.png"))[-1], folder / f"{name}.png")
+    (folder / "zz_not_an_image.jpg").write_text("hello")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def predictions(study, images, tmp_path_factory):
+    uri, exp_id = study
+    out = tmp_path_factory.mktemp("predict") / "predictions.csv"
+    mlflow_run(uri, exp_id, "predict", {"input": str(images), "output": str(out)}, out.parent)
+    return pd.read_csv(out, keep_default_na=False)
+
+
+@pytest.mark.slow
+def test_predict_writes_one_row_per_file_and_an_error_for_an_unreadable_one(predictions):
+    classes = ["buildings", "forest", "glacier", "mountain", "sea", "street"]
+    assert list(predictions.columns) == ["path", "predicted_class", *(f"prob_{c}" for c in classes), "error"]
+    assert len(predictions) == 7
+    bad = predictions.iloc[-1]
+    assert bad["path"].endswith("zz_not_an_image.jpg") and bad["error"] and bad["predicted_class"] == ""
+    good = predictions.iloc[:-1]
+    assert (good["error"] == "").all()
+    probs = good[[f"prob_{c}" for c in classes]].to_numpy(dtype=float)
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert list(good["predicted_class"]) == [classes[i] for i in probs.argmax(1)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_served_champion_answers_like_predict(study, images, predictions, tmp_path):
+    uri, _ = study
+    port = _free_port()
+    log = (tmp_path / "serve.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/sceneml@champion", "--env-manager",
+         "local", "-h", "127.0.0.1", "-p", str(port)],
+        env=subprocess_env(MLFLOW_TRACKING_URI=uri), cwd=tmp_path, stdout=subprocess.DEVNULL,
+        stderr=log, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "server did not come up"
+                time.sleep(0.5)
+        files = sorted(images.iterdir())
+        body = {"dataframe_split": {"columns": ["image"],
+                                    "data": [[base64.b64encode(f.read_bytes()).decode()] for f in files]}}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        served = pd.DataFrame(json.loads(urllib.request.urlopen(request, timeout=60).read())["predictions"])
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        log.close()
+    prob_cols = [c for c in predictions.columns if c.startswith("prob_")]
+    assert list(served["predicted_class"][:-1]) == list(predictions["predicted_class"][:-1])
+    # same code path and the same batch; float32 CPU kernels may still differ in the last bits
+    np.testing.assert_allclose(served[prob_cols][:-1].to_numpy(float), predictions[prob_cols][:-1].to_numpy(float),
+                               rtol=0, atol=1e-6)
+    assert served["error"].iloc[-1].startswith("UnidentifiedImageError")
