@@ -170,6 +170,16 @@ def build_model(arch: str, num_classes: int, weights: str = "auto",
     return SceneClassifier(net, mean, std), resolved
 
 
+def rebuild(arch: str, num_classes: int, state_dict: dict, transform_input: bool = False) -> SceneClassifier:
+    """A plain ``SceneClassifier`` from a state dict, e.g. that of a pt2-loaded checkpoint (whose graph
+    module runs no forward hooks). Eval mode, on the CPU."""
+    model, _ = build_model(arch, num_classes, "none")
+    if arch == "googlenet":
+        model.backbone.transform_input = transform_input
+    model.load_state_dict(state_dict)
+    return model.eval()
+
+
 def head_parameters(arch: str, model: SceneClassifier) -> list[nn.Parameter]:
     heads = head_prefixes(arch)
     return [p for name, p in model.backbone.named_parameters() if name.startswith(heads)]

@@ -99,5 +99,59 @@ def compare_runs(curves: dict[str, list[tuple[int, float]]], metric: str) -> Fig
     return fig
 
 
+def gallery(images: np.ndarray, true: list[str], predicted: list[str], scores: np.ndarray, title: str,
+            columns: int = 5) -> Figure:
+    """Tiles of (N, H, W, 3) uint8 images, each labelled with true/predicted class and score; a
+    misclassified tile gets a red frame and a cross."""
+    n = len(images)
+    rows = max(1, -(-n // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.5 * rows + 0.4), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if i >= n:
+            ax.axis("off")
+            continue
+        ax.imshow(images[i])
+        wrong = true[i] != predicted[i]
+        ax.set_title(f"{'✗ ' if wrong else ''}true {true[i]}\npred {predicted[i]}\nscore {scores[i]:.3f}",
+                     fontsize=8, color="tab:red" if wrong else "black")
+        for spine in ax.spines.values():
+            spine.set_color("tab:red" if wrong else "0.7")
+            spine.set_linewidth(4 if wrong else 1)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def activation_bars(rows: list[dict]) -> Figure:
+    """% of non-positive activations per module (mean over images, error bar one std)."""
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4))
+    names = [r["module"] for r in rows]
+    ax.bar(names, [r["nonpos_pct_mean"] for r in rows], yerr=[r["nonpos_pct_std"] for r in rows],
+           capsize=4, color="tab:purple")
+    for i, r in enumerate(rows):
+        ax.text(i, r["nonpos_pct_mean"] / 2, f"{r['nonpos_pct_mean']:.1f}%", ha="center", color="white", fontsize=9)
+    ax.set(title=f"Non-positive activations per module (n={rows[0]['n_images'] if rows else 0} images)",
+           ylabel="% of values <= 0", ylim=(0, 100))
+    ax.tick_params(axis="x", rotation=20)
+    fig.tight_layout()
+    return fig
+
+
+def eigen_spectra(spectra: dict[str, np.ndarray], module: str, top: int) -> Figure:
+    """The ``top`` largest eigenvalues of the feature covariance, one line per data set, log scale."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, values in spectra.items():
+        shown = np.clip(values[:top], 1e-12, None)
+        share = values[0] / values.sum() if values.sum() > 0 else float("nan")
+        ax.semilogy(np.arange(1, len(shown) + 1), shown, "o-", label=f"{name} (top-1 share {share:.2f})")
+    ax.set(title=f"Eigen-spectrum of the feature covariance: {module}", xlabel="rank", ylabel="eigenvalue")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
 def close(fig: Figure) -> None:
     plt.close(fig)

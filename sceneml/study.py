@@ -4,6 +4,7 @@ parent run
  |- <optimizer>-lr<lr>   one nested training run per optimizer x learning rate
  |- select               registers the best epoch checkpoint, alias `champion`
  |- evaluate             the champion on the test split of its own training run
+ |- analyze              galleries, activation statistics and eigen-spectra of the champion
 A failed child is reported and the study goes on; it fails only if every child fails.
 """
 
@@ -18,6 +19,7 @@ import pandas as pd
 from mlflow import MlflowClient
 
 from sceneml import plots, tracking
+from sceneml.analyze import AnalyzeConfig, analyze_model
 from sceneml.config import TrainConfig
 from sceneml.errors import SceneMLError
 from sceneml.evaluation import evaluate_model
@@ -38,19 +40,22 @@ def parse_list(text: str, kind=str) -> list:
 
 
 def run_study(base: TrainConfig, optimizers: list[str], lrs: list[float], model_name: str = "sceneml",
-              select_metric: str = "val_mean_class_acc") -> dict:
+              select_metric: str = "val_mean_class_acc", analyze: AnalyzeConfig | None = None) -> dict:
     configs = [dataclasses.replace(base, optimizer=o, lr=lr) for o in optimizers for lr in lrs]
     for cfg in configs:
         cfg.validate()  # every child's params are checked before the first one trains
+    analyze = dataclasses.replace(analyze or AnalyzeConfig(), model_uri=f"models:/{model_name}@champion",
+                                  data=base.data, split="test", device=base.device).validate()
     launched = tracking.launched_by_mlflow_run()
     parent_ctx = mlflow.start_run(run_id=launched) if launched else mlflow.start_run(run_name="study")
     with parent_ctx as parent:
         parent_id = parent.info.run_id
         with tracking.failure_marks_run(parent_id):
-            return _study_in_run(parent_id, configs, model_name, select_metric)
+            return _study_in_run(parent_id, configs, model_name, select_metric, analyze)
 
 
-def _study_in_run(parent_id: str, configs: list[TrainConfig], model_name: str, select_metric: str) -> dict:
+def _study_in_run(parent_id: str, configs: list[TrainConfig], model_name: str, select_metric: str,
+                  analyze: AnalyzeConfig) -> dict:
     tracking.log_params_once(parent_id, {"optimizers": ",".join(c.optimizer for c in configs),
                                          "lrs": ",".join(f"{c.lr:g}" for c in configs),
                                          "model_name": model_name, "select_metric": select_metric,
@@ -81,6 +86,8 @@ def _study_in_run(parent_id: str, configs: list[TrainConfig], model_name: str, s
     uri = f"models:/{model_name}@champion"
     with mlflow.start_run(run_name="evaluate", nested=True) as ev, tracking.failure_marks_run(ev.info.run_id):
         test_metrics = evaluate_model(uri, configs[0].data, "test", configs[0].device, not configs[0].quiet)
+    with mlflow.start_run(run_name="analyze", nested=True) as an, tracking.failure_marks_run(an.info.run_id):
+        analyze_model(analyze, not configs[0].quiet)
 
     _log_comparison(parent_id, children, failures, best, test_metrics, select_metric)
     summary = {"champion_run_id": best.run_id, "champion_epoch": best.epoch, "version": version.version,

@@ -141,7 +141,9 @@ def _train_in_run(run_id, cfg, data, model, optimizer, scheduler, device, weight
     train, val = data.splits["train"], data.splits["val"]
     example = (val.pixels[:2].transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
     meta = {"sceneml": {"classes": data.classes, "image_size": data.image_size, "arch": cfg.arch,
-                        "data": cfg.data, "data_digest": data.digest, "training_run_id": run_id}}
+                        "data": cfg.data, "data_digest": data.digest, "training_run_id": run_id,
+                        # not in the state dict, but needed to rebuild the network (analysis hooks)
+                        "transform_input": bool(getattr(model.backbone, "transform_input", False))}}
 
     def on_losses(values: list[float]) -> None:
         for v in values:

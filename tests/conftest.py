@@ -63,6 +63,30 @@ def mlflow_run_in_tmp(tmp: Path, experiment: str, entry_point: str, params: dict
     return uri, exp_id
 
 
+@pytest.fixture(scope="session")
+def study_store(tmp_path_factory, hermetic_env):
+    """`mlflow run . -e main` once per session: 2 optimizers x 2 epochs on 60 synthetic images per class.
+    Returns (tracking uri, experiment id). Tests that change the registry (a new champion) must leave
+    ``models:/sceneml/1`` as it is for the others."""
+    uri, exp_id = mlflow_run_in_tmp(tmp_path_factory.mktemp("study"), "study-test", "main",
+                                    {"data": "synthetic:60", "epochs": "2", "optimizers": "adamw,sgd",
+                                     "weights": "none", "n_images": "60"})
+    mlflow.set_tracking_uri(None)
+    return uri, exp_id
+
+
+@pytest.fixture
+def study(study_store, monkeypatch):
+    """The session's study store, as this process's (and its subprocesses') tracking store."""
+    uri, exp_id = study_store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    yield uri, exp_id
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+
+
 @pytest.fixture
 def tracking_uri(tmp_path, monkeypatch):
     """A fresh sqlite store in tmp_path, for this process and for subprocesses."""

@@ -26,21 +26,12 @@ from sceneml.data.sources import resolve_source
 from sceneml.registry import select_champion
 from sceneml.train import run_train
 
-from .conftest import mlflow_run, mlflow_run_in_tmp, subprocess_env
-
-
-@pytest.fixture(scope="module")
-def study(tmp_path_factory, hermetic_env):
-    uri, exp_id = mlflow_run_in_tmp(tmp_path_factory.mktemp("study"), "study-test", "main",
-                                    {"data": "synthetic:60", "epochs": "2", "optimizers": "adamw,sgd",
-                                     "weights": "none"})
-    yield uri, exp_id
-    mlflow.set_tracking_uri(None)
+from .conftest import mlflow_run, subprocess_env
 
 
 def _runs(exp_id):
     runs = MlflowClient().search_runs([exp_id])
-    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    parent = [r for r in runs if "optimizers" in r.data.params]  # not the other top-level runs tests add
     assert len(parent) == 1
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id}
     return parent[0], children
@@ -50,7 +41,7 @@ def _runs(exp_id):
 def test_children_select_and_evaluate_runs_hang_under_the_parent(study):
     _, exp_id = study
     parent, children = _runs(exp_id)
-    assert set(children) == {"adamw-lr0.001", "sgd-lr0.001", "select", "evaluate"}
+    assert set(children) == {"adamw-lr0.001", "sgd-lr0.001", "select", "evaluate", "analyze"}
     assert all(r.info.status == "FINISHED" for r in (parent, *children.values()))
     artifacts = {a.path for a in MlflowClient().list_artifacts(parent.info.run_id)}
     assert {"comparison.json", "comparison.csv", "figures"} <= artifacts
@@ -129,8 +120,8 @@ def images(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def predictions(study, images, tmp_path_factory):
-    uri, exp_id = study
+def predictions(study_store, images, tmp_path_factory):
+    uri, exp_id = study_store
     out = tmp_path_factory.mktemp("predict") / "predictions.csv"
     mlflow_run(uri, exp_id, "predict", {"input": str(images), "output": str(out)}, out.parent)
     return pd.read_csv(out, keep_default_na=False)

@@ -1,0 +1,174 @@
+"""What happens inside a model: pure computation, no MLflow, no files.
+
+- :func:`gallery_indices`: the k best and k worst scored images of a class;
+- :func:`module_statistics`: forward hooks on named modules over a stream of image batches, giving
+  (a) the share of non-positive activations per image (mean and std over images) and
+  (b) the covariance of the spatially averaged feature maps, from running sums only: memory does not
+  grow with the number of images (no feature map outlives its batch);
+- :func:`eigen_spectrum`: eigenvalues of that covariance, largest first.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from sceneml.errors import SceneMLError
+
+# five modules spread over the depth of each network (names inside the torchvision model)
+DEFAULT_MODULES = {
+    "resnet18": ["conv1", "layer1.1.conv1", "layer2.1.conv1", "layer3.1.conv1", "layer4.1.conv1"],
+    "googlenet": ["maxpool1", "conv3.conv", "inception3a.branch1", "inception4c.branch4.1.bn",
+                  "inception5b.branch4.1.conv"],
+}
+
+
+def default_modules(arch: str, network: nn.Module, count: int = 5) -> list[str]:
+    """The named defaults, else ``count`` convolutions evenly spaced from the first to the last."""
+    if arch in DEFAULT_MODULES:
+        return list(DEFAULT_MODULES[arch])
+    convs = [name for name, m in network.named_modules() if isinstance(m, nn.Conv2d)]
+    picks = np.unique(np.linspace(0, len(convs) - 1, count).round().astype(int))
+    return [convs[i] for i in picks]
+
+
+def resolve_modules(network: nn.Module, names: list[str]) -> dict[str, nn.Module]:
+    """``name -> module``; an unknown name fails with close matches and a short sample of valid names."""
+    available = dict(network.named_modules())
+    out = {}
+    for name in names:
+        if name not in available:
+            valid = [n for n in available if n]
+            close = difflib.get_close_matches(name, valid, n=3)
+            sample = valid[:4] + ["..."] + valid[len(valid) // 2:len(valid) // 2 + 3] + ["..."] + valid[-2:]
+            hint = f"did you mean {', '.join(close)}? " if close else ""
+            raise SceneMLError(f"unknown module {name!r}; {hint}valid names ({len(valid)} in all) include: "
+                               f"{', '.join(sample)}")
+        out[name] = available[name]
+    return out
+
+
+def gallery_indices(labels: np.ndarray, scores: np.ndarray, class_index: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Among images whose true class is ``class_index``: the ``k`` with the highest score for it (best
+    first) and the ``k`` with the lowest (worst first). Ties keep file order."""
+    members = np.flatnonzero(labels == class_index)
+    order = members[np.argsort(-scores[members, class_index], kind="stable")]
+    return order[:k], order[::-1][:k]
+
+
+# ------------------------------------------------------------------------------ streaming statistics
+
+@dataclass
+class RunningMoments:
+    """Mean and std of a scalar per image, from a count, a sum and a sum of squares."""
+
+    n: int = 0
+    total: float = 0.0
+    total_sq: float = 0.0
+
+    def add(self, values: np.ndarray) -> None:
+        values = np.asarray(values, dtype=np.float64)
+        self.n += values.size
+        self.total += float(values.sum())
+        self.total_sq += float(np.square(values).sum())
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.n if self.n else float("nan")
+
+    @property
+    def std(self) -> float:
+        """Sample standard deviation (ddof=1)."""
+        if self.n < 2:
+            return float("nan")
+        return float(np.sqrt(max(self.total_sq - self.n * self.mean ** 2, 0.0) / (self.n - 1)))
+
+
+@dataclass
+class RunningCovariance:
+    """Covariance of vectors, merged batch by batch (Chan et al.): a C-vector mean and a CxC float64
+    matrix of summed deviations, whatever the number of vectors."""
+
+    n: int = 0
+    mean: np.ndarray | None = None
+    m2: np.ndarray | None = None
+
+    def add(self, batch: np.ndarray) -> None:
+        batch = np.asarray(batch, dtype=np.float64)
+        nb = len(batch)
+        if nb == 0:
+            return
+        batch_mean = batch.mean(axis=0)
+        centered = batch - batch_mean
+        batch_m2 = centered.T @ centered
+        if self.n == 0:
+            self.n, self.mean, self.m2 = nb, batch_mean, batch_m2
+            return
+        n = self.n + nb
+        delta = batch_mean - self.mean
+        self.m2 = self.m2 + batch_m2 + np.outer(delta, delta) * (self.n * nb / n)
+        self.mean = self.mean + delta * (nb / n)
+        self.n = n
+
+    def covariance(self) -> np.ndarray:
+        """Like ``numpy.cov(vectors, rowvar=False)`` (ddof=1)."""
+        if self.n < 2:
+            raise SceneMLError("a covariance needs at least 2 images")
+        return self.m2 / (self.n - 1)
+
+
+def eigen_spectrum(covariance: np.ndarray) -> np.ndarray:
+    """Eigenvalues of a symmetric matrix, largest first."""
+    return np.linalg.eigvalsh(covariance)[::-1].copy()
+
+
+def top1_share(eigenvalues: np.ndarray) -> float:
+    """Largest eigenvalue / trace: how much of the variance one direction carries."""
+    total = float(np.sum(eigenvalues))
+    return float(eigenvalues[0]) / total if total > 0 else float("nan")
+
+
+@dataclass
+class ModuleStatistics:
+    nonpos_pct: RunningMoments = field(default_factory=RunningMoments)
+    features: RunningCovariance = field(default_factory=RunningCovariance)
+
+
+def _feature_tensor(output) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise SceneMLError(f"module output of type {type(output).__name__} is not a tensor")
+
+
+@torch.inference_mode()
+def module_statistics(network: nn.Module, modules: dict[str, nn.Module], batches: Iterable[torch.Tensor],
+                      ) -> dict[str, ModuleStatistics]:
+    """Run ``network`` over ``batches`` (float NCHW, already on the network's device) with a forward
+    hook on each module. Per image and module: % of values <= 0 over channels and positions, and the
+    channel vector averaged over positions. Only these reductions leave the hook."""
+    stats = {name: ModuleStatistics() for name in modules}
+
+    def hook_for(name: str):
+        def hook(_module, _inputs, output):
+            out = _feature_tensor(output).detach().float()
+            flat = out.reshape(out.shape[0], out.shape[1], -1)  # (B, C, positions); (B, C) -> one position
+            stats[name].nonpos_pct.add((flat <= 0).double().mean(dim=(1, 2)).mul(100).cpu().numpy())
+            stats[name].features.add(flat.double().mean(dim=2).cpu().numpy())
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(name)) for name, m in modules.items()]
+    try:
+        network.eval()
+        for x in batches:
+            network(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
