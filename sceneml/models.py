@@ -192,6 +192,43 @@ def freeze_backbone(arch: str, model: SceneClassifier) -> None:
         param.requires_grad = name.startswith(heads)
 
 
+def head_module_name(arch: str) -> str:
+    """The attribute of the torchvision model that maps pooled features to logits."""
+    return "fc" if arch.startswith("resnet") or arch == "googlenet" else "classifier"
+
+
+def set_train_mode(arch: str, model: SceneClassifier, frozen: bool) -> None:
+    """Training mode; with a frozen backbone only the head trains: the backbone stays in eval mode
+    (BatchNorm keeps its running statistics, dropout is off, GoogLeNet computes no aux heads), so it
+    is a fixed function of the image and its features can be cached."""
+    model.train()
+    if frozen:
+        head = head_module_name(arch)
+        for name, module in model.backbone.named_modules():
+            if name != head and not name.startswith(head + "."):
+                module.eval()
+
+
+@torch.inference_mode()
+def backbone_features(arch: str, model: SceneClassifier, batches) -> torch.Tensor:
+    """Pooled features (N, D) float32 on the CPU: the model with its head swapped for an identity, in
+    eval mode, over ``batches`` of float NCHW images."""
+    head_name = head_module_name(arch)
+    head = getattr(model.backbone, head_name)
+    setattr(model.backbone, head_name, nn.Identity())
+    was_training = model.training
+    try:
+        model.eval()
+        return torch.cat([model(x).float().cpu() for x in batches])
+    finally:
+        setattr(model.backbone, head_name, head)
+        model.train(was_training)
+
+
+def head_of(arch: str, model: SceneClassifier) -> nn.Module:
+    return getattr(model.backbone, head_module_name(arch))
+
+
 def split_logits(output) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Main logits and auxiliary logits (GoogLeNet in training mode returns a namedtuple)."""
     if isinstance(output, torch.Tensor):

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import logging
+import time
 from pathlib import Path
 
 import mlflow
@@ -25,13 +26,16 @@ from sceneml.data import PreparedData, prepare_data
 from sceneml.data.sources import cache_dir
 from sceneml.errors import SceneMLError
 from sceneml.metrics import classification_metrics, confusion_matrix, is_better
-from sceneml.models import build_model, freeze_backbone, pick_device
+from sceneml.models import backbone_features, build_model, freeze_backbone, head_of, pick_device, set_train_mode
 from sceneml.scores import scores_from_csv, scores_to_csv
 from sceneml.training import (
     build_optimizer,
     build_scheduler,
+    iterate_batches,
+    iterate_feature_batches,
     load_checkpoint,
     predict_scores,
+    predict_scores_from_features,
     save_checkpoint,
     seed_everything,
     set_rng_state,
@@ -145,23 +149,54 @@ def _train_in_run(run_id, cfg, data, model, optimizer, scheduler, device, weight
                         # not in the state dict, but needed to rebuild the network (analysis hooks)
                         "transform_input": bool(getattr(model.backbone, "transform_input", False))}}
 
+    log_seconds = [0.0]  # time spent writing to MLflow in the current epoch
+
     def on_losses(values: list[float]) -> None:
+        started = time.perf_counter()
         for v in values:
             # batch_losses holds every earlier batch (restored on resume): its length is the global step
             batch_losses.append((len(batch_losses) + 1, v))
             metrics.add("train_batch_loss", v, len(batch_losses))
         metrics.flush()
+        log_seconds[0] += time.perf_counter() - started
+
+    # A frozen backbone is a fixed function of the image (eval mode, see set_train_mode): compute its
+    # features once and train only the head on them. Augmentation cannot be applied to cached
+    # features, so it is off in this mode (the linear-probe protocol); random_crop=true keeps the
+    # per-epoch forward pass with flips and crops instead.
+    cached = None
+    if cfg.freeze_backbone and not cfg.random_crop:
+        started = time.perf_counter()
+        cached = {name: backbone_features(cfg.arch, model, (x for x, _ in iterate_batches(
+            split.pixels, split.labels, 256, device))) for name, split in (("train", train), ("val", val))}
+        metrics.add("feature_cache_seconds", time.perf_counter() - started, start_epoch)
+        log.info("freeze_backbone: cached %d-d features of %d images in %.1fs; epochs train the head only",
+                 cached["train"].shape[1], len(train) + len(val), time.perf_counter() - started)
+    head = head_of(cfg.arch, model)
 
     for epoch in range(start_epoch, cfg.epochs + 1):
-
+        epoch_started = time.perf_counter()
+        log_seconds[0] = 0.0
         # one generator per epoch: batch order and augmentation do not depend on where we resumed
         generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
         lr = optimizer.param_groups[0]["lr"]
-        train_loss = train_one_epoch(model, optimizer, train.pixels, train.labels, cfg.batch_size, device,
-                                     generator, crop=cfg.random_crop, on_losses=on_losses, progress=progress,
+        set_train_mode(cfg.arch, model, frozen=cfg.freeze_backbone)
+        if cached is not None:
+            net, batches = head, iterate_feature_batches(cached["train"], train.labels, cfg.batch_size, device,
+                                                         generator)
+        else:
+            net, batches = model, iterate_batches(train.pixels, train.labels, cfg.batch_size, device, generator,
+                                                  augment=True, crop=cfg.random_crop)
+        train_started = time.perf_counter()
+        train_loss = train_one_epoch(net, optimizer, batches, len(train), on_losses=on_losses, progress=progress,
                                      desc=f"epoch {epoch}/{cfg.epochs}")
-        scores = predict_scores(model, val.pixels, device)
+        train_seconds = time.perf_counter() - train_started
+        if cached is not None:
+            scores = predict_scores_from_features(head, cached["val"], device)
+        else:
+            scores = predict_scores(model, val.pixels, device)
         val_metrics = classification_metrics(val.labels, scores, data.classes, "val")
+        logging_started = time.perf_counter()
         model_id = tracking.log_checkpoint(
             model, example, name=f"{cfg.arch}-epoch{epoch}", step=epoch,
             params={"arch": cfg.arch, "optimizer": cfg.optimizer, "lr": cfg.lr, "epoch": epoch},
@@ -183,6 +218,10 @@ def _train_in_run(run_id, cfg, data, model, optimizer, scheduler, device, weight
             "history": json.dumps(history), "models": json.dumps(models),
             "batch_losses": json.dumps(batch_losses)})
         tracking.with_retries(mlflow.log_artifact, str(ckpt), "checkpoints")
+        log_seconds[0] += time.perf_counter() - logging_started
+        metrics.add_many({"epoch_seconds": time.perf_counter() - epoch_started, "train_seconds": train_seconds,
+                          "train_images_per_sec": len(train) / train_seconds, "log_seconds": log_seconds[0]}, epoch)
+        metrics.flush()
         if progress:
             print(f"epoch {epoch}: train_loss {train_loss:.4f}  val_loss {val_metrics['val_loss']:.4f}  "
                   f"val_acc {val_metrics['val_acc']:.3f}  val_mAP {val_metrics['val_mAP']:.3f}", flush=True)

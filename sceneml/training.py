@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -104,20 +104,32 @@ def iterate_batches(pixels: np.ndarray, labels: np.ndarray, batch_size: int, dev
         yield x, y
 
 
-def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, pixels: np.ndarray,
-                    labels: np.ndarray, batch_size: int, device: torch.device, generator: torch.Generator,
-                    crop: bool = False, on_losses: Callable[[list[float]], None] | None = None,
-                    flush_every: int = 20, progress: bool = True, desc: str = "train") -> float:
-    """One pass over the training data. Returns the mean training loss (weighted by batch size).
+def iterate_feature_batches(features: torch.Tensor, labels: np.ndarray, batch_size: int, device: torch.device,
+                            generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Shuffled (features, labels) batches from cached backbone features; the same order as
+    :func:`iterate_batches` draws from the same generator."""
+    order = torch.randperm(len(labels), generator=generator)
+    labels_t = torch.as_tensor(labels)
+    non_blocking = device.type == "cuda"
+    for start in range(0, len(labels), batch_size):
+        idx = order[start:start + batch_size]
+        yield features[idx].to(device, non_blocking=non_blocking), labels_t[idx].to(device, non_blocking=non_blocking)
+
+
+def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
+                    batches: Iterable[tuple[torch.Tensor, torch.Tensor]], n_images: int,
+                    on_losses: Callable[[list[float]], None] | None = None, flush_every: int = 20,
+                    progress: bool = True, desc: str = "train") -> float:
+    """One pass over ``batches``. Returns the mean training loss (weighted by batch size). The caller
+    sets the training mode (``model.train()`` or :func:`sceneml.models.set_train_mode`).
 
     Batch losses stay on the device and are fetched every ``flush_every`` batches (one sync instead of
     one per batch), then handed to ``on_losses`` for logging.
     """
-    model.train()
     pending: list[torch.Tensor] = []
-    total, seen = torch.zeros((), device=device), 0
+    total, seen = None, 0
     start = time.perf_counter()
-    bar = tqdm(total=len(labels), desc=desc, unit="img", disable=not progress, leave=False)
+    bar = tqdm(total=n_images, desc=desc, unit="img", disable=not progress, leave=False)
 
     def flush() -> None:
         if pending:
@@ -127,7 +139,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, pixels: 
                 on_losses(values)
             bar.set_postfix(loss=f"{values[-1]:.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
 
-    for x, y in iterate_batches(pixels, labels, batch_size, device, generator, augment=True, crop=crop):
+    for x, y in batches:
         logits, aux = split_logits(model(x))
         loss = F.cross_entropy(logits, y)
         for aux_logits in aux:
@@ -137,14 +149,14 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, pixels: 
         optimizer.step()
         detached = loss.detach()
         pending.append(detached)
-        total += detached * len(y)
+        total = detached * len(y) if total is None else total + detached * len(y)
         seen += len(y)
         bar.update(len(y))
         if len(pending) >= flush_every:
             flush()
     flush()
     bar.close()
-    mean_loss = float(total) / max(seen, 1)
+    mean_loss = float(total) / max(seen, 1) if total is not None else float("nan")
     if not np.isfinite(mean_loss):
         raise SceneMLError(f"training diverged (loss={mean_loss}); lower the learning rate")
     return mean_loss
@@ -165,6 +177,20 @@ def predict_scores(model: nn.Module, pixels: np.ndarray, device: torch.device, b
         logits, _ = split_logits(model(x))
         out.append(torch.softmax(logits.float(), dim=1).cpu())
     return torch.cat(out).double().numpy() if out else np.zeros((0, 0))
+
+
+@torch.inference_mode()
+def predict_scores_from_features(head: nn.Module, features: torch.Tensor, device: torch.device,
+                                 batch_size: int = 4096) -> np.ndarray:
+    """Softmax probabilities (n, C) as float64 from cached backbone features."""
+    was_training = head.training
+    head.eval()
+    try:
+        out = [torch.softmax(head(features[i:i + batch_size].to(device)).float(), dim=1).cpu()
+               for i in range(0, len(features), batch_size)]
+    finally:
+        head.train(was_training)
+    return torch.cat(out).double().numpy()
 
 
 # ---------------------------------------------------------------- resumable checkpoint dict

@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 import torchvision
 
 from sceneml.errors import SceneMLError
-from sceneml.models import build_model, freeze_backbone, head_parameters, split_logits
-from sceneml.training import build_optimizer, seed_everything, train_one_epoch
+from sceneml.models import (
+    backbone_features,
+    build_model,
+    freeze_backbone,
+    head_of,
+    head_parameters,
+    set_train_mode,
+    split_logits,
+)
+from sceneml.training import (
+    build_optimizer,
+    iterate_batches,
+    iterate_feature_batches,
+    seed_everything,
+    train_one_epoch,
+)
 
 from .conftest import SHARED_DATA
 
@@ -66,8 +82,9 @@ def test_googlenet_with_aux_heads_trains_one_epoch():
     labels = rng.integers(0, 3, 24)
     opt = build_optimizer("sgd", model.parameters(), 0.01, 0.9, 0.0)
     before = model.backbone.aux1.fc2.weight.detach().clone()
-    loss = train_one_epoch(model, opt, pixels, labels, 8, torch.device("cpu"), torch.Generator().manual_seed(0),
-                           progress=False)
+    model.train()
+    batches = iterate_batches(pixels, labels, 8, torch.device("cpu"), torch.Generator().manual_seed(0), augment=True)
+    loss = train_one_epoch(model, opt, batches, len(labels), progress=False)
     assert np.isfinite(loss)
     assert not torch.equal(before, model.backbone.aux1.fc2.weight), "aux heads must receive gradients"
 
@@ -77,6 +94,41 @@ def test_freeze_backbone_leaves_only_the_head_trainable():
     freeze_backbone("mobilenet_v3_small", model)
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert trainable == {id(p) for p in head_parameters("mobilenet_v3_small", model)}
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v3_small"])
+def test_cached_features_train_the_head_like_the_frozen_network(arch):
+    """freeze_backbone: training the head on features computed once equals training the whole (frozen)
+    network image by image, and leaves the backbone, BatchNorm statistics included, untouched."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 3, 40)
+    seed_everything(0)
+    direct, _ = build_model(arch, 3, "none")
+    freeze_backbone(arch, direct)
+    cached = copy.deepcopy(direct)
+    backbone_before = {k: v.clone() for k, v in direct.state_dict().items() if not k.startswith(("backbone.fc",
+                                                                                                "backbone.classifier"))}
+    head_before = next(head_of(arch, direct).parameters()).detach().clone()
+    cpu = torch.device("cpu")
+    opt_direct = build_optimizer("adamw", direct.parameters(), 0.01, 0.9, 0.0)
+    opt_cached = build_optimizer("adamw", cached.parameters(), 0.01, 0.9, 0.0)
+    features = backbone_features(arch, cached, (x for x, _ in iterate_batches(pixels, labels, 16, cpu)))
+    for epoch in (1, 2):
+        torch.manual_seed(epoch)  # dropout in mobilenet's head draws from the global generator
+        set_train_mode(arch, direct, frozen=True)
+        loss_direct = train_one_epoch(direct, opt_direct, iterate_batches(
+            pixels, labels, 8, cpu, torch.Generator().manual_seed(epoch)), len(labels), progress=False)
+        torch.manual_seed(epoch)
+        set_train_mode(arch, cached, frozen=True)
+        loss_cached = train_one_epoch(head_of(arch, cached), opt_cached, iterate_feature_batches(
+            features, labels, 8, cpu, torch.Generator().manual_seed(epoch)), len(labels), progress=False)
+        assert loss_cached == pytest.approx(loss_direct, rel=1e-4)
+    for (name, a), b in zip(direct.state_dict().items(), cached.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    for name, before in backbone_before.items():
+        assert torch.equal(before, direct.state_dict()[name]), f"{name} changed under freeze_backbone"
+    assert not torch.equal(head_before, next(head_of(arch, direct).parameters()))  # the head did train
 
 
 HUB = SHARED_DATA / "torch-hub"
