@@ -168,7 +168,7 @@ def _train_in_run(run_id, cfg, data, model, optimizer, scheduler, device, weight
     if cfg.freeze_backbone and not cfg.random_crop:
         started = time.perf_counter()
         cached = {name: backbone_features(cfg.arch, model, (x for x, _ in iterate_batches(
-            split.pixels, split.labels, 256, device))) for name, split in (("train", train), ("val", val))}
+            split.pixels, split.labels, 64, device))) for name, split in (("train", train), ("val", val))}
         metrics.add("feature_cache_seconds", time.perf_counter() - started, start_epoch)
         log.info("freeze_backbone: cached %d-d features of %d images in %.1fs; epochs train the head only",
                  cached["train"].shape[1], len(train) + len(val), time.perf_counter() - started)

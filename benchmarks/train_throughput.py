@@ -1,0 +1,206 @@
+"""Training throughput, side by side in one process on the same JPEG files:
+
+  limit    forward + backward + step on tensors already in memory (the hardware's rate for this model)
+  sceneml  the real `train` loop (decode-once cache, channels_last, batched MLflow logging)
+  naive    torchvision ImageFolder + DataLoader decoding JPEGs every epoch, a plain loop and a
+           synchronous mlflow.log_metric per batch (the common tutorial baseline)
+
+    python benchmarks/train_throughput.py --arch resnet18 --image-size 150 --batch-size 32
+    python benchmarks/train_throughput.py --freeze-backbone --epochs 5
+
+`--data` defaults to ../shared/data/intel-mini when present, else the embedded scenes written out
+as 150 px JPEGs (so every method decodes real JPEG files). Epoch 1 of sceneml includes decoding
+into its cache (all splits); epoch 2 reads the warm cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+INTEL_MINI = REPO.parent / "shared" / "data" / "intel-mini"
+
+
+def jpeg_folder(data: str, size: int, per_class: int, out: Path) -> Path:
+    """A class-folder tree of JPEGs: the given folder, or the embedded scenes re-encoded at ``size``."""
+    from PIL import Image
+
+    from sceneml.data.sources import list_images, resolve_source
+
+    if data != "synthetic":
+        return Path(data)
+    source = resolve_source(f"synthetic:{per_class}")
+    _, items = list_images(source.train_dir)
+    for path, label in items:
+        (out / label).mkdir(parents=True, exist_ok=True)
+        with Image.open(path) as img:
+            img.convert("RGB").resize((size, size), Image.Resampling.BILINEAR).save(
+                out / label / (path.stem + ".jpg"), quality=90)
+    return out
+
+
+def measure_limit(arch: str, pixels: np.ndarray, labels: np.ndarray, batch_size: int, epochs: int,
+                  device, frozen: bool) -> list[float]:
+    """img/s per epoch of the bare step on float tensors already on the device."""
+    import torch
+    import torch.nn.functional as F
+
+    from sceneml.models import build_model, freeze_backbone, split_logits
+
+    torch.manual_seed(0)
+    model, _ = build_model(arch, int(labels.max()) + 1, "none")
+    if frozen:
+        freeze_backbone(arch, model)
+    model = model.to(device, memory_format=torch.channels_last).train()
+    x_all = torch.from_numpy(pixels).permute(0, 3, 1, 2).float().div(255).contiguous(
+        memory_format=torch.channels_last).to(device)
+    y_all = torch.from_numpy(labels).to(device)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    rates = []
+    for _ in range(epochs):
+        _sync(device)
+        start = time.perf_counter()
+        for i in range(0, len(y_all), batch_size):
+            logits, _ = split_logits(model(x_all[i:i + batch_size]))
+            loss = F.cross_entropy(logits, y_all[i:i + batch_size])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        _sync(device)
+        rates.append(len(y_all) / (time.perf_counter() - start))
+    return rates
+
+
+def measure_naive(arch: str, folder: Path, keep: set[str], size: int, batch_size: int, epochs: int, device,
+                  frozen: bool, workers: int) -> list[float]:
+    """img/s per epoch of the ImageFolder + DataLoader + per-batch log_metric loop."""
+    import mlflow
+    import torch
+    import torch.nn.functional as F
+    import torchvision
+    from torchvision import transforms as T
+
+    from sceneml.models import IMAGENET_MEAN, IMAGENET_STD
+
+    tf = T.Compose([T.Resize((size, size)), T.RandomHorizontalFlip(), T.ToTensor(),
+                    T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    dataset = torchvision.datasets.ImageFolder(str(folder), transform=tf,
+                                               is_valid_file=lambda p: str(Path(p).resolve()) in keep)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                         pin_memory=device.type == "cuda", persistent_workers=False)
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(arch, weights=None, num_classes=len(dataset.classes),
+                                         **({"aux_logits": False, "init_weights": True} if arch == "googlenet" else {}))
+    if frozen:
+        for name, p in model.named_parameters():
+            p.requires_grad = name.startswith(("fc.", "classifier."))
+    model = model.to(device).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    rates, step = [], 0
+    with mlflow.start_run(run_name="naive-baseline"):
+        for _ in range(epochs):
+            start, seen = time.perf_counter(), 0
+            for x, y in loader:
+                x, y = x.to(device), y.to(device)
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                step += 1
+                mlflow.log_metric("batch_loss", loss.item(), step=step)
+                seen += len(y)
+            rates.append(seen / (time.perf_counter() - start))
+    return rates
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(INTEL_MINI) if INTEL_MINI.exists() else "synthetic")
+    ap.add_argument("--arch", default="resnet18")
+    ap.add_argument("--image-size", type=int, default=150)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--per-class", type=int, default=60, help="synthetic images per class (when --data synthetic)")
+    ap.add_argument("--freeze-backbone", action="store_true")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--naive-workers", type=int, default=min(os.cpu_count() or 1, 4))
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="sceneml-bench-"))
+    os.environ["SCENEML_CACHE"] = str(work / "cache")  # cold decode cache: epoch 1 pays for decoding
+    os.environ.setdefault("SCENEML_OFFLINE", "1")
+    import mlflow
+    import torch
+
+    from sceneml.config import TrainConfig
+    from sceneml.data import prepare_data
+    from sceneml.models import pick_device
+    from sceneml.train import run_train
+
+    mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
+    mlflow.set_experiment("throughput")
+    device = pick_device(args.device)
+    folder = jpeg_folder(args.data, args.image_size, args.per_class, work / "jpeg")
+    cfg = TrainConfig(data=str(folder), arch=args.arch, weights="none", epochs=args.epochs,
+                      batch_size=args.batch_size, image_size=args.image_size, freeze_backbone=args.freeze_backbone,
+                      device=args.device, quiet=True)
+
+    started = time.perf_counter()
+    data = prepare_data(cfg.data, cfg.image_size, cfg.seed, cfg.val_fraction, cfg.test_fraction, 0,
+                        cfg.decode_workers(), progress=False)
+    decode_seconds = time.perf_counter() - started
+    n_all = sum(len(s) for s in data.splits.values())
+    train = data.splits["train"]
+    keep = {str((data.source.root / p).resolve()) for p in train.paths}
+    print(f"device {device} ({torch.get_num_threads()} threads), {args.arch}, {args.image_size} px, batch "
+          f"{args.batch_size}, {len(train)} train JPEGs of {n_all} ({folder}), freeze_backbone={args.freeze_backbone}")
+    print(f"decode of all {n_all} images into the cache: {decode_seconds:.1f} s")
+
+    limit = measure_limit(args.arch, train.pixels, train.labels, args.batch_size, args.epochs, device,
+                          args.freeze_backbone)
+    run_id = run_train(cfg)  # the cache is warm now; its decode time is added to epoch 1 below
+    client = mlflow.MlflowClient()
+
+    def history(key: str) -> list[float]:
+        return [m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)]
+
+    train_s, epoch_s, log_s = history("train_seconds"), history("epoch_seconds"), history("log_seconds")
+    cache_s = history("feature_cache_seconds")[0] if args.freeze_backbone else 0.0
+    # sceneml's epoch 1 pays for decoding every split and (frozen) for the feature cache
+    sceneml = [len(train) / (t + (decode_seconds + cache_s if e == 0 else 0.0)) for e, t in enumerate(train_s)]
+    sceneml_full = [len(train) / (t + (decode_seconds + cache_s if e == 0 else 0.0)) for e, t in enumerate(epoch_s)]
+    naive = measure_naive(args.arch, folder, keep, args.image_size, args.batch_size, args.epochs, device,
+                          args.freeze_backbone, args.naive_workers)
+
+    print(f"\n{'epoch':>5} {'limit':>8} {'sceneml':>8} {'+val+ckpt':>9} {'naive':>8} {'log s':>6}"
+          f" {'sceneml/limit':>13} {'sceneml/naive':>13}   (img/s)")
+    for e in range(args.epochs):
+        print(f"{e + 1:>5} {limit[e]:8.1f} {sceneml[e]:8.1f} {sceneml_full[e]:9.1f} {naive[e]:8.1f} {log_s[e]:6.2f}"
+              f" {sceneml[e] / limit[e]:13.2f} {sceneml[e] / naive[e]:13.2f}")
+    total_sceneml = decode_seconds + cache_s + sum(train_s)
+    total_naive = sum(len(train) / r for r in naive)
+    total_full = decode_seconds + cache_s + sum(epoch_s)
+    print(f"\nwhole run, {args.epochs} epochs: sceneml {total_sceneml:.1f} s (training passes + decode"
+          f"{' + feature cache' if args.freeze_backbone else ''}), naive {total_naive:.1f} s: "
+          f"sceneml/naive = {total_naive / total_sceneml:.2f}")
+    print(f"  with sceneml's validation and per-epoch checkpoint export too: {total_full:.1f} s, "
+          f"sceneml/naive = {total_naive / total_full:.2f}")
+    print(f"  MLflow logging inside sceneml's epochs: {sum(log_s):.1f} s in all"
+          + (f"; feature cache (train + val): {cache_s:.1f} s" if args.freeze_backbone else ""))
+
+
+if __name__ == "__main__":
+    main()
