@@ -5,7 +5,7 @@ import mlflow
 
 from sceneml.analyze import AnalyzeConfig, analyze_model
 from sceneml.cli import setup_logging, user_errors_as_one_line
-from sceneml.tracking import failure_marks_run, launched_by_mlflow_run
+from sceneml.tracking import failure_marks_run, init_store, launched_by_mlflow_run
 
 D = AnalyzeConfig()
 
@@ -24,6 +24,7 @@ D = AnalyzeConfig()
 @user_errors_as_one_line
 def main(k: float, n_images: float, top_eigen: float, **params) -> None:
     setup_logging()
+    init_store()
     cfg = AnalyzeConfig(**params, k=int(k), n_images=int(n_images), top_eigen=int(top_eigen)).validate()
     with mlflow.start_run(run_id=launched_by_mlflow_run(), run_name="analyze") as run:
         with failure_marks_run(run.info.run_id):

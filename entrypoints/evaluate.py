@@ -5,7 +5,7 @@ import mlflow
 
 from sceneml.cli import setup_logging, user_errors_as_one_line
 from sceneml.evaluation import evaluate_model
-from sceneml.tracking import failure_marks_run, launched_by_mlflow_run
+from sceneml.tracking import failure_marks_run, init_store, launched_by_mlflow_run
 
 
 @click.command()
@@ -16,6 +16,7 @@ from sceneml.tracking import failure_marks_run, launched_by_mlflow_run
 @user_errors_as_one_line
 def main(model_uri, data, split, device) -> None:
     setup_logging()
+    init_store()
     with mlflow.start_run(run_id=launched_by_mlflow_run(), run_name="evaluate") as run:
         with failure_marks_run(run.info.run_id):
             metrics = evaluate_model(model_uri, data, split, device)

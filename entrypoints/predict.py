@@ -7,7 +7,7 @@ import mlflow
 
 from sceneml.cli import setup_logging, user_errors_as_one_line
 from sceneml.predict import image_files, predict_files
-from sceneml.tracking import launched_by_mlflow_run, set_tags
+from sceneml.tracking import init_store, launched_by_mlflow_run, set_tags
 
 
 @click.command()
@@ -18,6 +18,7 @@ from sceneml.tracking import launched_by_mlflow_run, set_tags
 @user_errors_as_one_line
 def main(model_uri: str, input_path: str, output: str, device: str) -> None:
     setup_logging()
+    init_store()
     files = image_files(input_path)
     table = predict_files(model_uri, files, device)
     out = Path(output).expanduser().resolve()

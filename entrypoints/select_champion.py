@@ -6,7 +6,7 @@ import mlflow
 from sceneml.cli import setup_logging, user_errors_as_one_line
 from sceneml.errors import SceneMLError
 from sceneml.registry import select_champion
-from sceneml.tracking import failure_marks_run, launched_by_mlflow_run
+from sceneml.tracking import failure_marks_run, init_store, launched_by_mlflow_run
 
 
 @click.command()
@@ -18,6 +18,7 @@ from sceneml.tracking import failure_marks_run, launched_by_mlflow_run
 @user_errors_as_one_line
 def main(experiment, parent_run_id, select_metric, model_name, alias) -> None:
     setup_logging()
+    init_store()
     with mlflow.start_run(run_id=launched_by_mlflow_run(), run_name="select") as run:
         with failure_marks_run(run.info.run_id):
             if experiment:

@@ -46,6 +46,7 @@ def run_study(base: TrainConfig, optimizers: list[str], lrs: list[float], model_
         cfg.validate()  # every child's params are checked before the first one trains
     analyze = dataclasses.replace(analyze or AnalyzeConfig(), model_uri=f"models:/{model_name}@champion",
                                   data=base.data, split="test", device=base.device).validate()
+    tracking.init_store()
     launched = tracking.launched_by_mlflow_run()
     parent_ctx = mlflow.start_run(run_id=launched) if launched else mlflow.start_run(run_name="study")
     with parent_ctx as parent:

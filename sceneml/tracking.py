@@ -57,6 +57,32 @@ def with_retries(fn: Callable[..., T], *args, attempts: int = 8, base_delay: flo
     raise AssertionError("unreachable")
 
 
+def init_store() -> None:
+    """Open the tracking store once, before any run starts.
+
+    A new sqlite store is created by the first client that touches it, by running MLflow's schema
+    migrations; several processes doing that at once corrupt each other's migration ("duplicate
+    column", "table already exists"). The first sceneml process to get here holds a file lock beside
+    the database while it creates the store; the others wait, then find it ready. Other stores
+    (a tracking server, PostgreSQL) need no lock and only get the retries.
+    """
+    uri = mlflow.get_tracking_uri()
+    lock = None
+    if uri.startswith("sqlite:///") and os.name == "posix":
+        import fcntl
+
+        db = uri[len("sqlite:///"):].split("?", 1)[0]
+        lock_path = os.path.abspath(db) + ".sceneml-init.lock"
+        os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+        lock = open(lock_path, "a")  # noqa: SIM115  (held across the store creation below)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        with_retries(MlflowClient().search_experiments, max_results=1)
+    finally:
+        if lock is not None:
+            lock.close()  # releases the flock
+
+
 class MetricBuffer:
     """Collects metrics and writes them in batches (MLflow accepts up to 1000 per call)."""
 

@@ -54,7 +54,9 @@ class StopAfterEpoch(Exception):
 
 
 def local_checkpoint_path(run_id: str) -> Path:
-    return cache_dir() / "checkpoints" / f"{run_id}.pt"
+    """Where the resumable checkpoint is written before it is logged; the file name is the
+    artifact's name (CHECKPOINT_ARTIFACT), one folder per run."""
+    return cache_dir() / "checkpoints" / run_id / Path(CHECKPOINT_ARTIFACT).name
 
 
 def _history_csv(history: list[dict]) -> str:
@@ -68,6 +70,7 @@ def _history_csv(history: list[dict]) -> str:
 
 def _start_run(cfg: TrainConfig, run_name: str | None, nested: bool):
     """Continue ``resume``, adopt the run ``mlflow run`` created, or start a new (nested) run."""
+    tracking.init_store()
     launched = tracking.launched_by_mlflow_run()
     if cfg.resume:
         tracking.raise_if_missing_run(cfg.resume)

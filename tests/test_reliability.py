@@ -1,0 +1,139 @@
+"""Reliability: real crashes (SIGKILL, Ctrl-C), concurrent writers on one sqlite store, a tracking
+server restarted under a running training, and errors that must not leave a run RUNNING."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from sceneml.train import local_checkpoint_path
+
+from .conftest import REPO, subprocess_env
+
+TRAIN = [sys.executable, str(REPO / "entrypoints" / "train.py"), "--data", "synthetic:30", "--weights", "none",
+         "--batch-size", "16", "--quiet", "--device", "cpu"]
+EPOCH_KEYS = ("train_loss", "val_loss", "val_acc", "val_mAP", "val_mean_class_acc")
+
+
+def _env(uri: str, **extra: str) -> dict[str, str]:
+    return subprocess_env(MLFLOW_TRACKING_URI=uri, **extra)
+
+
+def _epoch_metrics(client: MlflowClient, run_id: str) -> dict[tuple[str, int], float]:
+    return {(k, m.step): m.value for k in EPOCH_KEYS for m in client.get_metric_history(run_id, k)}
+
+
+def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process ended (rc {proc.returncode}) before {what}: "
+                                 f"{proc.stderr.read()[-2000:] if proc.stderr else ''}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def _only_run(client: MlflowClient) -> str:
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    return runs[0].info.run_id if len(runs) == 1 else ""
+
+
+def _interrupt_in_epoch_2(tmp: Path, uri: str, sig: int) -> tuple[str, subprocess.Popen]:
+    """Start a 3-epoch training, wait until epoch 1 is complete (its last metric is written after
+    the checkpoint), then send ``sig``; returns the run id and the ended process."""
+    proc = subprocess.Popen([*TRAIN, "--epochs", "3"], env=_env(uri), cwd=tmp, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    client = MlflowClient(uri)
+    _wait_for(lambda: os.path.exists(tmp / "mlflow.db") and _only_run(client), 120, "the run to start", proc)
+    run_id = _only_run(client)
+    _wait_for(lambda: client.get_metric_history(run_id, "epoch_seconds"), 300, "epoch 1 to finish", proc)
+    time.sleep(0.5)  # inside epoch 2's training pass
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+    return run_id, proc
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_continues_the_same_run_and_equals_a_straight_run(tmp_path):
+    straight_dir, crash_dir = tmp_path / "straight", tmp_path / "crash"
+    straight_dir.mkdir()
+    crash_dir.mkdir()
+    straight_uri, crash_uri = f"sqlite:///{straight_dir / 'mlflow.db'}", f"sqlite:///{crash_dir / 'mlflow.db'}"
+    subprocess.run([*TRAIN, "--epochs", "3"], env=_env(straight_uri), cwd=straight_dir, check=True,
+                   capture_output=True, timeout=600)
+    run_id, proc = _interrupt_in_epoch_2(crash_dir, crash_uri, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    client = MlflowClient(crash_uri)
+    assert client.get_run(run_id).info.status == "RUNNING"  # nothing could mark it: that is what resume is for
+    done = subprocess.run([*TRAIN, "--epochs", "3", "--resume", run_id], env=_env(crash_uri), cwd=crash_dir,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1  # the same run
+    assert client.get_run(run_id).info.status == "FINISHED"
+    straight = MlflowClient(straight_uri)
+    straight_id = _only_run(straight)
+    resumed = _epoch_metrics(client, run_id)
+    assert len(resumed) == 3 * len(EPOCH_KEYS)
+    assert resumed == _epoch_metrics(straight, straight_id)  # bit-identical on CPU with the same seed
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_the_run_killed_after_saving_the_checkpoint(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id, proc = _interrupt_in_epoch_2(tmp_path, uri, signal.SIGINT)
+    assert proc.returncode == 130
+    assert "interrupted: the run is marked KILLED; continue it with resume=<run_id>" in proc.stderr.read()
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED"
+    assert "KeyboardInterrupt" in run.data.tags["sceneml.error"]
+    assert "checkpoints/last.pt" in {a.path for a in client.list_artifacts(run_id, "checkpoints")}
+    local_checkpoint_path(run_id).unlink()  # as on another machine: resume downloads the logged one
+    done = subprocess.run([*TRAIN, "--epochs", "3", "--resume", run_id], env=_env(uri), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_four_runs_at_once_on_one_new_sqlite_store_all_finish_with_every_metric(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # does not exist yet: all four race to create it
+    procs = [subprocess.Popen([*TRAIN, "--epochs", "2", "--seed", str(seed)], env=_env(uri, OMP_NUM_THREADS="1"),
+                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for seed in range(4)]
+    errors = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, "\n".join(e[-1500:] for e in errors)
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    for run in runs:
+        assert set(_epoch_metrics(client, run.info.run_id)) == {(k, s) for k in EPOCH_KEYS for s in (1, 2)}
+        n_batches = 2 * -(-int(run.data.params["n_train"]) // 16)
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "train_batch_loss")] == \
+            list(range(1, n_batches + 1))
+
+
+def test_a_model_uri_that_does_not_resolve_fails_in_one_line_and_marks_the_run_failed(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = subprocess.run([sys.executable, str(REPO / "entrypoints" / "evaluate.py"), "--model-uri",
+                           "models:/nope@champion"], env=_env(uri), cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: model_uri 'models:/nope@champion' does not resolve")
+    assert "Traceback" not in proc.stderr
+    mlflow.set_tracking_uri(uri)
+    try:
+        (run,) = MlflowClient().search_runs(["0"])
+        assert run.info.status == "FAILED"
+        assert "does not resolve" in run.data.tags["sceneml.error"]
+    finally:
+        mlflow.set_tracking_uri(None)
