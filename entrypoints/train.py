@@ -26,7 +26,8 @@ def main(resume: str, stop_after_epoch: int, **params) -> None:
     except StopAfterEpoch as stop:
         print(f"{stop}; continue with resume=<run_id>")
         return
-    print(f"run {run_id} finished")
+    if run_id:  # "" on the non-main ranks of a torchrun launch
+        print(f"run {run_id} finished")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -20,7 +21,7 @@ import pandas as pd
 import torch
 from mlflow import MlflowClient
 
-from sceneml import plots, tracking
+from sceneml import distributed, plots, tracking
 from sceneml.config import TrainConfig
 from sceneml.data import PreparedData, prepare_data
 from sceneml.data.sources import cache_dir
@@ -84,9 +85,9 @@ def _start_run(cfg: TrainConfig, run_name: str | None, nested: bool):
     return mlflow.start_run(run_name=run_name, nested=nested)
 
 
-def _log_data(run_id: str, cfg: TrainConfig, data: PreparedData, weights_resolved: str) -> None:
+def _log_data(run_id: str, cfg: TrainConfig, data: PreparedData, weights_resolved: str, world_size: int) -> None:
     params = cfg.as_params()
-    params.update(
+    params.update(world_size=world_size,
         num_classes=len(data.classes), classes=",".join(data.classes), image_size_resolved=data.image_size,
         n_train=len(data.splits["train"]), n_val=len(data.splits["val"]), n_test=len(data.splits["test"]),
         images_skipped=len(data.skipped), weights_resolved=weights_resolved, data_digest=data.digest,
@@ -107,13 +108,30 @@ def _log_data(run_id: str, cfg: TrainConfig, data: PreparedData, weights_resolve
 
 
 def run_train(cfg: TrainConfig, run_name: str | None = None, nested: bool = False) -> str:
-    """Train one model as one MLflow run; returns the run id."""
+    """Train one model as one MLflow run; returns the run id ("" on the non-main ranks of a torchrun
+    launch, which train their shards but do not talk to MLflow)."""
     cfg.validate()
-    device = pick_device(cfg.device)
+    ctx, device_name = distributed.setup(cfg.device)
+    if ctx is not None and cfg.resume:
+        raise SceneMLError("resume under torchrun is not supported yet: resume the run in a single process")
+    try:
+        return _run_train(cfg, run_name, nested, ctx, pick_device(device_name))
+    finally:
+        if ctx is not None:
+            distributed.teardown()
+
+
+def _run_train(cfg: TrainConfig, run_name: str | None, nested: bool, ctx: distributed.DistContext | None,
+               device: torch.device) -> str:
     seed_everything(cfg.seed)
-    progress = not cfg.quiet
+    main = ctx is None or ctx.is_main
+    progress = not cfg.quiet and main
+    if not main:
+        distributed.barrier()  # rank 0 decodes into the shared cache first; the others then read it
     data = prepare_data(cfg.data, cfg.image_size, cfg.seed, cfg.val_fraction, cfg.test_fraction,
                         cfg.limit_per_class, cfg.decode_workers(), progress)
+    if ctx is not None and main:
+        distributed.barrier()
     model, weights_resolved = build_model(cfg.arch, len(data.classes), cfg.weights)
     if cfg.freeze_backbone:
         freeze_backbone(cfg.arch, model)
@@ -121,15 +139,90 @@ def run_train(cfg: TrainConfig, run_name: str | None = None, nested: bool = Fals
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
     scheduler = build_scheduler(cfg.scheduler, optimizer, cfg.epochs)
     run_name = run_name or f"{cfg.arch}-{cfg.optimizer}-lr{cfg.lr:g}"
+    trainer = _Trainer(cfg, data, model, optimizer, device, ctx)
+    if not main:
+        for epoch in range(1, cfg.epochs + 1):
+            trainer.train_pass(epoch, on_losses=None, progress=False)
+            if scheduler is not None:
+                scheduler.step()
+            distributed.barrier()  # rank 0 validates, logs and checkpoints meanwhile
+            if cfg.stop_after_epoch and epoch == cfg.stop_after_epoch:
+                break
+        return ""
 
     with _start_run(cfg, run_name, nested) as run:
         run_id = run.info.run_id
         with tracking.failure_marks_run(run_id):
-            _train_in_run(run_id, cfg, data, model, optimizer, scheduler, device, weights_resolved, progress)
+            _train_in_run(run_id, cfg, data, trainer, scheduler, weights_resolved, progress)
     return run_id
 
 
-def _train_in_run(run_id, cfg, data, model, optimizer, scheduler, device, weights_resolved, progress) -> None:
+@dataclass
+class _Trainer:
+    """What every rank does per epoch: the training pass (on cached features when the backbone is
+    frozen), shard and collectives included when launched by torchrun."""
+
+    cfg: TrainConfig
+    data: PreparedData
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    ctx: distributed.DistContext | None
+    cached: dict[str, torch.Tensor] | None = None
+    feature_cache_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        # A frozen backbone is a fixed function of the image (eval mode, see set_train_mode): compute
+        # its features once and train only the head on them. Augmentation cannot act on cached
+        # features, so it is off in this mode (the linear-probe protocol); random_crop=true keeps the
+        # per-epoch forward pass with flips and crops instead.
+        cfg, model = self.cfg, self.model
+        if cfg.freeze_backbone and not cfg.random_crop:
+            started = time.perf_counter()
+            self.cached = {name: backbone_features(cfg.arch, model, (x for x, _ in iterate_batches(
+                self.data.splits[name].pixels, self.data.splits[name].labels, 64, self.device)))
+                for name in ("train", "val")}
+            self.feature_cache_seconds = time.perf_counter() - started
+            log.info("freeze_backbone: cached %d-d features in %.1fs; epochs train the head only",
+                     self.cached["train"].shape[1], self.feature_cache_seconds)
+        self.head = head_of(cfg.arch, model)
+        trained = self.head if self.cached is not None else model
+        if self.ctx is not None:
+            trained = torch.nn.parallel.DistributedDataParallel(
+                trained, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.trained = trained
+
+    def train_pass(self, epoch: int, on_losses, progress: bool) -> tuple[float, float]:
+        """One epoch of training; returns the mean loss over every rank's images and the seconds."""
+        cfg, ctx, train = self.cfg, self.ctx, self.data.splits["train"]
+        # one generator per epoch (and rank): order and augmentation do not depend on where we resumed
+        generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch + (7919 * ctx.rank if ctx else 0))
+        order = distributed.shard_order(len(train), ctx, cfg.seed, epoch) if ctx is not None else None
+        set_train_mode(cfg.arch, self.model, frozen=cfg.freeze_backbone)
+        if self.cached is not None:
+            batches = iterate_feature_batches(self.cached["train"], train.labels, cfg.batch_size, self.device,
+                                              generator, order)
+        else:
+            batches = iterate_batches(train.pixels, train.labels, cfg.batch_size, self.device, generator,
+                                      augment=True, crop=cfg.random_crop, order=order)
+        n = len(order) if order is not None else len(train)
+        started = time.perf_counter()
+        loss = train_one_epoch(self.trained, self.optimizer, batches, n, on_losses=on_losses, progress=progress,
+                               desc=f"epoch {epoch}/{cfg.epochs}",
+                               reduce_losses=distributed.mean_over_ranks if ctx is not None else None)
+        if ctx is not None:
+            loss = distributed.weighted_mean_over_ranks(loss, n, self.device)
+        return loss, time.perf_counter() - started
+
+    def val_scores(self) -> np.ndarray:
+        """Softmax scores on the whole val split (rank 0 only: no collective inside)."""
+        if self.cached is not None:
+            return predict_scores_from_features(self.head, self.cached["val"], self.device)
+        return predict_scores(self.model, self.data.splits["val"].pixels, self.device)
+
+
+def _train_in_run(run_id, cfg, data, trainer: _Trainer, scheduler, weights_resolved, progress) -> None:
+    model, optimizer = trainer.model, trainer.optimizer
     client = MlflowClient()
     metrics = tracking.MetricBuffer(run_id, client)
     history: list[dict] = []
@@ -143,7 +236,7 @@ def _train_in_run(run_id, cfg, data, model, optimizer, scheduler, device, weight
         batch_losses = [tuple(x) for x in json.loads(state["batch_losses"])]
         log.info("resuming run %s after epoch %d", run_id, state["epoch"])
     else:
-        _log_data(run_id, cfg, data, weights_resolved)
+        _log_data(run_id, cfg, data, weights_resolved, trainer.ctx.world_size if trainer.ctx else 1)
 
     train, val = data.splits["train"], data.splits["val"]
     example = (val.pixels[:2].transpose(0, 3, 1, 2).astype(np.float32) / 255.0)
@@ -151,6 +244,8 @@ def _train_in_run(run_id, cfg, data, model, optimizer, scheduler, device, weight
                         "data": cfg.data, "data_digest": data.digest, "training_run_id": run_id,
                         # not in the state dict, but needed to rebuild the network (analysis hooks)
                         "transform_input": bool(getattr(model.backbone, "transform_input", False))}}
+    if trainer.cached is not None:
+        metrics.add("feature_cache_seconds", trainer.feature_cache_seconds, start_epoch)
 
     log_seconds = [0.0]  # time spent writing to MLflow in the current epoch
 
@@ -163,41 +258,12 @@ def _train_in_run(run_id, cfg, data, model, optimizer, scheduler, device, weight
         metrics.flush()
         log_seconds[0] += time.perf_counter() - started
 
-    # A frozen backbone is a fixed function of the image (eval mode, see set_train_mode): compute its
-    # features once and train only the head on them. Augmentation cannot be applied to cached
-    # features, so it is off in this mode (the linear-probe protocol); random_crop=true keeps the
-    # per-epoch forward pass with flips and crops instead.
-    cached = None
-    if cfg.freeze_backbone and not cfg.random_crop:
-        started = time.perf_counter()
-        cached = {name: backbone_features(cfg.arch, model, (x for x, _ in iterate_batches(
-            split.pixels, split.labels, 64, device))) for name, split in (("train", train), ("val", val))}
-        metrics.add("feature_cache_seconds", time.perf_counter() - started, start_epoch)
-        log.info("freeze_backbone: cached %d-d features of %d images in %.1fs; epochs train the head only",
-                 cached["train"].shape[1], len(train) + len(val), time.perf_counter() - started)
-    head = head_of(cfg.arch, model)
-
     for epoch in range(start_epoch, cfg.epochs + 1):
         epoch_started = time.perf_counter()
         log_seconds[0] = 0.0
-        # one generator per epoch: batch order and augmentation do not depend on where we resumed
-        generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
         lr = optimizer.param_groups[0]["lr"]
-        set_train_mode(cfg.arch, model, frozen=cfg.freeze_backbone)
-        if cached is not None:
-            net, batches = head, iterate_feature_batches(cached["train"], train.labels, cfg.batch_size, device,
-                                                         generator)
-        else:
-            net, batches = model, iterate_batches(train.pixels, train.labels, cfg.batch_size, device, generator,
-                                                  augment=True, crop=cfg.random_crop)
-        train_started = time.perf_counter()
-        train_loss = train_one_epoch(net, optimizer, batches, len(train), on_losses=on_losses, progress=progress,
-                                     desc=f"epoch {epoch}/{cfg.epochs}")
-        train_seconds = time.perf_counter() - train_started
-        if cached is not None:
-            scores = predict_scores_from_features(head, cached["val"], device)
-        else:
-            scores = predict_scores(model, val.pixels, device)
+        train_loss, train_seconds = trainer.train_pass(epoch, on_losses, progress)
+        scores = trainer.val_scores()
         val_metrics = classification_metrics(val.labels, scores, data.classes, "val")
         logging_started = time.perf_counter()
         model_id = tracking.log_checkpoint(
@@ -225,6 +291,8 @@ def _train_in_run(run_id, cfg, data, model, optimizer, scheduler, device, weight
         metrics.add_many({"epoch_seconds": time.perf_counter() - epoch_started, "train_seconds": train_seconds,
                           "train_images_per_sec": len(train) / train_seconds, "log_seconds": log_seconds[0]}, epoch)
         metrics.flush()
+        if trainer.ctx is not None:
+            distributed.barrier()  # the other ranks wait here while this one validates and logs
         if progress:
             print(f"epoch {epoch}: train_loss {train_loss:.4f}  val_loss {val_metrics['val_loss']:.4f}  "
                   f"val_acc {val_metrics['val_acc']:.3f}  val_mAP {val_metrics['val_mAP']:.3f}", flush=True)

@@ -87,12 +87,15 @@ def random_resized_crop(x: torch.Tensor, generator: torch.Generator, scale=(0.5,
 
 def iterate_batches(pixels: np.ndarray, labels: np.ndarray, batch_size: int, device: torch.device,
                     generator: torch.Generator | None = None, augment: bool = False,
-                    crop: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (images, labels) batches; shuffled and augmented when a generator is given."""
+                    crop: bool = False, order: torch.Tensor | None = None,
+                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (images, labels) batches; shuffled and augmented when a generator is given. ``order``
+    (e.g. one rank's shard) replaces the shuffle."""
     n = len(labels)
-    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    if order is None:
+        order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     labels_t = torch.as_tensor(labels)
-    for start in range(0, n, batch_size):
+    for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size].numpy()
         x = to_float_batch(pixels[idx], device)
         y = labels_t[idx].to(device, non_blocking=device.type == "cuda")
@@ -105,13 +108,15 @@ def iterate_batches(pixels: np.ndarray, labels: np.ndarray, batch_size: int, dev
 
 
 def iterate_feature_batches(features: torch.Tensor, labels: np.ndarray, batch_size: int, device: torch.device,
-                            generator: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                            generator: torch.Generator, order: torch.Tensor | None = None,
+                            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Shuffled (features, labels) batches from cached backbone features; the same order as
     :func:`iterate_batches` draws from the same generator."""
-    order = torch.randperm(len(labels), generator=generator)
+    if order is None:
+        order = torch.randperm(len(labels), generator=generator)
     labels_t = torch.as_tensor(labels)
     non_blocking = device.type == "cuda"
-    for start in range(0, len(labels), batch_size):
+    for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         yield features[idx].to(device, non_blocking=non_blocking), labels_t[idx].to(device, non_blocking=non_blocking)
 
@@ -119,12 +124,14 @@ def iterate_feature_batches(features: torch.Tensor, labels: np.ndarray, batch_si
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
                     batches: Iterable[tuple[torch.Tensor, torch.Tensor]], n_images: int,
                     on_losses: Callable[[list[float]], None] | None = None, flush_every: int = 20,
-                    progress: bool = True, desc: str = "train") -> float:
+                    progress: bool = True, desc: str = "train",
+                    reduce_losses: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
     """One pass over ``batches``. Returns the mean training loss (weighted by batch size). The caller
     sets the training mode (``model.train()`` or :func:`sceneml.models.set_train_mode`).
 
     Batch losses stay on the device and are fetched every ``flush_every`` batches (one sync instead of
-    one per batch), then handed to ``on_losses`` for logging.
+    one per batch), then handed to ``on_losses`` for logging; ``reduce_losses`` (data-parallel runs:
+    the mean over ranks) is applied to them first.
     """
     pending: list[torch.Tensor] = []
     total, seen = None, 0
@@ -133,7 +140,8 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
 
     def flush() -> None:
         if pending:
-            values = torch.stack(pending).tolist()
+            stacked = torch.stack(pending)
+            values = (reduce_losses(stacked) if reduce_losses is not None else stacked).tolist()
             pending.clear()
             if on_losses is not None:
                 on_losses(values)

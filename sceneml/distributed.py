@@ -1,0 +1,80 @@
+"""Data-parallel training under ``torchrun``: process group, shards, and the few collectives `train` needs.
+
+One process per device; each trains on its shard of every epoch (DistributedSampler order, padded so
+every rank runs the same number of batches) through DistributedDataParallel. Only rank 0 talks to
+MLflow and validates, on the whole val split; the other ranks wait at a barrier meanwhile. Losses are
+all-reduced, so the logged train loss is the mean over every rank's images.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from sceneml.errors import SceneMLError
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def setup(device_name: str) -> tuple[DistContext | None, str]:
+    """Join the process group when started by torchrun. Returns the context (None for a single
+    process) and the device name this rank should use (``cuda:<local_rank>`` on GPUs)."""
+    if not launched_by_torchrun():
+        return None, device_name
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_name != "cpu" and torch.cuda.is_available()
+    if device_name.startswith("cuda") and not torch.cuda.is_available():
+        raise SceneMLError("device=cuda but no CUDA device is visible; use device=auto or device=cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    ctx = DistContext(dist.get_rank(), dist.get_world_size(), local_rank)
+    return ctx, f"cuda:{local_rank}" if use_cuda else "cpu"
+
+
+def shard_order(n: int, ctx: DistContext, seed: int, epoch: int) -> torch.Tensor:
+    """This rank's indices for ``epoch``: a DistributedSampler shuffle (padded to equal shards)."""
+    sampler = torch.utils.data.DistributedSampler(range(n), num_replicas=ctx.world_size, rank=ctx.rank,
+                                                  shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    return torch.tensor(list(sampler), dtype=torch.int64)
+
+
+def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise mean of a tensor over all ranks (every rank calls this with the same shape)."""
+    reduced = values.detach().clone()
+    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
+    return reduced / dist.get_world_size()
+
+
+def weighted_mean_over_ranks(mean: float, count: int, device: torch.device) -> float:
+    """The mean over every rank's items, from each rank's mean and count."""
+    t = torch.tensor([mean * count, float(count)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return float(t[0] / t[1])
+
+
+def barrier() -> None:
+    dist.barrier()
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
