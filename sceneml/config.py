@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from sceneml.errors import SceneMLError
-from sceneml.models import ARCHS
+from sceneml.models import ARCHS, check_device_name
 from sceneml.training import OPTIMIZERS, SCHEDULERS
 
 
@@ -57,8 +57,7 @@ class TrainConfig:
             raise SceneMLError(f"limit_per_class must be >= 0, got {self.limit_per_class}")
         if self.num_workers != "auto" and (not str(self.num_workers).isdigit() or int(self.num_workers) < 1):
             raise SceneMLError(f"num_workers must be 'auto' or a positive integer, got {self.num_workers!r}")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise SceneMLError(f"unknown device {self.device!r}; choose auto, cpu or cuda")
+        check_device_name(self.device)
         return self
 
     def decode_workers(self) -> int:

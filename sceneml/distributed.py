@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from sceneml.errors import SceneMLError
+from sceneml.models import pick_device
 
 
 @dataclass(frozen=True)
@@ -38,9 +38,7 @@ def setup(device_name: str) -> tuple[DistContext | None, str]:
     if not launched_by_torchrun():
         return None, device_name
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device_name != "cpu" and torch.cuda.is_available()
-    if device_name.startswith("cuda") and not torch.cuda.is_available():
-        raise SceneMLError("device=cuda but no CUDA device is visible; use device=auto or device=cpu")
+    use_cuda = pick_device(device_name).type == "cuda"  # also checks the name and that CUDA is there
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     if use_cuda:

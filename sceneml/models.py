@@ -237,11 +237,16 @@ def split_logits(output) -> tuple[torch.Tensor, list[torch.Tensor]]:
     return output.logits, aux
 
 
+def check_device_name(name: str) -> None:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:<index>``; checked before any work starts."""
+    if name not in ("auto", "cpu", "cuda") and not name.startswith("cuda:"):
+        raise SceneMLError(f"unknown device {name!r}; choose auto, cpu or cuda")
+
+
 def pick_device(name: str = "auto") -> torch.device:
+    check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SceneMLError("device=cuda but no CUDA device is visible; use device=auto or device=cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise SceneMLError(f"unknown device {name!r}; choose auto, cpu or cuda")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SceneMLError(f"device={name} but no CUDA device is visible; use device=auto or device=cpu")
     return torch.device(name)

@@ -16,6 +16,7 @@ from sceneml.models import (
     freeze_backbone,
     head_of,
     head_parameters,
+    pick_device,
     set_train_mode,
     split_logits,
 )
@@ -129,6 +130,14 @@ def test_cached_features_train_the_head_like_the_frozen_network(arch):
     for name, before in backbone_before.items():
         assert torch.equal(before, direct.state_dict()[name]), f"{name} changed under freeze_backbone"
     assert not torch.equal(head_before, next(head_of(arch, direct).parameters()))  # the head did train
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("name", ["cuda", "cuda:1"])
+def test_cuda_without_a_gpu_is_a_clear_error(name):
+    with pytest.raises(SceneMLError, match=f"device={name} but no CUDA device is visible"):
+        pick_device(name)
+    assert pick_device("auto").type == "cpu"
 
 
 HUB = SHARED_DATA / "torch-hub"

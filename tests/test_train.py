@@ -128,6 +128,7 @@ def test_same_seed_same_metrics_and_resume_matches_a_straight_run(tracking_uri):
     (dict(lr=-1.0), "lr must be > 0"),
     (dict(epochs=0), "epochs must be >= 1"),
     (dict(scheduler="warm"), "choose one of none, cosine, step"),
+    (dict(device="tpu"), "unknown device 'tpu'; choose auto, cpu or cuda"),
 ])
 def test_bad_values_fail_before_training(bad, match):
     with pytest.raises(SceneMLError, match=match):
