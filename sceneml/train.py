@@ -8,9 +8,11 @@ and a resumable checkpoint, so a crash loses at most the epoch in progress.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,15 @@ from sceneml.data import PreparedData, prepare_data
 from sceneml.data.sources import cache_dir
 from sceneml.errors import SceneMLError
 from sceneml.metrics import classification_metrics, confusion_matrix, is_better
-from sceneml.models import backbone_features, build_model, freeze_backbone, head_of, pick_device, set_train_mode
+from sceneml.models import (
+    backbone_features,
+    build_model,
+    freeze_backbone,
+    head_module_name,
+    head_of,
+    pick_device,
+    set_train_mode,
+)
 from sceneml.scores import scores_from_csv, scores_to_csv
 from sceneml.training import (
     build_optimizer,
@@ -157,6 +167,31 @@ def _run_train(cfg: TrainConfig, run_name: str | None, nested: bool, ctx: distri
     return run_id
 
 
+def _cached_features(arch: str, model: torch.nn.Module, data: PreparedData, device: torch.device,
+                     ) -> dict[str, torch.Tensor]:
+    """Backbone features of the train and val images, from the on-disk cache when the same backbone
+    (every non-head tensor) has already seen the same pixels: the children of a frozen-backbone
+    sweep share one backbone, so only the first computes them."""
+    head = head_module_name(arch) + "."
+    sha = hashlib.sha256(f"features-v1|{arch}|{getattr(model.backbone, 'transform_input', False)}".encode())
+    for name, tensor in model.state_dict().items():
+        if not name.startswith("backbone." + head):
+            sha.update(name.encode())
+            sha.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    for split in ("train", "val"):
+        sha.update(np.ascontiguousarray(data.splits[split].pixels).data)
+    path = cache_dir() / "features" / f"{sha.hexdigest()[:24]}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True)
+    features = {split: backbone_features(arch, model, (x for x, _ in iterate_batches(
+        data.splits[split].pixels, data.splits[split].labels, 64, device))) for split in ("train", "val")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(features, tmp)
+    os.replace(tmp, path)  # atomic: a concurrent run reads a whole file or none
+    return features
+
+
 @dataclass
 class _Trainer:
     """What every rank does per epoch: the training pass (on cached features when the backbone is
@@ -179,11 +214,9 @@ class _Trainer:
         cfg, model = self.cfg, self.model
         if cfg.freeze_backbone and not cfg.random_crop:
             started = time.perf_counter()
-            self.cached = {name: backbone_features(cfg.arch, model, (x for x, _ in iterate_batches(
-                self.data.splits[name].pixels, self.data.splits[name].labels, 64, self.device)))
-                for name in ("train", "val")}
+            self.cached = _cached_features(cfg.arch, model, self.data, self.device)
             self.feature_cache_seconds = time.perf_counter() - started
-            log.info("freeze_backbone: cached %d-d features in %.1fs; epochs train the head only",
+            log.info("freeze_backbone: %d-d features of train and val ready in %.1fs; epochs train the head only",
                      self.cached["train"].shape[1], self.feature_cache_seconds)
         self.head = head_of(cfg.arch, model)
         trained = self.head if self.cached is not None else model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import math
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 from mlflow import MlflowClient
 
 from sceneml.config import TrainConfig
+from sceneml.data.sources import cache_dir
 from sceneml.errors import SceneMLError
 from sceneml.metrics import per_class_average_precision
 from sceneml.scores import scores_from_csv
@@ -156,3 +158,9 @@ def test_freeze_backbone_trains_the_head_on_cached_features(tracking_uri):
     assert losses[-1] < losses[0]
     # a linear probe on random-initialised ResNet18 features still beats chance (1/6) by a margin
     assert m["best_val_mean_class_acc"] > 0.25
+
+    # a second child of a frozen sweep (same seed, so the same backbone) reuses the features on disk
+    files = set((cache_dir() / "features").glob("*.pt"))
+    other = client.get_run(run_train(dataclasses.replace(cfg, optimizer="sgd", lr=0.01))).data.metrics
+    assert set((cache_dir() / "features").glob("*.pt")) == files
+    assert other["feature_cache_seconds"] < m["feature_cache_seconds"] / 2
