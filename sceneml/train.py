@@ -8,13 +8,10 @@ and a resumable checkpoint, so a crash loses at most the epoch in progress.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
-import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -29,28 +26,16 @@ from sceneml.data import PreparedData, prepare_data
 from sceneml.data.sources import cache_dir
 from sceneml.errors import SceneMLError
 from sceneml.metrics import classification_metrics, confusion_matrix, is_better
-from sceneml.models import (
-    backbone_features,
-    build_model,
-    freeze_backbone,
-    head_module_name,
-    head_of,
-    pick_device,
-    set_train_mode,
-)
+from sceneml.models import build_model, freeze_backbone, pick_device
 from sceneml.scores import scores_from_csv, scores_to_csv
 from sceneml.training import (
+    EpochTrainer,
     build_optimizer,
     build_scheduler,
-    iterate_batches,
-    iterate_feature_batches,
     load_checkpoint,
-    predict_scores,
-    predict_scores_from_features,
     save_checkpoint,
     seed_everything,
     set_rng_state,
-    train_one_epoch,
 )
 
 log = logging.getLogger(__name__)
@@ -149,7 +134,7 @@ def _run_train(cfg: TrainConfig, run_name: str | None, nested: bool, ctx: distri
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
     scheduler = build_scheduler(cfg.scheduler, optimizer, cfg.epochs)
     run_name = run_name or f"{cfg.arch}-{cfg.optimizer}-lr{cfg.lr:g}"
-    trainer = _Trainer(cfg, data, model, optimizer, device, ctx)
+    trainer = EpochTrainer(cfg, data, model, optimizer, device, ctx)
     if not main:
         for epoch in range(1, cfg.epochs + 1):
             trainer.train_pass(epoch, on_losses=None, progress=False)
@@ -167,94 +152,7 @@ def _run_train(cfg: TrainConfig, run_name: str | None, nested: bool, ctx: distri
     return run_id
 
 
-def _cached_features(arch: str, model: torch.nn.Module, data: PreparedData, device: torch.device,
-                     ) -> dict[str, torch.Tensor]:
-    """Backbone features of the train and val images, from the on-disk cache when the same backbone
-    (every non-head tensor) has already seen the same pixels: the children of a frozen-backbone
-    sweep share one backbone, so only the first computes them."""
-    head = head_module_name(arch) + "."
-    sha = hashlib.sha256(f"features-v1|{arch}|{getattr(model.backbone, 'transform_input', False)}".encode())
-    for name, tensor in model.state_dict().items():
-        if not name.startswith("backbone." + head):
-            sha.update(name.encode())
-            sha.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    for split in ("train", "val"):
-        sha.update(np.ascontiguousarray(data.splits[split].pixels).data)
-    path = cache_dir() / "features" / f"{sha.hexdigest()[:24]}.pt"
-    if path.exists():
-        return torch.load(path, weights_only=True)
-    features = {split: backbone_features(arch, model, (x for x, _ in iterate_batches(
-        data.splits[split].pixels, data.splits[split].labels, 64, device))) for split in ("train", "val")}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(features, tmp)
-    os.replace(tmp, path)  # atomic: a concurrent run reads a whole file or none
-    return features
-
-
-@dataclass
-class _Trainer:
-    """What every rank does per epoch: the training pass (on cached features when the backbone is
-    frozen), shard and collectives included when launched by torchrun."""
-
-    cfg: TrainConfig
-    data: PreparedData
-    model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    device: torch.device
-    ctx: distributed.DistContext | None
-    cached: dict[str, torch.Tensor] | None = None
-    feature_cache_seconds: float = 0.0
-
-    def __post_init__(self) -> None:
-        # A frozen backbone is a fixed function of the image (eval mode, see set_train_mode): compute
-        # its features once and train only the head on them. Augmentation cannot act on cached
-        # features, so it is off in this mode (the linear-probe protocol); random_crop=true keeps the
-        # per-epoch forward pass with flips and crops instead.
-        cfg, model = self.cfg, self.model
-        if cfg.freeze_backbone and not cfg.random_crop:
-            started = time.perf_counter()
-            self.cached = _cached_features(cfg.arch, model, self.data, self.device)
-            self.feature_cache_seconds = time.perf_counter() - started
-            log.info("freeze_backbone: %d-d features of train and val ready in %.1fs; epochs train the head only",
-                     self.cached["train"].shape[1], self.feature_cache_seconds)
-        self.head = head_of(cfg.arch, model)
-        trained = self.head if self.cached is not None else model
-        if self.ctx is not None:
-            trained = torch.nn.parallel.DistributedDataParallel(
-                trained, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.trained = trained
-
-    def train_pass(self, epoch: int, on_losses, progress: bool) -> tuple[float, float]:
-        """One epoch of training; returns the mean loss over every rank's images and the seconds."""
-        cfg, ctx, train = self.cfg, self.ctx, self.data.splits["train"]
-        # one generator per epoch (and rank): order and augmentation do not depend on where we resumed
-        generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch + (7919 * ctx.rank if ctx else 0))
-        order = distributed.shard_order(len(train), ctx, cfg.seed, epoch) if ctx is not None else None
-        set_train_mode(cfg.arch, self.model, frozen=cfg.freeze_backbone)
-        if self.cached is not None:
-            batches = iterate_feature_batches(self.cached["train"], train.labels, cfg.batch_size, self.device,
-                                              generator, order)
-        else:
-            batches = iterate_batches(train.pixels, train.labels, cfg.batch_size, self.device, generator,
-                                      augment=True, crop=cfg.random_crop, order=order)
-        n = len(order) if order is not None else len(train)
-        started = time.perf_counter()
-        loss = train_one_epoch(self.trained, self.optimizer, batches, n, on_losses=on_losses, progress=progress,
-                               desc=f"epoch {epoch}/{cfg.epochs}",
-                               reduce_losses=distributed.mean_over_ranks if ctx is not None else None)
-        if ctx is not None:
-            loss = distributed.weighted_mean_over_ranks(loss, n, self.device)
-        return loss, time.perf_counter() - started
-
-    def val_scores(self) -> np.ndarray:
-        """Softmax scores on the whole val split (rank 0 only: no collective inside)."""
-        if self.cached is not None:
-            return predict_scores_from_features(self.head, self.cached["val"], self.device)
-        return predict_scores(self.model, self.data.splits["val"].pixels, self.device)
-
-
-def _train_in_run(run_id, cfg, data, trainer: _Trainer, scheduler, weights_resolved, progress) -> None:
+def _train_in_run(run_id, cfg, data, trainer: EpochTrainer, scheduler, weights_resolved, progress) -> None:
     model, optimizer = trainer.model, trainer.optimizer
     client = MlflowClient()
     metrics = tracking.MetricBuffer(run_id, client)
@@ -278,7 +176,8 @@ def _train_in_run(run_id, cfg, data, trainer: _Trainer, scheduler, weights_resol
                         # not in the state dict, but needed to rebuild the network (analysis hooks)
                         "transform_input": bool(getattr(model.backbone, "transform_input", False))}}
     if trainer.cached is not None:
-        metrics.add("feature_cache_seconds", trainer.feature_cache_seconds, start_epoch)
+        metrics.add_many({"feature_cache_seconds": trainer.feature_cache_seconds,
+                          "features_from_disk": float(trainer.features_from_disk)}, start_epoch)
 
     log_seconds = [0.0]  # time spent writing to MLflow in the current epoch
 

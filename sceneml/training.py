@@ -1,4 +1,5 @@
-"""The torch side of training: batches from uint8 arrays, ``train_one_epoch``, ``evaluate``, and the
+"""The torch side of training: batches from uint8 arrays, ``train_one_epoch``, ``predict_scores``,
+:class:`EpochTrainer` (one epoch on every rank, frozen-backbone feature cache included), and the
 resumable checkpoint dict. Nothing here talks to MLflow; callers pass a callback for batch losses.
 
 Images live in memory as uint8 (decoded once); a batch is indexed, moved to the device, scaled to
@@ -7,11 +8,15 @@ Images live in memory as uint8 (decoded once); a batch is indexed, moved to the 
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -19,8 +24,23 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from sceneml import distributed
+from sceneml.data import PreparedData
+from sceneml.data.sources import cache_dir
 from sceneml.errors import SceneMLError
-from sceneml.models import AUX_LOSS_WEIGHT, split_logits
+from sceneml.models import (
+    AUX_LOSS_WEIGHT,
+    backbone_features,
+    head_module_name,
+    head_of,
+    set_train_mode,
+    split_logits,
+)
+
+if TYPE_CHECKING:  # config imports this module's OPTIMIZERS
+    from sceneml.config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adamw", "adam", "rmsprop", "sgd")
 SCHEDULERS = ("none", "cosine", "step")
@@ -199,6 +219,97 @@ def predict_scores_from_features(head: nn.Module, features: torch.Tensor, device
     finally:
         head.train(was_training)
     return torch.cat(out).double().numpy()
+
+
+# ---------------------------------------------------------------- one epoch, on every rank
+
+def cached_backbone_features(arch: str, model: torch.nn.Module, data: PreparedData, device: torch.device,
+                             ) -> tuple[dict[str, torch.Tensor], bool]:
+    """Backbone features of the train and val images, from the on-disk cache when the same backbone
+    (every non-head tensor) has already seen the same pixels: the children of a frozen-backbone
+    sweep share one backbone, so only the first computes them. Returns the features and whether they
+    came from the disk."""
+    head = head_module_name(arch) + "."
+    sha = hashlib.sha256(f"features-v1|{arch}|{getattr(model.backbone, 'transform_input', False)}".encode())
+    for name, tensor in model.state_dict().items():
+        if not name.startswith("backbone." + head):
+            sha.update(name.encode())
+            sha.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    for split in ("train", "val"):
+        sha.update(np.ascontiguousarray(data.splits[split].pixels).data)
+    path = cache_dir() / "features" / f"{sha.hexdigest()[:24]}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True), True
+    features = {split: backbone_features(arch, model, (x for x, _ in iterate_batches(
+        data.splits[split].pixels, data.splits[split].labels, 64, device))) for split in ("train", "val")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(features, tmp)
+    os.replace(tmp, path)  # atomic: a concurrent run reads a whole file or none
+    return features, False
+
+
+@dataclass
+class EpochTrainer:
+    """What every rank does per epoch: the training pass (on cached features when the backbone is
+    frozen), shard and collectives included when launched by torchrun."""
+
+    cfg: TrainConfig
+    data: PreparedData
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    ctx: distributed.DistContext | None
+    cached: dict[str, torch.Tensor] | None = None
+    feature_cache_seconds: float = 0.0
+    features_from_disk: bool = False
+
+    def __post_init__(self) -> None:
+        # A frozen backbone is a fixed function of the image (eval mode, see set_train_mode): compute
+        # its features once and train only the head on them. Augmentation cannot act on cached
+        # features, so it is off in this mode (the linear-probe protocol); random_crop=true keeps the
+        # per-epoch forward pass with flips and crops instead.
+        cfg, model = self.cfg, self.model
+        if cfg.freeze_backbone and not cfg.random_crop:
+            started = time.perf_counter()
+            self.cached, self.features_from_disk = cached_backbone_features(cfg.arch, model, self.data, self.device)
+            self.feature_cache_seconds = time.perf_counter() - started
+            log.info("freeze_backbone: %d-d features of train and val ready in %.1fs; epochs train the head only",
+                     self.cached["train"].shape[1], self.feature_cache_seconds)
+        self.head = head_of(cfg.arch, model)
+        trained = self.head if self.cached is not None else model
+        if self.ctx is not None:
+            trained = torch.nn.parallel.DistributedDataParallel(
+                trained, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.trained = trained
+
+    def train_pass(self, epoch: int, on_losses, progress: bool) -> tuple[float, float]:
+        """One epoch of training; returns the mean loss over every rank's images and the seconds."""
+        cfg, ctx, train = self.cfg, self.ctx, self.data.splits["train"]
+        # one generator per epoch (and rank): order and augmentation do not depend on where we resumed
+        generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch + (7919 * ctx.rank if ctx else 0))
+        order = distributed.shard_order(len(train), ctx, cfg.seed, epoch) if ctx is not None else None
+        set_train_mode(cfg.arch, self.model, frozen=cfg.freeze_backbone)
+        if self.cached is not None:
+            batches = iterate_feature_batches(self.cached["train"], train.labels, cfg.batch_size, self.device,
+                                              generator, order)
+        else:
+            batches = iterate_batches(train.pixels, train.labels, cfg.batch_size, self.device, generator,
+                                      augment=True, crop=cfg.random_crop, order=order)
+        n = len(order) if order is not None else len(train)
+        started = time.perf_counter()
+        loss = train_one_epoch(self.trained, self.optimizer, batches, n, on_losses=on_losses, progress=progress,
+                               desc=f"epoch {epoch}/{cfg.epochs}",
+                               reduce_losses=distributed.mean_over_ranks if ctx is not None else None)
+        if ctx is not None:
+            loss = distributed.weighted_mean_over_ranks(loss, n, self.device)
+        return loss, time.perf_counter() - started
+
+    def val_scores(self) -> np.ndarray:
+        """Softmax scores on the whole val split (rank 0 only: no collective inside)."""
+        if self.cached is not None:
+            return predict_scores_from_features(self.head, self.cached["val"], self.device)
+        return predict_scores(self.model, self.data.splits["val"].pixels, self.device)
 
 
 # ---------------------------------------------------------------- resumable checkpoint dict

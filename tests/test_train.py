@@ -153,7 +153,8 @@ def test_freeze_backbone_trains_the_head_on_cached_features(tracking_uri):
     client = MlflowClient()
     m = client.get_run(run_id).data.metrics
     assert m["feature_cache_seconds"] > 0  # features computed once, before epoch 1
-    assert m["epoch_seconds"] >= m["train_seconds"] + m["log_seconds"] - 1e-3
+    # log_seconds includes the batch-loss writes made during the training pass
+    assert m["epoch_seconds"] >= max(m["train_seconds"], m["log_seconds"]) > 0
     losses = [h.value for h in client.get_metric_history(run_id, "train_loss")]
     assert losses[-1] < losses[0]
     # a linear probe on random-initialised ResNet18 features still beats chance (1/6) by a margin
@@ -163,4 +164,4 @@ def test_freeze_backbone_trains_the_head_on_cached_features(tracking_uri):
     files = set((cache_dir() / "features").glob("*.pt"))
     other = client.get_run(run_train(dataclasses.replace(cfg, optimizer="sgd", lr=0.01))).data.metrics
     assert set((cache_dir() / "features").glob("*.pt")) == files
-    assert other["feature_cache_seconds"] < m["feature_cache_seconds"] / 2
+    assert other["features_from_disk"] == 1.0
