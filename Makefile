@@ -1,12 +1,12 @@
-# Quick start: `make demo` (the whole study on the embedded data) and `make test`.
-# Both create .venv on first use and are safe to run again.
+# Quick start: `make demo` (the whole study on the embedded data), `make check` (fast tests, < 90 s)
+# and `make test` (everything, what CI runs). All create .venv on first use and are safe to run again.
 VENV   ?= .venv
 PYTHON ?= python3
 PY     := $(VENV)/bin/python
 # MLproject commands call plain `python`: make it the venv's
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install demo test lint clean
+.PHONY: install demo check test lint ui clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,11 +19,20 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) -m mlflow run . --env-manager local
 
+# the fast tier: unit tests, no `mlflow run`, no subprocess training
+check: install
+	$(PY) -m pytest -m "not slow" --durations=10
+
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=10
 
 lint: install
 	$(VENV)/bin/ruff check sceneml entrypoints tests benchmarks
+
+# the MLflow UI on this folder's store; switch it to "Model training" (top left) for runs and models
+ui: install
+	@echo "MLflow UI: http://127.0.0.1:5000  (Ctrl-C stops it)"
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
 clean:
 	rm -rf $(VENV) mlruns mlflow.db

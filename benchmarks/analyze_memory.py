@@ -31,13 +31,13 @@ def child(arch: str, n_images: int) -> None:
     import torch
 
     from sceneml import analysis
-    from sceneml.analyze import _synthetic_files, file_set, float_batches
     from sceneml.models import build_model
+    from sceneml.tasks.analyze import _synthetic_files, file_set, float_batches
 
     torch.manual_seed(0)
     model, _ = build_model(arch, 6, "none")
     model.eval()
-    modules = analysis.resolve_modules(model.backbone, analysis.default_modules(arch, model.backbone))
+    modules = analysis.resolve_modules(model, analysis.default_modules(arch, model))
     images = file_set("synthetic", _synthetic_files(math.ceil(n_images / 6)), 64)
     device = torch.device("cpu")
     analysis.module_statistics(model, modules, float_batches(images, 64, 64, 64, device, seed=1))  # warm-up

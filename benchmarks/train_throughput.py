@@ -148,7 +148,7 @@ def main() -> None:
     from sceneml.config import TrainConfig
     from sceneml.data import prepare_data
     from sceneml.models import pick_device
-    from sceneml.train import run_train
+    from sceneml.tasks.train import train as run_train
 
     mlflow.set_tracking_uri(f"sqlite:///{work / 'mlflow.db'}")
     mlflow.set_experiment("throughput")

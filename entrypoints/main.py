@@ -2,24 +2,27 @@
 
 import click
 
-from sceneml.analyze import AnalyzeConfig
-from sceneml.cli import setup_logging, train_config, train_options, user_errors_as_one_line
-from sceneml.study import parse_list, run_study
+from sceneml.cli import ANALYZE_OPTIONS, setup_logging, train_config, train_options, user_errors_as_one_line
+from sceneml.config import AnalyzeConfig, StudyConfig
+
+D = StudyConfig()
 
 
 @click.command()
-@click.option("--optimizers", default="adamw,rmsprop,sgd")
-@click.option("--lrs", default="0.001")
-@click.option("--model-name", default="sceneml")
-@click.option("--select-metric", default="val_mean_class_acc")
-@click.option("--n-images", type=float, default=AnalyzeConfig.n_images, help="analyze: images per data set")
-@click.option("--compare", default="", help="analyze: comma list of name=path data sets for the spectra")
+@click.option("--optimizers", default=D.optimizers)
+@click.option("--lrs", default=D.lrs)
+@click.option("--model-name", default=D.model_name)
+@ANALYZE_OPTIONS["n_images"]
+@ANALYZE_OPTIONS["compare"]
 @train_options
 @user_errors_as_one_line
-def main(optimizers, lrs, model_name, select_metric, n_images, compare, **params) -> None:
-    setup_logging(params["quiet"])
-    run_study(train_config(**params), parse_list(optimizers), parse_list(lrs, float), model_name, select_metric,
-              AnalyzeConfig(n_images=int(n_images), compare=compare))
+def main(optimizers: str, lrs: str, model_name: str, n_images: int, compare: str, **params) -> None:
+    cfg = StudyConfig(train_config(**params), optimizers, lrs, model_name,
+                      AnalyzeConfig(n_images=n_images, compare=compare)).validate()
+    setup_logging(cfg.train.quiet)
+    from sceneml.tasks.study import study
+
+    study(cfg)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,9 @@
-"""MLflow entry point `select` (file named so it does not shadow the stdlib `select` module)."""
+"""MLflow entry point `select` (the script is not named select.py: it would shadow the stdlib module)."""
 
 import click
-import mlflow
 
 from sceneml.cli import setup_logging, user_errors_as_one_line
-from sceneml.errors import SceneMLError
-from sceneml.registry import select_champion
-from sceneml.tracking import failure_marks_run, init_store, launched_by_mlflow_run
+from sceneml.config import check_select_metric
 
 
 @click.command()
@@ -16,21 +13,12 @@ from sceneml.tracking import failure_marks_run, init_store, launched_by_mlflow_r
 @click.option("--model-name", default="sceneml")
 @click.option("--alias", default="champion")
 @user_errors_as_one_line
-def main(experiment, parent_run_id, select_metric, model_name, alias) -> None:
+def main(experiment: str, parent_run_id: str, select_metric: str, model_name: str, alias: str) -> None:
+    check_select_metric(select_metric)
     setup_logging()
-    init_store()
-    with mlflow.start_run(run_id=launched_by_mlflow_run(), run_name="select") as run:
-        with failure_marks_run(run.info.run_id):
-            if experiment:
-                exp = mlflow.get_experiment_by_name(experiment)
-                if exp is None:
-                    raise SceneMLError(f"experiment {experiment!r} does not exist")
-                ids = [exp.experiment_id]
-            else:
-                ids = [run.info.experiment_id]
-            version, best = select_champion(ids, select_metric, model_name, alias, parent_run_id or None)
-            print(f"{model_name}@{alias} -> version {version.version} (run {best.run_id}, epoch {best.epoch}, "
-                  f"{select_metric}={best.value:.4f})")
+    from sceneml.tasks.select import select
+
+    select(experiment, parent_run_id, select_metric, model_name, alias)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
-"""MLflow entry point `train`: fine-tune one torchvision CNN and log everything to one run."""
+"""MLflow entry points `train` and `train_ddp`: fine-tune one torchvision CNN and log everything to one run.
 
-import dataclasses
+``--nproc N`` (N > 1) starts the same command under ``torchrun --standalone`` with N processes.
+"""
+
+import os
+import subprocess
+import sys
 
 import click
 
 from sceneml.cli import setup_logging, train_config, train_options, user_errors_as_one_line
 from sceneml.config import TrainConfig
-from sceneml.train import StopAfterEpoch, run_train
 
 D = TrainConfig()
 
@@ -16,17 +20,21 @@ D = TrainConfig()
 @click.option("--optimizer", default=D.optimizer)
 @click.option("--lr", type=float, default=D.lr)
 @click.option("--resume", default="", help="run id of an interrupted run to continue")
-@click.option("--stop-after-epoch", type=int, default=0, hidden=True)
+@click.option("--nproc", type=int, default=1, help="processes (one per GPU) under torchrun; 1 = no torchrun")
 @user_errors_as_one_line
-def main(resume: str, stop_after_epoch: int, **params) -> None:
-    setup_logging(params["quiet"])
-    cfg = dataclasses.replace(train_config(**params), resume=resume, stop_after_epoch=stop_after_epoch)
-    try:
-        run_id = run_train(cfg)
-    except StopAfterEpoch as stop:
-        print(f"{stop}; continue with resume=<run_id>")
-        return
-    if run_id:  # "" on the non-main ranks of a torchrun launch
+def main(resume: str, nproc: int, **params) -> None:
+    cfg = train_config(**params, resume=resume)
+    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+        args = [a for a in sys.argv[1:]]
+        i = args.index("--nproc")
+        del args[i:i + 2]
+        sys.exit(subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                  f"--nproc_per_node={nproc}", __file__, *args]))
+    setup_logging(cfg.quiet)
+    from sceneml.tasks.train import train  # torch and mlflow load only now: --help stays instant
+
+    run_id = train(cfg)
+    if run_id:  # "" on the other ranks of a torchrun launch
         print(f"run {run_id} finished")
 
 

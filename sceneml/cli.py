@@ -1,4 +1,9 @@
-"""Shared plumbing of the entry points: logging set-up and one-line errors instead of tracebacks."""
+"""What the entry-point scripts share: click options read from the config dataclasses, logging that
+reaches the console, and one-line errors instead of tracebacks.
+
+Torch-free, like :mod:`sceneml.config`: the scripts import the task they run only once the options
+are parsed, so ``--help`` and a bad value answer at once.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +16,11 @@ from collections.abc import Callable
 
 import click
 
-from sceneml.config import TrainConfig
+from sceneml.config import AnalyzeConfig, TrainConfig, parse_bool
 from sceneml.errors import SceneMLError
 
 _D = TrainConfig()
-# The training options `train` and `main` share (names are the MLproject parameters, dashed).
+# The training options of `train` and `main` (names are the MLproject parameters, dashed).
 _TRAIN_OPTIONS = [
     click.option("--data", default=_D.data, help="synthetic[:N], a folder, a Kaggle Intel folder or a .zip"),
     click.option("--arch", default=_D.arch),
@@ -34,26 +39,54 @@ _TRAIN_OPTIONS = [
     click.option("--random-crop", default="false"),
     click.option("--device", default=_D.device),
     click.option("--num-workers", default=_D.num_workers, help="decode threads"),
+    click.option("--select-metric", default=_D.select_metric,
+                 help="what 'best epoch' means: val_mean_class_acc, val_mAP, val_acc or val_loss"),
     click.option("--quiet", is_flag=True, help="no progress bars"),
 ]
 
+_A = AnalyzeConfig()
+# The analysis options of `analyze`; `main` takes n_images and compare of them.
+ANALYZE_OPTIONS = {
+    "model_uri": click.option("--model-uri", default=_A.model_uri),
+    "data": click.option("--data", default=_A.data, help="default: the data the model was trained on"),
+    "split": click.option("--split", default=_A.split),
+    "classes": click.option("--classes", default=_A.classes, help="comma list; default all"),
+    "k": click.option("--k", type=int, default=_A.k),
+    "modules": click.option("--modules", default=_A.modules, help="comma list of module names"),
+    "n_images": click.option("--n-images", type=int, default=_A.n_images, help="images per data set"),
+    "compare": click.option("--compare", default=_A.compare, help="comma list of name=path data sets"),
+    "top_eigen": click.option("--top-eigen", type=int, default=_A.top_eigen),
+    "device": click.option("--device", default=_A.device),
+}
 
-def train_options(fn: Callable) -> Callable:
-    for option in reversed(_TRAIN_OPTIONS):
-        fn = option(fn)
-    return fn
+
+def options(decorators: list[Callable]) -> Callable[[Callable], Callable]:
+    def apply(fn: Callable) -> Callable:
+        for option in reversed(decorators):
+            fn = option(fn)
+        return fn
+    return apply
 
 
-def train_config(freeze_backbone: str, random_crop: str, quiet: bool, **params) -> TrainConfig:
-    from sceneml.config import parse_bool
+train_options = options(_TRAIN_OPTIONS)
 
-    return TrainConfig(**params, freeze_backbone=parse_bool(freeze_backbone), random_crop=parse_bool(random_crop),
-                       quiet=quiet)
+
+def train_config(freeze_backbone: str, random_crop: str, **params) -> TrainConfig:
+    return TrainConfig(**params, freeze_backbone=parse_bool(freeze_backbone),
+                       random_crop=parse_bool(random_crop)).validate()
 
 
 def setup_logging(quiet: bool = False) -> None:
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    """sceneml's records go to stderr through a handler of its own, whatever the root logger says:
+    importing ``mlflow.pytorch`` calls ``logging.basicConfig(level=ERROR)``, which would otherwise
+    swallow every warning (e.g. "training from RANDOM initialisation")."""
+    logger = logging.getLogger("sceneml")
+    logger.handlers.clear()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
     # MLflow's own chatter (pickle advice, pip inference) would bury the training output
     for name in ("mlflow.pytorch", "mlflow.models.model", "mlflow.utils.requirements_utils", "mlflow.tracking.fluent"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -62,7 +95,8 @@ def setup_logging(quiet: bool = False) -> None:
 
 
 def user_errors_as_one_line(fn: Callable) -> Callable:
-    """Print a SceneMLError as ``error: <message>`` and exit 2; anything else keeps its traceback."""
+    """Print a SceneMLError as ``error: <message>`` and exit 2; Ctrl-C says how to resume and exits
+    130; anything else keeps its traceback (a bug, not a user error)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):

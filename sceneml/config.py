@@ -1,13 +1,40 @@
-"""The training configuration: one plain dataclass, validated before any work starts."""
+"""What a run is asked to do: the choice lists and plain dataclasses, validated before any work starts.
+
+This module imports neither torch nor torchvision nor mlflow: the click options of every entry point
+read their defaults here, so ``python entrypoints/train.py --help`` answers at once.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 from dataclasses import dataclass
 
 from sceneml.errors import SceneMLError
-from sceneml.models import ARCHS, check_device_name
-from sceneml.training import OPTIMIZERS, SCHEDULERS
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "googlenet", "mobilenet_v3_small", "efficientnet_b0")
+OPTIMIZERS = ("adamw", "adam", "rmsprop", "sgd")
+SCHEDULERS = ("none", "cosine", "step")
+# The metrics a "best epoch" and the champion can be chosen by; val_loss is the one where lower wins.
+SELECT_METRICS = ("val_mean_class_acc", "val_mAP", "val_acc", "val_loss")
+LOWER_IS_BETTER = frozenset({"val_loss"})
+
+
+def check_device_name(name: str) -> None:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:<index>``; checked before any work starts."""
+    if name not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", name):
+        raise SceneMLError(f"unknown device {name!r}; choose auto, cpu or cuda")
+
+
+def check_select_metric(metric: str) -> None:
+    if metric not in SELECT_METRICS:
+        raise SceneMLError(f"unknown select_metric {metric!r}; choose one of {', '.join(SELECT_METRICS)}")
+
+
+def _choice(what: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise SceneMLError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
 
 
 @dataclass
@@ -31,18 +58,16 @@ class TrainConfig:
     random_crop: bool = False
     device: str = "auto"
     num_workers: str = "auto"  # decode threads; "auto" = number of CPU cores, at most 8
+    select_metric: str = "val_mean_class_acc"  # what "best epoch" means; the study passes its own
     resume: str = ""
     quiet: bool = False
-    stop_after_epoch: int = 0  # stop (as if interrupted) after this epoch; for testing resume
 
     def validate(self) -> TrainConfig:
         """Check every value; one clear line naming the valid choices on the first bad one."""
-        if self.arch not in ARCHS:
-            raise SceneMLError(f"unknown arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
-        if self.optimizer not in OPTIMIZERS:
-            raise SceneMLError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-        if self.scheduler not in SCHEDULERS:
-            raise SceneMLError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        _choice("arch", self.arch, ARCHS)
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("scheduler", self.scheduler, SCHEDULERS)
+        check_select_metric(self.select_metric)
         if not self.lr > 0:
             raise SceneMLError(f"lr must be > 0, got {self.lr}")
         if self.epochs < 1:
@@ -61,13 +86,65 @@ class TrainConfig:
         return self
 
     def decode_workers(self) -> int:
-        import os
-
         return min(os.cpu_count() or 1, 8) if self.num_workers == "auto" else int(self.num_workers)
 
     def as_params(self) -> dict[str, object]:
-        skip = {"quiet", "stop_after_epoch", "resume"}
+        """What a run logs as params: everything that defines the run (not how it was launched)."""
+        skip = {"quiet", "resume"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+
+@dataclass
+class AnalyzeConfig:
+    model_uri: str = "models:/sceneml@champion"
+    data: str = ""  # default: the data the model was trained on
+    split: str = "test"
+    classes: str = ""  # comma list; default all
+    k: int = 10
+    modules: str = ""  # comma list; default: five modules spread over the depth of the arch
+    n_images: int = 200
+    compare: str = ""  # comma list of name=path
+    top_eigen: int = 15
+    device: str = "auto"
+    batch_size: int = 64
+    seed: int = 0
+    quiet: bool = False
+
+    def validate(self) -> AnalyzeConfig:
+        if self.k < 1:
+            raise SceneMLError(f"k must be >= 1, got {self.k}")
+        if self.n_images < 2:
+            raise SceneMLError(f"n_images must be >= 2 (a covariance needs two images), got {self.n_images}")
+        if self.top_eigen < 1:
+            raise SceneMLError(f"top_eigen must be >= 1, got {self.top_eigen}")
+        if self.batch_size < 1:
+            raise SceneMLError(f"batch_size must be >= 1, got {self.batch_size}")
+        check_device_name(self.device)
+        parse_compare(self.compare)
+        return self
+
+
+@dataclass
+class StudyConfig:
+    """`main`: one training run per optimizer x learning rate, then select, evaluate and analyze."""
+
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    optimizers: str = "adamw,rmsprop,sgd"
+    lrs: str = "0.001"
+    model_name: str = "sceneml"
+    analyze: AnalyzeConfig = dataclasses.field(default_factory=AnalyzeConfig)
+
+    def children(self) -> list[TrainConfig]:
+        """Every child's config, each validated before the first one trains."""
+        return [dataclasses.replace(self.train, optimizer=o, lr=lr).validate()
+                for o in parse_list(self.optimizers) for lr in parse_list(self.lrs, float)]
+
+    def validate(self) -> StudyConfig:
+        self.children()
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.model_name):
+            raise SceneMLError(f"model_name {self.model_name!r} may only use letters, digits, '.', '_' and '-'")
+        self.analyze.validate()
+        return self
 
 
 def parse_bool(value: str | bool) -> bool:
@@ -79,3 +156,29 @@ def parse_bool(value: str | bool) -> bool:
     if text in ("0", "false", "no", "off", ""):
         return False
     raise SceneMLError(f"expected true or false, got {value!r}")
+
+
+def parse_list(text: str, kind=str) -> list:
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise SceneMLError(f"empty list: {text!r}")
+    try:
+        return [kind(t) for t in items]
+    except ValueError:
+        raise SceneMLError(f"cannot read {text!r} as a comma-separated list of {kind.__name__}") from None
+
+
+def parse_compare(text: str) -> dict[str, str]:
+    """``name=path,name2=path2`` -> {name: path}; names become metric keys, so they are kept simple."""
+    out: dict[str, str] = {}
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        name, sep, path = item.partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise SceneMLError(f"compare: expected name=path, got {item!r}")
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+            raise SceneMLError(f"compare: name {name!r} may only use letters, digits, _ and -")
+        if name in out:
+            raise SceneMLError(f"compare: name {name!r} given twice")
+        out[name] = path
+    return out

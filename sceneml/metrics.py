@@ -8,15 +8,12 @@ and the means skip NaN.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 from sklearn.metrics import average_precision_score
 
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+from sceneml.config import LOWER_IS_BETTER
 
 
 def cross_entropy_from_probs(y_true: np.ndarray, scores: np.ndarray) -> float:
@@ -83,14 +80,28 @@ def classification_metrics(y_true: np.ndarray, scores: np.ndarray, class_names: 
     return out
 
 
-# Selection: which direction is better for each selectable metric.
-LOWER_IS_BETTER = {"val_loss"}
-SELECT_METRICS = ("val_mean_class_acc", "val_mAP", "val_loss", "val_acc")
-
+# ---------------------------------------------------------------- "best": one rule for every caller
 
 def is_better(candidate: float, incumbent: float | None, metric: str) -> bool:
+    """Strictly better by ``metric`` (NaN is never better; anything beats a NaN or missing incumbent)."""
     if incumbent is None or np.isnan(incumbent):
         return not np.isnan(candidate)
     if np.isnan(candidate):
         return False
     return candidate < incumbent if metric in LOWER_IS_BETTER else candidate > incumbent
+
+
+def best_index(values: Sequence[float], val_losses: Sequence[float], metric: str) -> int:
+    """Index of the best entry by ``metric``; ties go to the lower val loss, then to the earlier entry.
+
+    The one definition of "best": a run's best epoch (tag ``sceneml.best``, metric ``best_epoch``)
+    and ``select``'s champion across runs both call it, with the same metric.
+    """
+    if not len(values):
+        raise ValueError("no candidates")
+    best = 0
+    for i in range(1, len(values)):
+        if is_better(values[i], values[best], metric) or (
+                values[i] == values[best] and is_better(val_losses[i], val_losses[best], "val_loss")):
+            best = i
+    return best

@@ -1,8 +1,11 @@
 """torchvision CNNs with their head replaced for the data's classes, and the weights they start from.
 
-Every model is wrapped in :class:`SceneClassifier`, which holds the input normalisation as buffers,
-so a logged model takes plain ``float32`` images in ``[0, 1]`` of shape ``(B, 3, H, W)`` and nobody
-downstream (evaluate, predict, serve) has to remember the mean and std.
+A sceneml model *is* the torchvision model (``isinstance(m, torchvision.models.ResNet)`` holds; its
+modules keep torchvision's names, e.g. ``layer4.1.conv1``), with one addition: the input
+normalisation lives inside it, as buffers, so the model takes plain ``float32`` images in ``[0, 1]``
+of shape ``(B, 3, H, W)`` and nobody downstream (evaluate, predict, serve, a user's notebook) has to
+remember the mean and std. That is done by swapping the instance's class for a subclass whose only
+change is to normalise before torchvision's own ``forward`` (see :func:`with_normalisation`).
 """
 
 from __future__ import annotations
@@ -16,27 +19,49 @@ import torch
 import torchvision
 from torch import nn
 
+from sceneml.config import ARCHS, check_device_name
 from sceneml.errors import SceneMLError
 
 log = logging.getLogger(__name__)
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "googlenet", "mobilenet_v3_small", "efficientnet_b0")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 AUX_LOSS_WEIGHT = 0.3  # GoogLeNet paper: auxiliary losses weighted 0.3
 
 
-class SceneClassifier(nn.Module):
-    """Normalisation + a torchvision backbone. ``forward`` returns logits (and aux logits in training)."""
-
-    def __init__(self, backbone: nn.Module, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        super().__init__()
-        self.backbone = backbone
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+class _NormalisedInput:
+    """Mixin: ``(x - input_mean) / input_std``, then the torchvision forward, unchanged."""
 
     def forward(self, x: torch.Tensor):
-        return self.backbone((x - self.mean) / self.std)
+        return super().forward((x - self.input_mean) / self.input_std)
+
+
+class ResNet(_NormalisedInput, torchvision.models.ResNet):
+    """torchvision's ResNet taking [0, 1] images."""
+
+
+class GoogLeNet(_NormalisedInput, torchvision.models.GoogLeNet):
+    """torchvision's GoogLeNet taking [0, 1] images."""
+
+
+class MobileNetV3(_NormalisedInput, torchvision.models.MobileNetV3):
+    """torchvision's MobileNetV3 taking [0, 1] images."""
+
+
+class EfficientNet(_NormalisedInput, torchvision.models.EfficientNet):
+    """torchvision's EfficientNet taking [0, 1] images."""
+
+
+_NORMALISED = {cls.__mro__[2]: cls for cls in (ResNet, GoogLeNet, MobileNetV3, EfficientNet)}
+
+
+def with_normalisation(net: nn.Module, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> nn.Module:
+    """Give a torchvision model its input normalisation, in place: the instance becomes the subclass
+    above (same modules, same state-dict keys plus ``input_mean``/``input_std``)."""
+    net.__class__ = _NORMALISED[type(net)]
+    net.register_buffer("input_mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+    net.register_buffer("input_std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+    return net
 
 
 def head_prefixes(arch: str) -> tuple[str, ...]:
@@ -107,11 +132,12 @@ def _load_state_dict_file(path: Path) -> dict:
         state = state["model"]  # a sceneml/torchvision-references checkpoint dict
     if not isinstance(state, dict):
         raise SceneMLError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
-    # accept keys saved from a SceneClassifier ("backbone.") or from DataParallel/DDP ("module.")
+    # accept keys saved from DataParallel/DDP ("module.") or from sceneml 0.1 ("backbone."), and
+    # leave out the normalisation buffers (the weights choose their own normalisation)
     for prefix in ("module.", "backbone."):
         if state and all(k.startswith(prefix) or k in ("mean", "std") for k in state):
             state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    return state
+    return {k: v for k, v in state.items() if k not in ("input_mean", "input_std")}
 
 
 def _load_backbone_keys(arch: str, net: nn.Module, state: dict, source: str) -> None:
@@ -130,7 +156,7 @@ def _load_backbone_keys(arch: str, net: nn.Module, state: dict, source: str) -> 
 
 
 def build_model(arch: str, num_classes: int, weights: str = "auto",
-                aux_logits: bool = True) -> tuple[SceneClassifier, str]:
+                aux_logits: bool = True) -> tuple[nn.Module, str]:
     """Build ``arch`` for ``num_classes`` classes. Returns the model and the weights actually used.
 
     ``weights``: ``imagenet`` | ``none`` | ``auto`` (ImageNet when available, else random init with a
@@ -147,8 +173,8 @@ def build_model(arch: str, num_classes: int, weights: str = "auto",
             if weights == "imagenet":
                 raise _missing_weights_error(arch) from None
             log.warning("!! weights=auto: %s not found and not downloadable; training %s from RANDOM "
-                        "initialisation. Put the file there or pass weights=none to silence this.",
-                        hub_checkpoint_path(arch), arch)
+                        "initialisation (weights_resolved=none). Put the file there, or pass weights=none to "
+                        "silence this.", hub_checkpoint_path(arch), arch)
             resolved = "none"
         else:
             _load_backbone_keys(arch, net, state, f"imagenet ({hub_checkpoint_path(arch).name})")
@@ -167,28 +193,18 @@ def build_model(arch: str, num_classes: int, weights: str = "auto",
         _load_backbone_keys(arch, net, _load_state_dict_file(path), str(path))
         resolved = f"file:{path}"
     _replace_head(arch, net, num_classes)
-    return SceneClassifier(net, mean, std), resolved
+    return with_normalisation(net, mean, std), resolved
 
 
-def rebuild(arch: str, num_classes: int, state_dict: dict, transform_input: bool = False) -> SceneClassifier:
-    """A plain ``SceneClassifier`` from a state dict, e.g. that of a pt2-loaded checkpoint (whose graph
-    module runs no forward hooks). Eval mode, on the CPU."""
-    model, _ = build_model(arch, num_classes, "none")
-    if arch == "googlenet":
-        model.backbone.transform_input = transform_input
-    model.load_state_dict(state_dict)
-    return model.eval()
-
-
-def head_parameters(arch: str, model: SceneClassifier) -> list[nn.Parameter]:
+def head_parameters(arch: str, model: nn.Module) -> list[nn.Parameter]:
     heads = head_prefixes(arch)
-    return [p for name, p in model.backbone.named_parameters() if name.startswith(heads)]
+    return [p for name, p in model.named_parameters() if name.startswith(heads)]
 
 
-def freeze_backbone(arch: str, model: SceneClassifier) -> None:
+def freeze_backbone(arch: str, model: nn.Module) -> None:
     """Train only the head: every other parameter stops receiving gradients."""
     heads = head_prefixes(arch)
-    for name, param in model.backbone.named_parameters():
+    for name, param in model.named_parameters():
         param.requires_grad = name.startswith(heads)
 
 
@@ -197,36 +213,24 @@ def head_module_name(arch: str) -> str:
     return "fc" if arch.startswith("resnet") or arch == "googlenet" else "classifier"
 
 
-def set_train_mode(arch: str, model: SceneClassifier, frozen: bool) -> None:
-    """Training mode; with a frozen backbone only the head trains: the backbone stays in eval mode
-    (BatchNorm keeps its running statistics, dropout is off, GoogLeNet computes no aux heads), so it
-    is a fixed function of the image and its features can be cached."""
-    model.train()
-    if frozen:
-        head = head_module_name(arch)
-        for name, module in model.backbone.named_modules():
-            if name != head and not name.startswith(head + "."):
-                module.eval()
-
-
 @torch.inference_mode()
-def backbone_features(arch: str, model: SceneClassifier, batches) -> torch.Tensor:
+def backbone_features(arch: str, model: nn.Module, batches) -> torch.Tensor:
     """Pooled features (N, D) float32 on the CPU: the model with its head swapped for an identity, in
     eval mode, over ``batches`` of float NCHW images."""
     head_name = head_module_name(arch)
-    head = getattr(model.backbone, head_name)
-    setattr(model.backbone, head_name, nn.Identity())
+    head = getattr(model, head_name)
+    setattr(model, head_name, nn.Identity())
     was_training = model.training
     try:
         model.eval()
         return torch.cat([model(x).float().cpu() for x in batches])
     finally:
-        setattr(model.backbone, head_name, head)
+        setattr(model, head_name, head)
         model.train(was_training)
 
 
-def head_of(arch: str, model: SceneClassifier) -> nn.Module:
-    return getattr(model.backbone, head_module_name(arch))
+def head_of(arch: str, model: nn.Module) -> nn.Module:
+    return getattr(model, head_module_name(arch))
 
 
 def split_logits(output) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -235,12 +239,6 @@ def split_logits(output) -> tuple[torch.Tensor, list[torch.Tensor]]:
         return output, []
     aux = [a for a in (getattr(output, "aux_logits2", None), getattr(output, "aux_logits1", None)) if a is not None]
     return output.logits, aux
-
-
-def check_device_name(name: str) -> None:
-    """``auto``, ``cpu``, ``cuda`` or ``cuda:<index>``; checked before any work starts."""
-    if name not in ("auto", "cpu", "cuda") and not name.startswith("cuda:"):
-        raise SceneMLError(f"unknown device {name!r}; choose auto, cpu or cuda")
 
 
 def pick_device(name: str = "auto") -> torch.device:

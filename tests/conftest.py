@@ -36,6 +36,37 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PATH": path, **extra}
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def url_answers(url: str) -> bool:
+    import urllib.request
+
+    try:
+        return urllib.request.urlopen(url, timeout=2).status == 200
+    except OSError:
+        return False
+
+
+def wait_for(predicate, timeout: float, what: str, proc=None, log: Path | None = None) -> None:
+    """Poll ``predicate`` until it holds; fail with ``what`` on timeout, or with the end of the log
+    (a file, else the process's piped stderr) if ``proc`` ends first."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text() if log is not None else (proc.stderr.read() if proc.stderr else "")
+            raise AssertionError(f"process ended (rc {proc.returncode}) before {what}: {tail[-2000:]}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
 def mlflow_run(uri: str, exp_id: str, entry_point: str, params: dict[str, str], cwd: Path):
     """`mlflow run <repo> -e <entry_point> --env-manager local` against the store ``uri``; asserts rc 0."""
     import subprocess
@@ -54,13 +85,14 @@ def mlflow_run(uri: str, exp_id: str, entry_point: str, params: dict[str, str], 
 def mlflow_run_in_tmp(tmp: Path, experiment: str, entry_point: str, params: dict[str, str]):
     """Run `mlflow run <repo> -e <entry_point>` against a fresh sqlite store in ``tmp``.
 
-    Returns (tracking uri, experiment id). The process-wide tracking URI is left pointing at it.
+    Returns (tracking uri, experiment id, the finished process). The process-wide tracking URI is left
+    pointing at it.
     """
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     exp_id = mlflow.create_experiment(experiment, artifact_location=(tmp / "artifacts").as_uri())
-    mlflow_run(uri, exp_id, entry_point, params, tmp)
-    return uri, exp_id
+    proc = mlflow_run(uri, exp_id, entry_point, params, tmp)
+    return uri, exp_id, proc
 
 
 @pytest.fixture(scope="session")
@@ -68,7 +100,7 @@ def study_store(tmp_path_factory, hermetic_env):
     """`mlflow run . -e main` once per session: 2 optimizers x 2 epochs on 60 synthetic images per class.
     Returns (tracking uri, experiment id). Tests that change the registry (a new champion) must leave
     ``models:/sceneml/1`` as it is for the others."""
-    uri, exp_id = mlflow_run_in_tmp(tmp_path_factory.mktemp("study"), "study-test", "main",
+    uri, exp_id, _ = mlflow_run_in_tmp(tmp_path_factory.mktemp("study"), "study-test", "main",
                                     {"data": "synthetic:60", "epochs": "2", "optimizers": "adamw,sgd",
                                      "weights": "none", "n_images": "60"})
     mlflow.set_tracking_uri(None)

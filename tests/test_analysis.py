@@ -23,7 +23,7 @@ from sceneml.analysis import (
     module_statistics,
     resolve_modules,
 )
-from sceneml.analyze import parse_compare
+from sceneml.config import parse_compare
 from sceneml.data.cifar import read_cifar10
 from sceneml.errors import SceneMLError
 from sceneml.models import build_model
@@ -135,13 +135,13 @@ def test_gallery_indices_rank_within_the_true_class():
 
 def test_unknown_module_names_list_valid_ones():
     model, _ = build_model("resnet18", 6, "none")
-    assert default_modules("resnet18", model.backbone) == ["conv1", "layer1.1.conv1", "layer2.1.conv1",
+    assert default_modules("resnet18", model) == ["conv1", "layer1.1.conv1", "layer2.1.conv1",
                                                            "layer3.1.conv1", "layer4.1.conv1"]
     with pytest.raises(SceneMLError, match=r"unknown module 'layer2.1.conv9'; did you mean .*layer2.1.conv1.*"
                                            r"valid names \(\d+ in all\) include: conv1"):
-        resolve_modules(model.backbone, ["layer2.1.conv9"])
+        resolve_modules(model, ["layer2.1.conv9"])
     googlenet, _ = build_model("googlenet", 6, "none")
-    assert set(resolve_modules(googlenet.backbone, default_modules("googlenet", googlenet.backbone)))
+    assert set(resolve_modules(googlenet, default_modules("googlenet", googlenet)))
 
 
 def test_compare_parameter_is_checked():

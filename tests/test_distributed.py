@@ -9,16 +9,16 @@ import torch
 from mlflow import MlflowClient
 
 from sceneml.data import load_split_from_manifest
+from sceneml.engine.loop import predict_scores
 from sceneml.metrics import classification_metrics
 from sceneml.scores import scores_from_csv
-from sceneml.training import predict_scores
 
 from .conftest import mlflow_run_in_tmp
 
 
 @pytest.mark.slow
 def test_two_process_ddp_logs_one_run_with_all_reduced_losses_and_whole_split_validation(tmp_path):
-    uri, exp_id = mlflow_run_in_tmp(tmp_path, "ddp", "train_ddp", {
+    uri, exp_id, _ = mlflow_run_in_tmp(tmp_path, "ddp", "train_ddp", {
         "nproc": "2", "data": "synthetic:30", "epochs": "2", "weights": "none", "batch_size": "16",
         "device": "cpu"})
     client = MlflowClient()

@@ -6,15 +6,16 @@ import math
 
 import numpy as np
 import pytest
+from scipy.special import softmax
 
 from sceneml.metrics import (
+    best_index,
     classification_metrics,
     confusion_matrix,
     cross_entropy_from_probs,
     is_better,
     per_class_accuracy,
     per_class_average_precision,
-    softmax,
 )
 
 CLASSES = ["a", "b", "c"]
@@ -65,10 +66,18 @@ def test_loss_matches_cross_entropy_of_logits():
     y = np.array([0, 2])
     log_softmax = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
     expected = -np.mean([log_softmax[0, 0], log_softmax[1, 2]])
-    assert cross_entropy_from_probs(y, softmax(logits)) == pytest.approx(expected)
+    assert cross_entropy_from_probs(y, softmax(logits, axis=1)) == pytest.approx(expected)
 
 
 def test_is_better_knows_the_direction():
     assert is_better(0.9, 0.8, "val_mean_class_acc") and not is_better(0.7, 0.8, "val_mAP")
     assert is_better(0.3, 0.5, "val_loss") and not is_better(0.6, 0.5, "val_loss")
     assert is_better(0.1, None, "val_mAP") and not is_better(float("nan"), 0.1, "val_mAP")
+
+
+def test_best_index_breaks_ties_by_val_loss_then_order():
+    # the same rule for a run's best epoch and for select's champion
+    assert best_index([0.5, 0.9, 0.9, 0.7], [1.0, 0.8, 0.6, 0.1], "val_mean_class_acc") == 2
+    assert best_index([0.9, 0.9], [0.5, 0.5], "val_mAP") == 0  # a full tie: the earlier one
+    assert best_index([0.4, 0.3, 0.3], [0.4, 0.3, 0.3], "val_loss") == 1  # lower is better
+    assert best_index([float("nan"), 0.2], [0.1, 0.9], "val_acc") == 1  # NaN never wins

@@ -9,6 +9,8 @@ import pytest
 import torch
 import torchvision
 
+from sceneml.engine.batches import iterate_batches, iterate_feature_batches
+from sceneml.engine.loop import build_optimizer, seed_everything, train_one_epoch
 from sceneml.errors import SceneMLError
 from sceneml.models import (
     backbone_features,
@@ -17,18 +19,8 @@ from sceneml.models import (
     head_of,
     head_parameters,
     pick_device,
-    set_train_mode,
     split_logits,
 )
-from sceneml.training import (
-    build_optimizer,
-    iterate_batches,
-    iterate_feature_batches,
-    seed_everything,
-    train_one_epoch,
-)
-
-from .conftest import SHARED_DATA
 
 
 def test_imagenet_offline_names_the_file_and_folder(tmp_path, monkeypatch):
@@ -53,8 +45,8 @@ def test_state_dict_file_loads_backbone_and_replaces_head(tmp_path):
     torch.save(source.state_dict(), tmp_path / "r18.pth")
     model, resolved = build_model("resnet18", 6, str(tmp_path / "r18.pth"))
     assert resolved.startswith("file:")
-    torch.testing.assert_close(model.backbone.layer3[0].conv1.weight, source.layer3[0].conv1.weight)
-    assert model.backbone.fc.out_features == 6
+    torch.testing.assert_close(model.layer3[0].conv1.weight, source.layer3[0].conv1.weight)
+    assert model.fc.out_features == 6
 
 
 def test_weights_of_another_arch_are_named_as_a_mismatch(tmp_path):
@@ -82,12 +74,12 @@ def test_googlenet_with_aux_heads_trains_one_epoch():
     pixels = rng.integers(0, 256, (24, 64, 64, 3), dtype=np.uint8)
     labels = rng.integers(0, 3, 24)
     opt = build_optimizer("sgd", model.parameters(), 0.01, 0.9, 0.0)
-    before = model.backbone.aux1.fc2.weight.detach().clone()
+    before = model.aux1.fc2.weight.detach().clone()
     model.train()
     batches = iterate_batches(pixels, labels, 8, torch.device("cpu"), torch.Generator().manual_seed(0), augment=True)
     loss = train_one_epoch(model, opt, batches, len(labels), progress=False)
     assert np.isfinite(loss)
-    assert not torch.equal(before, model.backbone.aux1.fc2.weight), "aux heads must receive gradients"
+    assert not torch.equal(before, model.aux1.fc2.weight), "aux heads must receive gradients"
 
 
 def test_freeze_backbone_leaves_only_the_head_trainable():
@@ -108,8 +100,8 @@ def test_cached_features_train_the_head_like_the_frozen_network(arch):
     direct, _ = build_model(arch, 3, "none")
     freeze_backbone(arch, direct)
     cached = copy.deepcopy(direct)
-    backbone_before = {k: v.clone() for k, v in direct.state_dict().items() if not k.startswith(("backbone.fc",
-                                                                                                "backbone.classifier"))}
+    backbone_before = {k: v.clone() for k, v in direct.state_dict().items() if not k.startswith(("fc",
+                                                                                                "classifier"))}
     head_before = next(head_of(arch, direct).parameters()).detach().clone()
     cpu = torch.device("cpu")
     opt_direct = build_optimizer("adamw", direct.parameters(), 0.01, 0.9, 0.0)
@@ -117,11 +109,11 @@ def test_cached_features_train_the_head_like_the_frozen_network(arch):
     features = backbone_features(arch, cached, (x for x, _ in iterate_batches(pixels, labels, 16, cpu)))
     for epoch in (1, 2):
         torch.manual_seed(epoch)  # dropout in mobilenet's head draws from the global generator
-        set_train_mode(arch, direct, frozen=True)
+        direct.eval()
         loss_direct = train_one_epoch(direct, opt_direct, iterate_batches(
             pixels, labels, 8, cpu, torch.Generator().manual_seed(epoch)), len(labels), progress=False)
         torch.manual_seed(epoch)
-        set_train_mode(arch, cached, frozen=True)
+        cached.eval()
         loss_cached = train_one_epoch(head_of(arch, cached), opt_cached, iterate_feature_batches(
             features, labels, 8, cpu, torch.Generator().manual_seed(epoch)), len(labels), progress=False)
         assert loss_cached == pytest.approx(loss_direct, rel=1e-4)
@@ -140,19 +132,23 @@ def test_cuda_without_a_gpu_is_a_clear_error(name):
     assert pick_device("auto").type == "cpu"
 
 
-HUB = SHARED_DATA / "torch-hub"
-
-
-@pytest.mark.skipif(not (HUB / "hub" / "checkpoints" / "resnet18-f37072fd.pth").exists(),
-                    reason="../shared/data/torch-hub has no resnet18 weights")
-def test_real_imagenet_weights_match_plain_torchvision(monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(HUB))
+def test_imagenet_weights_load_through_torchvision_like_plain_torchvision(tmp_path, monkeypatch):
+    # no ImageNet file exists here: write a state dict under torchvision's exact file name, so the
+    # real loading path (weights enum -> hub cache) runs, and compare with torchvision loading it
+    weights = torchvision.models.ResNet18_Weights.DEFAULT
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    file = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    file.parent.mkdir(parents=True)
+    torch.manual_seed(3)
+    torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(), file)
     model, resolved = build_model("resnet18", 6, "imagenet")
     assert resolved == "imagenet"
-    weights = torchvision.models.ResNet18_Weights.DEFAULT
-    reference = torchvision.models.resnet18(weights=weights).eval()
+    assert isinstance(model, torchvision.models.ResNet)  # the torchvision model itself, normalisation inside
+    reference = torchvision.models.resnet18(num_classes=1000)
+    reference.load_state_dict(torch.load(file, weights_only=True))
+    reference.eval()
     model.eval()
-    model.backbone.fc = reference.fc = torch.nn.Identity()  # compare the features: heads differ by design
+    model.fc = reference.fc = torch.nn.Identity()  # compare the features: heads differ by design
     x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     normalised = torchvision.transforms.functional.normalize(x, weights.transforms().mean, weights.transforms().std)
     with torch.no_grad():

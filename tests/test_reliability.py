@@ -14,9 +14,9 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from sceneml.train import local_checkpoint_path
+from sceneml.tasks.train import FAULT_ENV, local_checkpoint_path
 
-from .conftest import REPO, subprocess_env
+from .conftest import REPO, free_port, subprocess_env, url_answers, wait_for
 
 TRAIN = [sys.executable, str(REPO / "entrypoints" / "train.py"), "--data", "synthetic:30", "--weights", "none",
          "--batch-size", "16", "--quiet", "--device", "cpu"]
@@ -31,34 +31,27 @@ def _epoch_metrics(client: MlflowClient, run_id: str) -> dict[tuple[str, int], f
     return {(k, m.step): m.value for k in EPOCH_KEYS for m in client.get_metric_history(run_id, k)}
 
 
-def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"process ended (rc {proc.returncode}) before {what}: "
-                                 f"{proc.stderr.read()[-2000:] if proc.stderr else ''}")
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
-
 def _only_run(client: MlflowClient) -> str:
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     return runs[0].info.run_id if len(runs) == 1 else ""
 
 
-def _interrupt_in_epoch_2(tmp: Path, uri: str, sig: int) -> tuple[str, subprocess.Popen]:
-    """Start a 3-epoch training, wait until epoch 1 is complete (its last metric is written after
-    the checkpoint), then send ``sig``; returns the run id and the ended process."""
-    proc = subprocess.Popen([*TRAIN, "--epochs", "3"], env=_env(uri), cwd=tmp, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    client = MlflowClient(uri)
-    _wait_for(lambda: os.path.exists(tmp / "mlflow.db") and _only_run(client), 120, "the run to start", proc)
-    run_id = _only_run(client)
-    _wait_for(lambda: client.get_metric_history(run_id, "epoch_seconds"), 300, "epoch 1 to finish", proc)
-    time.sleep(0.5)  # inside epoch 2's training pass
+# synthetic:30 gives 126 training images: 8 batches of 16 per epoch, so step 10 lies inside epoch 2
+PAUSE_IN_EPOCH_2 = {FAULT_ENV: "10:pause"}
+
+
+def _interrupt_in_epoch_2(tmp: Path, uri: str, sig: int) -> tuple[str, subprocess.Popen, str]:
+    """Start a 3-epoch training that pauses after its 10th batch (inside epoch 2, deterministically,
+    whatever the machine's speed), send ``sig`` once it says so; returns the run id, the ended
+    process and its stderr."""
+    log = tmp / "train.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen([*TRAIN, "--epochs", "3"], env=_env(uri, **PAUSE_IN_EPOCH_2), cwd=tmp,
+                                stdout=subprocess.DEVNULL, stderr=err, text=True)
+    wait_for(lambda: "paused after step 10" in log.read_text(), 300, "the pause in epoch 2", proc, log)
     proc.send_signal(sig)
     proc.wait(timeout=120)
-    return run_id, proc
+    return _only_run(MlflowClient(uri)), proc, log.read_text()
 
 
 @pytest.mark.slow
@@ -69,7 +62,7 @@ def test_sigkill_mid_epoch_then_resume_continues_the_same_run_and_equals_a_strai
     straight_uri, crash_uri = f"sqlite:///{straight_dir / 'mlflow.db'}", f"sqlite:///{crash_dir / 'mlflow.db'}"
     subprocess.run([*TRAIN, "--epochs", "3"], env=_env(straight_uri), cwd=straight_dir, check=True,
                    capture_output=True, timeout=600)
-    run_id, proc = _interrupt_in_epoch_2(crash_dir, crash_uri, signal.SIGKILL)
+    run_id, proc, _ = _interrupt_in_epoch_2(crash_dir, crash_uri, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
     client = MlflowClient(crash_uri)
     assert client.get_run(run_id).info.status == "RUNNING"  # nothing could mark it: that is what resume is for
@@ -88,9 +81,9 @@ def test_sigkill_mid_epoch_then_resume_continues_the_same_run_and_equals_a_strai
 @pytest.mark.slow
 def test_ctrl_c_ends_the_run_killed_after_saving_the_checkpoint(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run_id, proc = _interrupt_in_epoch_2(tmp_path, uri, signal.SIGINT)
+    run_id, proc, stderr = _interrupt_in_epoch_2(tmp_path, uri, signal.SIGINT)
     assert proc.returncode == 130
-    assert "interrupted: the run is marked KILLED; continue it with resume=<run_id>" in proc.stderr.read()
+    assert "interrupted: the run is marked KILLED; continue it with resume=<run_id>" in stderr
     client = MlflowClient(uri)
     run = client.get_run(run_id)
     assert run.info.status == "KILLED"
@@ -139,31 +132,15 @@ def test_a_model_uri_that_does_not_resolve_fails_in_one_line_and_marks_the_run_f
         mlflow.set_tracking_uri(None)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start_server(tmp: Path, port: int, log_name: str) -> subprocess.Popen:
-    import urllib.request
-
     log = (tmp / log_name).open("w")
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}",
          "--artifacts-destination", str(tmp / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port)],
         env=subprocess_env(), cwd=tmp, stdout=log, stderr=log, start_new_session=True)
     log.close()
-
-    def up() -> bool:
-        try:
-            return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).status == 200
-        except OSError:
-            return False
-
-    _wait_for(up, 120, f"mlflow server on port {port} ({log_name})", server)
+    wait_for(lambda: url_answers(f"http://127.0.0.1:{port}/health"), 120, f"mlflow server on port {port}", server,
+             tmp / log_name)
     return server
 
 
@@ -175,16 +152,16 @@ def _stop_server(server: subprocess.Popen) -> None:
 
 @pytest.mark.slow
 def test_training_survives_a_tracking_server_restart_and_select_sets_the_alias(tmp_path):
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     server = _start_server(tmp_path, port, "server-1.log")
     try:
         proc = subprocess.Popen([*TRAIN, "--epochs", "3"], env=_env(uri), cwd=tmp_path, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
         client = MlflowClient(uri)
-        _wait_for(lambda: _only_run(client), 120, "the run to start", proc)
+        wait_for(lambda: _only_run(client), 120, "the run to start", proc)
         run_id = _only_run(client)
-        _wait_for(lambda: client.get_metric_history(run_id, "epoch_seconds"), 300, "epoch 1 to finish", proc)
+        wait_for(lambda: client.get_metric_history(run_id, "epoch_seconds"), 300, "epoch 1 to finish", proc)
         _stop_server(server)  # the server goes away in the middle of epoch 2 ...
         assert proc.poll() is None, "training ended before the server went away"
         time.sleep(3)

@@ -7,10 +7,8 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 
 import mlflow
@@ -23,10 +21,10 @@ from mlflow import MlflowClient
 from sceneml.config import TrainConfig
 from sceneml.data import load_split_from_manifest
 from sceneml.data.sources import resolve_source
-from sceneml.registry import select_champion
-from sceneml.train import run_train
+from sceneml.tasks.select import select_champion
+from sceneml.tasks.train import train
 
-from .conftest import mlflow_run, subprocess_env
+from .conftest import free_port, mlflow_run, subprocess_env, url_answers, wait_for
 
 
 def _runs(exp_id):
@@ -98,7 +96,7 @@ def test_select_is_idempotent_and_a_better_run_moves_the_alias(study, monkeypatc
     assert version.version == old.version
 
     monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", exp_id)  # scoped to this test, unlike set_experiment
-    better = run_train(TrainConfig(data="synthetic:100", epochs=3, weights="none", quiet=True))
+    better = train(TrainConfig(data="synthetic:100", epochs=3, weights="none", quiet=True))
     new_version, best = select_champion([exp_id])
     assert best.run_id == better
     assert int(new_version.version) == int(old.version) + 1
@@ -141,16 +139,10 @@ def test_predict_writes_one_row_per_file_and_an_error_for_an_unreadable_one(pred
     assert list(good["predicted_class"]) == [classes[i] for i in probs.argmax(1)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_served_champion_answers_like_predict(study, images, predictions, tmp_path):
     uri, _ = study
-    port = _free_port()
+    port = free_port()
     log = (tmp_path / "serve.log").open("w")
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/sceneml@champion", "--env-manager",
@@ -158,15 +150,8 @@ def test_served_champion_answers_like_predict(study, images, predictions, tmp_pa
         env=subprocess_env(MLFLOW_TRACKING_URI=uri), cwd=tmp_path, stdout=subprocess.DEVNULL,
         stderr=log, start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "server did not come up"
-                time.sleep(0.5)
+        wait_for(lambda: url_answers(f"http://127.0.0.1:{port}/ping"), 180, "mlflow models serve", server,
+                 tmp_path / "serve.log")
         files = sorted(images.iterdir())
         body = {"dataframe_split": {"columns": ["image"],
                                     "data": [[base64.b64encode(f.read_bytes()).decode()] for f in files]}}
@@ -183,3 +168,35 @@ def test_served_champion_answers_like_predict(study, images, predictions, tmp_pa
     np.testing.assert_allclose(served[prob_cols][:-1].to_numpy(float), predictions[prob_cols][:-1].to_numpy(float),
                                rtol=0, atol=1e-6)
     assert served["error"].iloc[-1].startswith("UnidentifiedImageError")
+
+
+CHAMPION_SNIPPET = """
+import json, sys
+import mlflow, numpy as np, torch
+from sceneml.data.decode import load_rgb
+m = mlflow.pytorch.load_model("models:/sceneml@champion")
+m.eval()
+calls = []
+m.layer4.register_forward_hook(lambda module, inputs, output: calls.append(1))
+with torch.no_grad():
+    shapes = [list(m(torch.rand(1, 3, 100, 100)).shape), list(m(torch.rand(5, 3, 150, 150)).shape)]
+    pixels = np.stack([load_rgb(p, 64) for p in sys.argv[1:]])
+    argmax = m(torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255).argmax(1).tolist()
+print(json.dumps({"shapes": shapes, "calls": len(calls), "argmax": argmax}))
+"""
+
+
+@pytest.mark.slow
+def test_champion_is_an_ordinary_pytorch_model_that_agrees_with_predict(study, images, predictions):
+    """The README's "Load it anywhere" in a fresh process: eval, a hook on layer4 that fires once per
+    forward, any batch and image size, and the class predict reports for the same image."""
+    uri, _ = study
+    files = [str(images / f"{c}.png") for c in ("buildings", "forest", "glacier", "mountain", "sea", "street")]
+    proc = subprocess.run([sys.executable, "-c", CHAMPION_SNIPPET, *files], env=subprocess_env(MLFLOW_TRACKING_URI=uri),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["shapes"] == [[1, 6], [5, 6]] and out["calls"] == 3
+    classes = ["buildings", "forest", "glacier", "mountain", "sea", "street"]
+    by_path = dict(zip(predictions["path"], predictions["predicted_class"]))
+    assert [classes[i] for i in out["argmax"]] == [by_path[f] for f in files]

@@ -19,7 +19,7 @@ from sceneml.data.sources import cache_dir
 from sceneml.errors import SceneMLError
 from sceneml.metrics import per_class_average_precision
 from sceneml.scores import scores_from_csv
-from sceneml.train import StopAfterEpoch, run_train
+from sceneml.tasks.train import FAULT_ENV, train
 
 from .conftest import REPO, mlflow_run_in_tmp
 
@@ -31,7 +31,7 @@ EPOCH_KEYS = ["train_loss", "val_loss", "val_acc", "val_mAP", "val_mean_class_ac
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory, hermetic_env):
     """One real `mlflow run . -e train` in a temporary sqlite store, shared by the tests below."""
-    uri, exp_id = mlflow_run_in_tmp(tmp_path_factory.mktemp("cli-train"), "train-test", "train",
+    uri, exp_id, _ = mlflow_run_in_tmp(tmp_path_factory.mktemp("cli-train"), "train-test", "train",
                                     {"data": "synthetic:100", "epochs": "3", "weights": "none"})
     runs = MlflowClient(uri).search_runs([exp_id])
     assert len(runs) == 1
@@ -106,21 +106,25 @@ def _epoch_metrics(run_id: str) -> dict[tuple[str, int], float]:
     return {(k, m.step): m.value for k in EPOCH_KEYS for m in client.get_metric_history(run_id, k)}
 
 
-def test_same_seed_same_metrics_and_resume_matches_a_straight_run(tracking_uri):
+@pytest.mark.slow
+def test_same_seed_same_metrics_and_resume_matches_a_straight_run(tracking_uri, monkeypatch):
     cfg = dict(data="synthetic:30", epochs=3, weights="none", batch_size=16, quiet=True, device="cpu")
-    straight = run_train(TrainConfig(**cfg))
-    with pytest.raises(StopAfterEpoch):
-        run_train(TrainConfig(**cfg, stop_after_epoch=1))
+    straight = train(TrainConfig(**cfg))
+    steps_per_epoch = -(-int(MlflowClient().get_run(straight).data.params["n_train"]) // 16)
+    monkeypatch.setenv(FAULT_ENV, f"{steps_per_epoch + 2}:interrupt")  # Ctrl-C in epoch 2
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**cfg))
+    monkeypatch.delenv(FAULT_ENV)
     stopped = MlflowClient().search_runs([mlflow.get_experiment_by_name("Default").experiment_id],
                                          filter_string="attributes.status = 'KILLED'")[0].info.run_id
     assert {s for _, s in _epoch_metrics(stopped)} == {1}
-    resumed = run_train(TrainConfig(**cfg, resume=stopped))
+    resumed = train(TrainConfig(**cfg, resume=stopped))
     assert resumed == stopped
     a, b = _epoch_metrics(straight), _epoch_metrics(resumed)
     assert a.keys() == b.keys() and len(a) == 3 * len(EPOCH_KEYS)
     assert a == b  # bit-identical on CPU: same seed, and resume restores model, optimizer and RNG state
     assert MlflowClient().get_run(resumed).info.status == "FINISHED"
-    other = _epoch_metrics(run_train(TrainConfig(**{**cfg, "epochs": 1}, seed=7)))
+    other = _epoch_metrics(train(TrainConfig(**{**cfg, "epochs": 1}, seed=7)))
     assert other[("val_loss", 1)] != a[("val_loss", 1)]  # a different seed gives a different run
 
 
@@ -147,9 +151,10 @@ def test_cli_prints_one_line_and_starts_no_run(tracking_uri):
     assert MlflowClient().search_runs([mlflow.get_experiment_by_name("Default").experiment_id]) == []
 
 
+@pytest.mark.slow
 def test_freeze_backbone_trains_the_head_on_cached_features(tracking_uri):
     cfg = TrainConfig(data="synthetic:60", epochs=5, weights="none", freeze_backbone=True, quiet=True)
-    run_id = run_train(cfg)
+    run_id = train(cfg)
     client = MlflowClient()
     m = client.get_run(run_id).data.metrics
     assert m["feature_cache_seconds"] > 0  # features computed once, before epoch 1
@@ -162,6 +167,17 @@ def test_freeze_backbone_trains_the_head_on_cached_features(tracking_uri):
 
     # a second child of a frozen sweep (same seed, so the same backbone) reuses the features on disk
     files = set((cache_dir() / "features").glob("*.pt"))
-    other = client.get_run(run_train(dataclasses.replace(cfg, optimizer="sgd", lr=0.01))).data.metrics
+    other = client.get_run(train(dataclasses.replace(cfg, optimizer="sgd", lr=0.01))).data.metrics
     assert set((cache_dir() / "features").glob("*.pt")) == files
     assert other["features_from_disk"] == 1.0
+
+
+@pytest.mark.slow
+def test_weights_auto_warns_on_the_console_under_mlflow_run(tmp_path, monkeypatch):
+    # importing mlflow.pytorch configures the root logger at ERROR: sceneml's warning must still show
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
+    proc = mlflow_run_in_tmp(tmp_path, "auto-weights", "train", {"data": "synthetic:10", "epochs": "1",
+                                                                  "image_size": "32", "weights": "auto"})[2]
+    assert "resnet18-f37072fd.pth" in proc.stderr and "weights_resolved=none" in proc.stderr
+    assert "RANDOM" in proc.stderr
+    mlflow.set_tracking_uri(None)

@@ -126,6 +126,20 @@ def list_images(class_root: Path) -> tuple[list[str], list[tuple[Path, str]]]:
     return classes, items
 
 
+def image_files(input_path: str | Path) -> list[Path]:
+    """The file itself, or every image file under the folder (recursively, sorted; hidden files skipped)."""
+    path = Path(input_path).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                       and not p.name.startswith("."))
+        if not files:
+            raise SceneMLError(f"input {str(input_path)!r}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        return files
+    raise SceneMLError(f"input {str(input_path)!r} does not exist")
+
+
 def file_digest(path: Path, chunk: int = 1 << 20) -> str:
     sha = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -1,7 +1,8 @@
 """`select`: register the best epoch checkpoint across a study's runs and move the `champion` alias.
 
 The best *checkpoint*, not the last: each run logs one LoggedModel per epoch, and we compare the
-epochs' val metrics. (Registering ``runs:/<id>/model`` would take the run's last LoggedModel.)
+epochs' val metrics with :func:`sceneml.metrics.best_index`, the rule each run used for its own best
+epoch. (Registering ``runs:/<id>/model`` would take the run's last LoggedModel.)
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from sceneml import tracking
+from sceneml.config import check_select_metric
 from sceneml.errors import SceneMLError
-from sceneml.metrics import SELECT_METRICS, is_better
+from sceneml.metrics import best_index
+from sceneml.tracking.models import TAG_DIGEST, TAG_EPOCH
+from sceneml.tracking.runs import MetricBuffer, log_params_once, set_tags, task_run
+from sceneml.tracking.store import with_retries
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +30,7 @@ class Candidate:
     epoch: int
     model_id: str
     value: float
+    val_loss: float
     digest: str
 
 
@@ -36,26 +41,25 @@ def candidates(experiment_ids: list[str], metric: str, parent_run_id: str | None
     if parent_run_id:
         filt += f" and tags.mlflow.parentRunId = '{parent_run_id}'"
     runs = [r for r in client.search_runs(experiment_ids, filt, max_results=5000)
-            if tracking.TAG_DIGEST in r.data.tags and "best_epoch" in r.data.metrics]
+            if TAG_DIGEST in r.data.tags and "best_epoch" in r.data.metrics]
     models = {}
     for lm in mlflow.search_logged_models(experiment_ids=experiment_ids, output_format="list"):
-        if tracking.TAG_EPOCH in lm.tags:
-            models[(lm.source_run_id, int(lm.tags[tracking.TAG_EPOCH]))] = lm.model_id
+        if TAG_EPOCH in lm.tags:
+            models[(lm.source_run_id, int(lm.tags[TAG_EPOCH]))] = lm.model_id
     out = []
-    for run in runs:
-        for m in client.get_metric_history(run.info.run_id, metric):
+    # oldest run first, epochs in order: a full tie goes to the earlier checkpoint, as inside a run
+    for run in sorted(runs, key=lambda r: r.info.start_time):
+        losses = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val_loss")}
+        for m in sorted(client.get_metric_history(run.info.run_id, metric), key=lambda m: m.step):
             model_id = models.get((run.info.run_id, m.step))
             if model_id:
-                out.append(Candidate(run.info.run_id, m.step, model_id, m.value, run.data.tags[tracking.TAG_DIGEST]))
+                out.append(Candidate(run.info.run_id, m.step, model_id, m.value, losses.get(m.step, float("nan")),
+                                     run.data.tags[TAG_DIGEST]))
     return out
 
 
 def best_candidate(cands: list[Candidate], metric: str) -> Candidate:
-    best = None
-    for c in cands:
-        if best is None or is_better(c.value, best.value, metric):
-            best = c
-    return best
+    return cands[best_index([c.value for c in cands], [c.val_loss for c in cands], metric)]
 
 
 def select_champion(experiment_ids: list[str], metric: str = "val_mean_class_acc", model_name: str = "sceneml",
@@ -64,8 +68,7 @@ def select_champion(experiment_ids: list[str], metric: str = "val_mean_class_acc
 
     Idempotent: when that checkpoint is already registered, its version is reused.
     """
-    if metric not in SELECT_METRICS:
-        raise SceneMLError(f"unknown select_metric {metric!r}; choose one of {', '.join(SELECT_METRICS)}")
+    check_select_metric(metric)
     cands = candidates(experiment_ids, metric, parent_run_id)
     if not cands:
         raise SceneMLError(f"no finished training run with {metric} checkpoints found"
@@ -82,7 +85,7 @@ def select_champion(experiment_ids: list[str], metric: str = "val_mean_class_acc
         version = existing[0]
     else:
         # register this exact checkpoint (models:/<model_id>), not runs:/<id>/model (the last one)
-        version = tracking.with_retries(
+        version = with_retries(
             mlflow.register_model, f"models:/{best.model_id}", model_name,
             tags={"sceneml.model_id": best.model_id, "sceneml.run_id": best.run_id, "sceneml.epoch": best.epoch,
                   "sceneml.select_metric": metric, f"sceneml.{metric}": best.value,
@@ -94,9 +97,33 @@ def select_champion(experiment_ids: list[str], metric: str = "val_mean_class_acc
     if current is None or current.version != version.version:
         if current is not None:
             client.set_registered_model_alias(model_name, "previous", current.version)
-            tracking.set_tags(current.run_id, {"sceneml.champion": "false"})
+            set_tags(current.run_id, {"sceneml.champion": "false"})
         client.set_registered_model_alias(model_name, alias, version.version)
-    tracking.set_tags(best.run_id, {"sceneml.champion": "true"})
+    set_tags(best.run_id, {"sceneml.champion": "true"})
     log.info("%s@%s = version %s (run %s, epoch %d, %s=%.4f)", model_name, alias, version.version,
              best.run_id, best.epoch, metric, best.value)
     return version, best
+
+
+def select(experiment: str = "", parent_run_id: str = "", metric: str = "val_mean_class_acc",
+           model_name: str = "sceneml", alias: str = "champion", nested: bool = False) -> dict[str, float]:
+    """The `select` task: one run that registers the champion; returns its metrics."""
+    check_select_metric(metric)
+    with task_run("select", nested=nested) as run:
+        if experiment:
+            exp = mlflow.get_experiment_by_name(experiment)
+            if exp is None:
+                raise SceneMLError(f"experiment {experiment!r} does not exist")
+            ids = [exp.experiment_id]
+        else:
+            ids = [run.info.experiment_id]
+        version, best = select_champion(ids, metric, model_name, alias, parent_run_id or None)
+        log_params_once(run.info.run_id, {"select_metric": metric, "model_name": model_name, "alias": alias})
+        set_tags(run.info.run_id, {"sceneml.champion_run_id": best.run_id, "sceneml.model_id": best.model_id})
+        out = {f"champion_{metric}": best.value, "champion_epoch": best.epoch, "champion_version": int(version.version)}
+        buffer = MetricBuffer(run.info.run_id)
+        buffer.add_many(out, 0)
+        buffer.flush()
+    print(f"{model_name}@{alias} -> version {version.version} (run {best.run_id}, epoch {best.epoch}, "
+          f"{metric}={best.value:.4f})", flush=True)
+    return {**out, "champion_run_id": best.run_id}

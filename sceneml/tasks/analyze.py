@@ -11,11 +11,8 @@ and ``spectra/eigen_<module>.png``. Metrics: ``act_nonpos_pct.<module>``,
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,62 +23,21 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from sceneml import analysis, plots, tracking
+from sceneml import analysis, plots
+from sceneml.config import AnalyzeConfig, parse_compare
 from sceneml.data import load_split_from_manifest
 from sceneml.data.cifar import is_cifar10_folder, read_cifar10
 from sceneml.data.decode import load_rgb
-from sceneml.data.sources import resolve_source
+from sceneml.data.sources import image_files, resolve_source
+from sceneml.engine.batches import to_float_batch
+from sceneml.engine.loop import predict_scores
 from sceneml.errors import SceneMLError
-from sceneml.evaluation import model_metadata
-from sceneml.models import pick_device, rebuild
+from sceneml.models import pick_device
 from sceneml.scores import scores_from_csv
-from sceneml.training import predict_scores, to_float_batch
+from sceneml.tracking.models import model_metadata
+from sceneml.tracking.runs import MetricBuffer, log_csv, log_figure, log_params_once, set_tags, task_run
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class AnalyzeConfig:
-    model_uri: str = "models:/sceneml@champion"
-    data: str = ""  # default: the data the model was trained on
-    split: str = "test"
-    classes: str = ""  # comma list; default all
-    k: int = 10
-    modules: str = ""  # comma list; default: five modules spread over the depth of the arch
-    n_images: int = 200
-    compare: str = ""  # comma list of name=path
-    top_eigen: int = 15
-    device: str = "auto"
-    batch_size: int = 64
-    seed: int = 0
-
-    def validate(self) -> AnalyzeConfig:
-        if self.k < 1:
-            raise SceneMLError(f"k must be >= 1, got {self.k}")
-        if self.n_images < 2:
-            raise SceneMLError(f"n_images must be >= 2 (a covariance needs two images), got {self.n_images}")
-        if self.top_eigen < 1:
-            raise SceneMLError(f"top_eigen must be >= 1, got {self.top_eigen}")
-        if self.batch_size < 1:
-            raise SceneMLError(f"batch_size must be >= 1, got {self.batch_size}")
-        parse_compare(self.compare)
-        return self
-
-
-def parse_compare(text: str) -> dict[str, str]:
-    """``name=path,name2=path2`` -> {name: path}; names become metric keys, so they are kept simple."""
-    out: dict[str, str] = {}
-    for item in (t.strip() for t in text.split(",") if t.strip()):
-        name, sep, path = item.partition("=")
-        name, path = name.strip(), path.strip()
-        if not sep or not name or not path:
-            raise SceneMLError(f"compare: expected name=path, got {item!r}")
-        if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
-            raise SceneMLError(f"compare: name {name!r} may only use letters, digits, _ and -")
-        if name in out:
-            raise SceneMLError(f"compare: name {name!r} given twice")
-        out[name] = path
-    return out
 
 
 # ------------------------------------------------------------------------------------ image sets
@@ -117,8 +73,6 @@ def file_set(name: str, files: list[Path], size: int) -> ImageSet:
 
 def compare_set(name: str, path: str, size: int, limit: int) -> ImageSet:
     """A CIFAR-10 python folder, a zip, or a folder of images in any layout (searched recursively)."""
-    from sceneml.predict import image_files
-
     folder = Path(path).expanduser()
     for candidate in (folder, folder / "cifar-10-batches-py"):
         if is_cifar10_folder(candidate):
@@ -145,20 +99,6 @@ def float_batches(images: ImageSet, n_images: int, size: int, batch_size: int, d
 
 # --------------------------------------------------------------------------------------- the model
 
-def hookable_network(model_uri: str, meta: dict, device: torch.device) -> torch.nn.Module:
-    """The logged checkpoint as a plain module that runs forward hooks, checked against the original."""
-    exported = mlflow.pytorch.load_model(model_uri)
-    network = rebuild(meta["arch"], len(meta["classes"]), exported.state_dict(),
-                      bool(meta.get("transform_input", False)))
-    size = int(meta["image_size"])
-    probe = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        gap = (network(probe) - exported(probe)).abs().max().item()
-    if gap > 1e-3:
-        raise SceneMLError(f"the rebuilt {meta['arch']} differs from the logged checkpoint (max |diff| {gap:.2g})")
-    return network.to(device)
-
-
 def _scores_from_evaluation(model_id: str, split: str, paths: list[str]) -> np.ndarray | None:
     """The scores file `evaluate` logged for this model and split, in ``paths`` order, if any."""
     query = (f"tags.`sceneml.model_id` = '{model_id}' and params.split = '{split}' "
@@ -180,9 +120,15 @@ def _scores_from_evaluation(model_id: str, split: str, paths: list[str]) -> np.n
 
 # ---------------------------------------------------------------------------------------- analyze
 
-def analyze_model(cfg: AnalyzeConfig, progress: bool = True) -> dict[str, float]:
-    """Run the whole analysis inside the active MLflow run; returns the logged metrics."""
+def analyze(cfg: AnalyzeConfig, nested: bool = False) -> dict[str, float]:
+    """The `analyze` task: one run; returns the logged metrics."""
     cfg.validate()
+    with task_run("analyze", nested=nested):
+        return _analyze(cfg)
+
+
+def _analyze(cfg: AnalyzeConfig) -> dict[str, float]:
+    progress = not cfg.quiet
     meta = model_metadata(cfg.model_uri)
     classes, image_size = list(meta["classes"]), int(meta["image_size"])
     chosen_classes = [c.strip() for c in cfg.classes.split(",") if c.strip()] or classes
@@ -192,16 +138,17 @@ def analyze_model(cfg: AnalyzeConfig, progress: bool = True) -> dict[str, float]
     compare = parse_compare(cfg.compare)
     data = cfg.data or meta["data"]
     device = pick_device(cfg.device)
-    network = hookable_network(cfg.model_uri, meta, device)
+    # the logged checkpoint is the eager torchvision module: hooks go straight onto its named modules
+    network = mlflow.pytorch.load_model(cfg.model_uri).to(device)
     modules = [m.strip() for m in cfg.modules.split(",") if m.strip()] or \
-        analysis.default_modules(meta["arch"], network.backbone)
-    hooked = analysis.resolve_modules(network.backbone, modules)
+        analysis.default_modules(meta["arch"], network)
+    hooked = analysis.resolve_modules(network, modules)
 
     run_id = mlflow.active_run().info.run_id
-    tracking.log_params_once(run_id, {"model_uri": cfg.model_uri, "model_id": meta["model_id"], "split": cfg.split,
+    log_params_once(run_id, {"model_uri": cfg.model_uri, "model_id": meta["model_id"], "split": cfg.split,
                                       "data_used": data, "modules_used": ",".join(modules),
                                       "training_run_id": meta["training_run_id"]})
-    tracking.set_tags(run_id, {"sceneml.model_id": meta["model_id"], "sceneml.analysis": "true"})
+    set_tags(run_id, {"sceneml.model_id": meta["model_id"], "sceneml.analysis": "true"})
 
     manifest = mlflow.artifacts.load_text(f"runs:/{meta['training_run_id']}/data/split_manifest.csv")
     split = load_split_from_manifest(data, manifest, classes, image_size, cfg.split, progress=progress)
@@ -233,23 +180,21 @@ def analyze_model(cfg: AnalyzeConfig, progress: bool = True) -> dict[str, float]
                 metrics[f"act_nonpos_pct.{module}"] = s.nonpos_pct.mean
                 metrics[f"act_nonpos_pct_std.{module}"] = s.nonpos_pct.std
 
-    tracking.with_retries(mlflow.log_text, _csv(activation_rows), "activations/activation_stats.csv")
-    tracking.log_figure(plots.activation_bars([r for r in activation_rows if r["dataset"] == cfg.split]),
+    log_csv(activation_rows, "activations/activation_stats.csv")
+    log_figure(plots.activation_bars([r for r in activation_rows if r["dataset"] == cfg.split]),
                         "activations/nonpos_pct.png")
     eigen_rows = [{"module": m, "dataset": d, "rank": r + 1, "eigenvalue": repr(float(v))}
                   for m, by_set in spectra.items() for d, values in by_set.items() for r, v in enumerate(values)]
-    tracking.with_retries(mlflow.log_text, _csv(eigen_rows), "spectra/eigenvalues.csv")
+    log_csv(eigen_rows, "spectra/eigenvalues.csv")
     for module, by_set in spectra.items():
-        tracking.log_figure(plots.eigen_spectra(by_set, module, cfg.top_eigen), f"spectra/eigen_{module}.png")
-    buffer = tracking.MetricBuffer(run_id)
+        log_figure(plots.eigen_spectra(by_set, module, cfg.top_eigen), f"spectra/eigen_{module}.png")
+    buffer = MetricBuffer(run_id)
     buffer.add_many(metrics, 0)
     buffer.flush()
     return metrics
 
 
 def _synthetic_files(per_class: int) -> list[Path]:
-    from sceneml.predict import image_files
-
     return image_files(resolve_source(f"synthetic:{per_class}").train_dir)
 
 
@@ -271,14 +216,5 @@ def _log_galleries(split, scores: np.ndarray, classes: list[str], chosen: list[s
                                 [classes[p] for p in predicted[idx]], scores[idx, c],
                                 f"{name}: the {len(idx)} {split_name} images of class {name} with the {which} "
                                 f"score for {name}")
-            tracking.log_figure(fig, f"galleries/gallery_{name}_{end}.png")
-    tracking.with_retries(mlflow.log_text, _csv(index_rows), "galleries/gallery_index.csv")
-
-
-def _csv(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    return buf.getvalue()
+            log_figure(fig, f"galleries/gallery_{name}_{end}.png")
+    log_csv(index_rows, "galleries/gallery_index.csv")

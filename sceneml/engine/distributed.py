@@ -69,8 +69,15 @@ def weighted_mean_over_ranks(mean: float, count: int, device: torch.device) -> f
     return float(t[0] / t[1])
 
 
+def is_main_process() -> bool:
+    """Rank 0, or the only process: a single process is just the trivial distributed case."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def barrier() -> None:
-    dist.barrier()
+    """Wait for every rank (nothing to wait for in a single process)."""
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def teardown() -> None:

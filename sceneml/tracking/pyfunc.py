@@ -2,8 +2,8 @@
 
 Every checkpoint sceneml logs is one MLflow model with two faces:
 
-- the ``pytorch`` flavor (pt2): ``mlflow.pytorch.load_model(uri)`` gives the network, input float
-  NCHW in [0, 1];
+- the ``pytorch`` flavor: ``mlflow.pytorch.load_model(uri)`` gives the torchvision network itself,
+  input float NCHW in [0, 1] (see :mod:`sceneml.tracking.models`);
 - the ``python_function`` flavor, whose loader is this module: ``mlflow.pyfunc.load_model(uri)``
   takes a DataFrame with a column ``image`` of base64-encoded image files (JPEG, PNG, ...; raw bytes
   also work in Python) and returns ``predicted_class``, ``prob_<class>`` per class and ``error``.
@@ -40,10 +40,6 @@ def output_columns(classes: list[str]) -> list[str]:
     return [PRED_COLUMN, *(PROB_PREFIX + c for c in classes), ERROR_COLUMN]
 
 
-def encode_image_file(path: Path | str) -> str:
-    return base64.b64encode(Path(path).read_bytes()).decode("ascii")
-
-
 def _image_bytes(value: object) -> bytes:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
@@ -60,8 +56,8 @@ def _image_bytes(value: object) -> bytes:
 def save_model(path: str, mlflow_model, pytorch_model: torch.nn.Module, **kwargs) -> None:
     """Save ``pytorch_model`` with the pytorch flavor, then make this module its pyfunc loader.
 
-    Called by ``mlflow.models.Model.log(flavor=sceneml.serving, ...)``. The signature describes the
-    image interface; the float-tensor example (needed by the pt2 export) is not a serving example.
+    Called by ``mlflow.models.Model.log(flavor=sceneml.tracking.pyfunc, ...)``. The signature
+    describes the image interface the pyfunc serves.
     """
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
@@ -75,10 +71,6 @@ def save_model(path: str, mlflow_model, pytorch_model: torch.nn.Module, **kwargs
         inputs=Schema([ColSpec("string", IMAGE_COLUMN)]),
         outputs=Schema([ColSpec("string", PRED_COLUMN), *(ColSpec("double", PROB_PREFIX + c) for c in classes),
                         ColSpec("string", ERROR_COLUMN)]))
-    # the tensor example would be offered to `mlflow models serve` as a sample request: drop it
-    for name in ("input_example.json", "serving_input_example.json"):
-        Path(path, name).unlink(missing_ok=True)
-    mlflow_model.saved_input_example_info = None
     mlflow_model.save(os.path.join(path, "MLmodel"))
 
 
@@ -102,7 +94,7 @@ class ImageClassifier:
     def predict_bytes(self, items: list[bytes | Exception], index=None) -> pd.DataFrame:
         """Score encoded images; an item that is an exception, or does not decode, gets an error row."""
         from sceneml.data.decode import load_rgb
-        from sceneml.training import predict_scores
+        from sceneml.engine.loop import predict_scores
 
         pixels = np.zeros((len(items), self.image_size, self.image_size, 3), dtype=np.uint8)
         errors: dict[int, str] = {}

@@ -1,0 +1,208 @@
+"""The epoch loop: ``train_one_epoch`` and its sibling ``predict_scores`` (as in torchvision's
+references/classification), the optimizers we sweep, and :class:`EpochTrainer`, what every rank does
+per epoch. Nothing here talks to MLflow: callers pass callbacks for batch losses and steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from sceneml.config import OPTIMIZERS, SCHEDULERS, TrainConfig
+from sceneml.data import PreparedData
+from sceneml.engine import distributed
+from sceneml.engine.batches import iterate_batches, iterate_feature_batches
+from sceneml.engine.features import cached_backbone_features
+from sceneml.errors import SceneMLError
+from sceneml.models import AUX_LOSS_WEIGHT, head_of, split_logits
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(name: str, params, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    """The ``--opt`` switch of torchvision's references/classification, for the optimizers we sweep."""
+    params = [p for p in params if p.requires_grad]
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                               nesterov=momentum > 0)
+    if name == "rmsprop":
+        # eps/alpha as in torchvision's references (TF-style RMSprop)
+        return torch.optim.RMSprop(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                   eps=0.0316, alpha=0.9)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    raise SceneMLError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+def build_scheduler(name: str, optimizer: torch.optim.Optimizer, epochs: int):
+    """An epoch-level LR schedule (stepped once per epoch), or None."""
+    if name == "none":
+        return None
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    if name == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, epochs // 3), gamma=0.1)
+    raise SceneMLError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+
+
+def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
+                    batches: Iterable[tuple[torch.Tensor, torch.Tensor]], n_images: int,
+                    on_losses: Callable[[list[float]], None] | None = None, flush_every: int = 20,
+                    progress: bool = True, desc: str = "train",
+                    reduce_losses: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                    on_step: Callable[[], None] | None = None) -> float:
+    """One pass over ``batches``. Returns the mean training loss (weighted by batch size). The caller
+    sets the training mode.
+
+    Batch losses stay on the device and are fetched every ``flush_every`` batches (one sync instead of
+    one per batch), then handed to ``on_losses`` for logging; ``reduce_losses`` (data-parallel runs:
+    the mean over ranks) is applied to them first. ``on_step`` is called after every optimizer step.
+    """
+    pending: list[torch.Tensor] = []
+    total, seen = None, 0
+    start = time.perf_counter()
+    bar = tqdm(total=n_images, desc=desc, unit="img", disable=not progress, leave=False)
+
+    def flush() -> None:
+        if pending:
+            stacked = torch.stack(pending)
+            values = (reduce_losses(stacked) if reduce_losses is not None else stacked).tolist()
+            pending.clear()
+            if on_losses is not None:
+                on_losses(values)
+            bar.set_postfix(loss=f"{values[-1]:.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
+
+    for x, y in batches:
+        logits, aux = split_logits(model(x))
+        loss = F.cross_entropy(logits, y)
+        for aux_logits in aux:
+            loss = loss + AUX_LOSS_WEIGHT * F.cross_entropy(aux_logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        detached = loss.detach()
+        pending.append(detached)
+        total = detached * len(y) if total is None else total + detached * len(y)
+        seen += len(y)
+        bar.update(len(y))
+        if len(pending) >= flush_every:
+            flush()
+        if on_step is not None:
+            on_step()
+    flush()
+    bar.close()
+    mean_loss = float(total) / max(seen, 1) if total is not None else float("nan")
+    if not np.isfinite(mean_loss):
+        raise SceneMLError(f"training diverged (loss={mean_loss}); lower the learning rate")
+    return mean_loss
+
+
+@torch.inference_mode()
+def predict_scores(model: nn.Module, pixels: np.ndarray, device: torch.device, batch_size: int = 256,
+                   progress: bool = False, desc: str = "eval") -> np.ndarray:
+    """Softmax probabilities (n, C) as float64, in the order of ``pixels`` (the model is put in eval mode)."""
+    model.eval()
+    dummy = np.zeros(len(pixels), dtype=np.int64)
+    out = []
+    for x, _ in tqdm(iterate_batches(pixels, dummy, batch_size, device), desc=desc, disable=not progress,
+                     leave=False, total=(len(pixels) + batch_size - 1) // batch_size):
+        logits, _ = split_logits(model(x))
+        out.append(torch.softmax(logits.float(), dim=1).cpu())
+    return torch.cat(out).double().numpy() if out else np.zeros((0, 0))
+
+
+@torch.inference_mode()
+def predict_scores_from_features(head: nn.Module, features: torch.Tensor, device: torch.device,
+                                 batch_size: int = 4096) -> np.ndarray:
+    """Softmax probabilities (n, C) as float64 from cached backbone features."""
+    was_training = head.training
+    head.eval()
+    try:
+        out = [torch.softmax(head(features[i:i + batch_size].to(device)).float(), dim=1).cpu()
+               for i in range(0, len(features), batch_size)]
+    finally:
+        head.train(was_training)
+    return torch.cat(out).double().numpy()
+
+
+@dataclass
+class EpochTrainer:
+    """What every rank does per epoch: the training pass (on cached features when the backbone is
+    frozen), shard and collectives included when launched by torchrun."""
+
+    cfg: TrainConfig
+    data: PreparedData
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    ctx: distributed.DistContext | None
+    cached: dict[str, torch.Tensor] | None = None
+    feature_cache_seconds: float = 0.0
+    features_from_disk: bool = False
+
+    def __post_init__(self) -> None:
+        # A frozen backbone is a fixed function of the image (eval mode, see train_pass): compute
+        # its features once and train only the head on them. Augmentation cannot act on cached
+        # features, so it is off in this mode (the linear-probe protocol); random_crop=true keeps the
+        # per-epoch forward pass with flips and crops instead.
+        cfg, model = self.cfg, self.model
+        if cfg.freeze_backbone and not cfg.random_crop:
+            started = time.perf_counter()
+            self.cached, self.features_from_disk = cached_backbone_features(cfg.arch, model, self.data, self.device)
+            self.feature_cache_seconds = time.perf_counter() - started
+            log.info("freeze_backbone: %d-d features of train and val ready in %.1fs; epochs train the head only",
+                     self.cached["train"].shape[1], self.feature_cache_seconds)
+        self.head = head_of(cfg.arch, model)
+        trained = self.head if self.cached is not None else model
+        if self.ctx is not None:
+            trained = torch.nn.parallel.DistributedDataParallel(
+                trained, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.trained = trained
+
+    def train_pass(self, epoch: int, on_losses: Callable[[list[float]], None] | None = None,
+                   on_step: Callable[[], None] | None = None, progress: bool = False) -> tuple[float, float]:
+        """One epoch of training; returns the mean loss over every rank's images and the seconds."""
+        cfg, ctx, train = self.cfg, self.ctx, self.data.splits["train"]
+        # one generator per epoch (and rank): order and augmentation do not depend on where we resumed
+        generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch + (7919 * ctx.rank if ctx else 0))
+        order = distributed.shard_order(len(train), ctx, cfg.seed, epoch) if ctx is not None else None
+        # A frozen backbone stays in eval mode (BatchNorm keeps its running statistics, dropout is off,
+        # GoogLeNet computes no aux heads): a fixed function of the image, whose features can be cached.
+        self.model.train(not cfg.freeze_backbone)
+        if self.cached is not None:
+            batches = iterate_feature_batches(self.cached["train"], train.labels, cfg.batch_size, self.device,
+                                              generator, order)
+        else:
+            batches = iterate_batches(train.pixels, train.labels, cfg.batch_size, self.device, generator,
+                                      augment=True, crop=cfg.random_crop, order=order)
+        n = len(order) if order is not None else len(train)
+        started = time.perf_counter()
+        loss = train_one_epoch(self.trained, self.optimizer, batches, n, on_losses=on_losses, progress=progress,
+                               desc=f"epoch {epoch}/{cfg.epochs}", on_step=on_step,
+                               reduce_losses=distributed.mean_over_ranks if ctx is not None else None)
+        if ctx is not None:
+            loss = distributed.weighted_mean_over_ranks(loss, n, self.device)
+        return loss, time.perf_counter() - started
+
+    def val_scores(self) -> np.ndarray:
+        """Softmax scores on the whole val split (rank 0 only: no collective inside)."""
+        if self.cached is not None:
+            return predict_scores_from_features(self.head, self.cached["val"], self.device)
+        return predict_scores(self.model, self.data.splits["val"].pixels, self.device)

@@ -1,0 +1,103 @@
+"""`main`: the whole study as one MLflow run tree.
+
+parent run
+ |- <optimizer>-lr<lr>   one nested training run per optimizer x learning rate
+ |- select               registers the best epoch checkpoint, alias `champion`
+ |- evaluate             the champion on the test split of its own training run
+ |- analyze              galleries, activation statistics and eigen-spectra of the champion
+A failed child is reported and the study goes on; it fails only if every child fails. The study's
+``select_metric`` decides each child's best epoch and the champion alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+
+from sceneml import plots
+from sceneml.config import StudyConfig
+from sceneml.errors import SceneMLError
+from sceneml.tasks.analyze import analyze
+from sceneml.tasks.evaluate import evaluate
+from sceneml.tasks.select import select
+from sceneml.tasks.train import train
+from sceneml.tracking.runs import MetricBuffer, log_figure, log_params_once, set_tags, task_run
+from sceneml.tracking.store import with_retries
+
+log = logging.getLogger(__name__)
+
+
+def study(cfg: StudyConfig) -> dict:
+    """The `main` task: train every child, then select, evaluate and analyze the champion."""
+    cfg.validate()  # every child's params are checked before the first one trains
+    configs = cfg.children()
+    base = cfg.train
+    analyze_cfg = dataclasses.replace(cfg.analyze, model_uri=f"models:/{cfg.model_name}@champion", data=base.data,
+                                      split="test", device=base.device, quiet=base.quiet)
+    with task_run(f"study {base.arch} {base.data}") as parent:
+        parent_id = parent.info.run_id
+        log_params_once(parent_id, {"optimizers": cfg.optimizers, "lrs": cfg.lrs, "model_name": cfg.model_name,
+                                    **{k: v for k, v in base.as_params().items() if k not in ("optimizer", "lr")}})
+        started = time.perf_counter()
+        children, failures = {}, {}
+        for child in configs:
+            name = f"{child.optimizer}-lr{child.lr:g}"
+            print(f"== training {name}", flush=True)
+            try:
+                children[name] = train(child, run_name=name, nested=True)
+            except Exception as exc:  # one failed child must not kill the study
+                failures[name] = f"{type(exc).__name__}: {exc}"
+                log.error("child %s failed: %s", name, failures[name])
+        if not children:
+            raise SceneMLError(f"every child run failed: {failures}")
+        set_tags(parent_id, {"sceneml.failed_children": ",".join(failures) or "none"})
+
+        experiment = mlflow.get_experiment(parent.info.experiment_id).name
+        chosen = select(experiment, parent_id, base.select_metric, cfg.model_name, nested=True)
+        uri = f"models:/{cfg.model_name}@champion"
+        test_metrics = evaluate(uri, base.data, "test", base.device, not base.quiet, nested=True)
+        analyze(analyze_cfg, nested=True)
+
+        _log_comparison(parent_id, children, failures, chosen["champion_run_id"], test_metrics, base.select_metric)
+        summary = {"champion_run_id": chosen["champion_run_id"], "champion_epoch": chosen["champion_epoch"],
+                   "version": chosen["champion_version"], "study_seconds": time.perf_counter() - started,
+                   **test_metrics}
+        buffer = MetricBuffer(parent_id)
+        buffer.add_many({"study_seconds": summary["study_seconds"], "test_acc": test_metrics["test_acc"],
+                         "test_mAP": test_metrics["test_mAP"],
+                         "test_mean_class_acc": test_metrics["test_mean_class_acc"]}, 0)
+        buffer.flush()
+    print(f"champion: {summary['champion_run_id']} epoch {summary['champion_epoch']} -> {cfg.model_name} "
+          f"v{summary['version']}; test_acc={test_metrics['test_acc']:.4f} test_mAP={test_metrics['test_mAP']:.4f}",
+          flush=True)
+    return summary
+
+
+def _log_comparison(parent_id: str, children: dict[str, str], failures: dict[str, str], champion_run_id: str,
+                    test_metrics: dict[str, float], select_metric: str) -> None:
+    client = MlflowClient()
+    rows, curves = [], {}
+    for name, run_id in children.items():
+        run = client.get_run(run_id)
+        m, p = run.data.metrics, run.data.params
+        champion = run_id == champion_run_id
+        rows.append({"run": name, "run_id": run_id, "optimizer": p.get("optimizer"), "lr": p.get("lr"),
+                     "best_epoch": int(m["best_epoch"]), "best_val_mean_class_acc": m["best_val_mean_class_acc"],
+                     "best_val_mAP": m["best_val_mAP"], "best_val_loss": m.get("best_val_loss"),
+                     "champion": champion,
+                     "test_acc": test_metrics["test_acc"] if champion else None,
+                     "test_mAP": test_metrics["test_mAP"] if champion else None,
+                     "test_mean_class_acc": test_metrics["test_mean_class_acc"] if champion else None})
+        curves[name] = [(h.step, h.value) for h in client.get_metric_history(run_id, select_metric)]
+    for name, why in failures.items():
+        rows.append({"run": name, "run_id": None, "optimizer": name.split("-lr")[0], "failed": why})
+    table = pd.DataFrame(rows)
+    # the children have ended, so the parent is the active run again
+    with_retries(mlflow.log_table, table, "comparison.json", run_id=parent_id)
+    with_retries(mlflow.log_text, table.to_csv(index=False), "comparison.csv", run_id=parent_id)
+    log_figure(plots.compare_runs(curves, select_metric), f"figures/compare_{select_metric}.png")

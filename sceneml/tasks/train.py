@@ -1,0 +1,278 @@
+"""`train`: fine-tune one torchvision CNN as one MLflow run: data, model, epochs, metrics, checkpoints, figures.
+
+One loop for every rank (a single process is the trivial distributed case): each rank trains its
+shard; the main process also validates on the whole val split, logs and checkpoints, while the
+others wait at the barrier that closes each epoch. Per epoch the main process logs the metrics
+(the val ones linked to that epoch's LoggedModel), the val scores file, ``history.csv`` and a
+resumable checkpoint, so a crash loses at most the epoch in progress.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+
+from sceneml import plots
+from sceneml.config import TrainConfig
+from sceneml.data import PreparedData, prepare_data
+from sceneml.data.sources import cache_dir
+from sceneml.engine import distributed
+from sceneml.engine.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from sceneml.engine.loop import EpochTrainer, build_optimizer, build_scheduler, seed_everything
+from sceneml.errors import SceneMLError
+from sceneml.metrics import best_index, classification_metrics, confusion_matrix
+from sceneml.models import build_model, freeze_backbone, pick_device
+from sceneml.scores import scores_from_csv, scores_to_csv
+from sceneml.tracking.models import TAG_BEST, TAG_DIGEST, TAG_EPOCH, log_checkpoint
+from sceneml.tracking.runs import (
+    MetricBuffer,
+    log_csv,
+    log_figure,
+    log_json,
+    log_params_once,
+    set_tags,
+    task_run,
+)
+from sceneml.tracking.store import with_retries
+
+log = logging.getLogger(__name__)
+CHECKPOINT_ARTIFACT = "checkpoints/last.pt"
+FAULT_ENV = "SCENEML_FAULT_AT_STEP"
+
+
+def local_checkpoint_path(run_id: str) -> Path:
+    """Where the resumable checkpoint is written before it is logged; the file name is the
+    artifact's name (CHECKPOINT_ARTIFACT), one folder per run."""
+    return cache_dir() / "checkpoints" / run_id / Path(CHECKPOINT_ARTIFACT).name
+
+
+def checkpoint_name(run_name: str, epoch: int) -> str:
+    """The LoggedModel's name, e.g. ``adamw-lr0_001-e2`` (MLflow refuses '.', '/', ':' ... in model names)."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", f"{run_name}-e{epoch}")
+
+
+def train(cfg: TrainConfig, run_name: str | None = None, nested: bool = False) -> str:
+    """Train one model as one MLflow run; returns the run id ("" on the other ranks of a torchrun
+    launch, which train their shards but do not talk to MLflow)."""
+    cfg.validate()
+    ctx, device_name = distributed.setup(cfg.device)
+    if ctx is not None and cfg.resume:
+        raise SceneMLError("resume under torchrun is not supported yet: resume the run in a single process")
+    try:
+        return _train(cfg, run_name or f"{cfg.optimizer}-lr{cfg.lr:g}", nested, ctx, pick_device(device_name))
+    finally:
+        distributed.teardown()
+
+
+def _train(cfg: TrainConfig, run_name: str, nested: bool, ctx: distributed.DistContext | None,
+           device: torch.device) -> str:
+    seed_everything(cfg.seed)
+    master = distributed.is_main_process()
+    progress = not cfg.quiet and master
+    if not master:
+        distributed.barrier()  # rank 0 decodes into the shared cache first; the others then read it
+    data = prepare_data(cfg.data, cfg.image_size, cfg.seed, cfg.val_fraction, cfg.test_fraction,
+                        cfg.limit_per_class, cfg.decode_workers(), progress)
+    if master:
+        distributed.barrier()
+    model, weights_resolved = build_model(cfg.arch, len(data.classes), cfg.weights)
+    if cfg.freeze_backbone:
+        freeze_backbone(cfg.arch, model)
+    model = model.to(device, memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
+    scheduler = build_scheduler(cfg.scheduler, optimizer, cfg.epochs)
+    trainer = EpochTrainer(cfg, data, model, optimizer, device, ctx)
+    on_step = _fault_injector()
+
+    # One loop for every rank; only the main process opens the run, validates, logs and checkpoints.
+    with task_run(run_name, nested=nested, run_id=cfg.resume or None) if master else contextlib.nullcontext() as run:
+        log_run = RunLog(run.info.run_id, run_name, cfg, data, trainer, scheduler) if master else None
+        if master and cfg.resume:
+            log_run.restore()
+        elif master:
+            log_run.log_data(weights_resolved, ctx.world_size if ctx else 1)
+        for epoch in range(log_run.next_epoch if master else 1, cfg.epochs + 1):
+            lr = optimizer.param_groups[0]["lr"]
+            train_loss, train_seconds = trainer.train_pass(epoch, log_run.on_losses if master else None, on_step,
+                                                           progress)
+            if scheduler is not None:
+                scheduler.step()
+            if master:
+                log_run.end_epoch(epoch, lr, train_loss, train_seconds)
+            distributed.barrier()  # the other ranks wait here while the main process validates and logs
+        if master:
+            log_run.finish()
+    return run.info.run_id if master else ""
+
+
+def _fault_injector() -> Callable[[], None] | None:
+    """``SCENEML_FAULT_AT_STEP=N:interrupt`` or ``N:pause``: after the N-th optimizer step of this
+    process, raise KeyboardInterrupt (what Ctrl-C does) or stop and wait for a signal. The crash
+    tests use it to kill a run at a known batch without sleeping; unset, it costs nothing."""
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec:
+        return None
+    at, _, action = spec.partition(":")
+    steps = [0]
+
+    def on_step() -> None:
+        steps[0] += 1
+        if steps[0] != int(at):
+            return
+        if action == "interrupt":
+            raise KeyboardInterrupt
+        print(f"sceneml: paused after step {at} ({FAULT_ENV})", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(3600)
+
+    return on_step
+
+
+class RunLog:
+    """What the main process writes to the run, epoch by epoch, and reads back on resume."""
+
+    def __init__(self, run_id: str, run_name: str, cfg: TrainConfig, data: PreparedData, trainer: EpochTrainer,
+                 scheduler) -> None:
+        self.run_id, self.run_name, self.cfg, self.data = run_id, run_name, cfg, data
+        self.trainer, self.scheduler = trainer, scheduler
+        self.metrics = MetricBuffer(run_id)
+        self.history: list[dict] = []
+        self.batch_losses: list[tuple[int, float]] = []
+        self.models: dict[int, str] = {}  # epoch -> LoggedModel id
+        self.next_epoch = 1
+        self.log_seconds = 0.0  # time spent writing to MLflow in the current epoch
+        self.meta = {"sceneml": {"classes": data.classes, "image_size": data.image_size, "arch": cfg.arch,
+                                 "data": cfg.data, "data_digest": data.digest, "training_run_id": run_id}}
+
+    def log_data(self, weights_resolved: str, world_size: int) -> None:
+        cfg, data = self.cfg, self.data
+        params = {**cfg.as_params(), "world_size": world_size, "num_classes": len(data.classes),
+                  "classes": ",".join(data.classes), "image_size_resolved": data.image_size,
+                  "n_train": len(data.splits["train"]), "n_val": len(data.splits["val"]),
+                  "n_test": len(data.splits["test"]), "images_skipped": len(data.skipped),
+                  "weights_resolved": weights_resolved, "data_digest": data.digest}
+        log_params_once(self.run_id, params)
+        set_tags(self.run_id, {TAG_DIGEST: data.digest, "sceneml.arch": cfg.arch, "sceneml.optimizer": cfg.optimizer})
+        dataset = mlflow.data.from_pandas(pd.read_csv(io.StringIO(data.manifest)),
+                                          source=str(data.source.root), name=f"{data.source.kind}-splits",
+                                          digest=data.digest)
+        with_retries(mlflow.log_input, dataset, context="training")
+        with_retries(mlflow.log_text, data.manifest, "data/split_manifest.csv")
+        log_json(data.class_to_idx, "data/class_to_idx.json")
+        log_json({**cfg.as_params(), "image_size_resolved": data.image_size, "weights_resolved": weights_resolved,
+                  "source_root": str(data.source.root)}, "config.json")
+        if data.skipped:
+            log_json(data.skipped, "data/skipped_images.json")
+        if self.trainer.cached is not None:
+            self.metrics.add_many({"feature_cache_seconds": self.trainer.feature_cache_seconds,
+                                   "features_from_disk": float(self.trainer.features_from_disk)}, 1)
+
+    def restore(self) -> None:
+        """Model, optimizer, scheduler and RNG states, and this log's own state, from the last
+        finished epoch's checkpoint (the local copy, else the logged one)."""
+        path = local_checkpoint_path(self.run_id)
+        if not path.exists():
+            try:
+                path = Path(mlflow.artifacts.download_artifacts(run_id=self.run_id, artifact_path=CHECKPOINT_ARTIFACT))
+            except Exception:
+                raise SceneMLError(f"run {self.run_id} has no resumable checkpoint (no finished epoch?)") from None
+        state = load_checkpoint(path)
+        self.trainer.model.load_state_dict(state["model"])
+        self.trainer.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        self.next_epoch = state["epoch"] + 1
+        self.history = json.loads(state["history"])
+        self.models = {int(k): v for k, v in json.loads(state["models"]).items()}
+        self.batch_losses = [tuple(x) for x in json.loads(state["batch_losses"])]
+        log.info("resuming run %s after epoch %d", self.run_id, state["epoch"])
+
+    def on_losses(self, values: list[float]) -> None:
+        started = time.perf_counter()
+        for v in values:
+            # batch_losses holds every earlier batch (restored on resume): its length is the global step
+            self.batch_losses.append((len(self.batch_losses) + 1, v))
+            self.metrics.add("train_batch_loss", v, len(self.batch_losses))
+        self.metrics.flush()
+        self.log_seconds += time.perf_counter() - started
+
+    def end_epoch(self, epoch: int, lr: float, train_loss: float, train_seconds: float) -> None:
+        """Validate on the whole val split, then log the epoch's metrics, checkpoint and resumable state."""
+        cfg, data, trainer = self.cfg, self.data, self.trainer
+        val = data.splits["val"]
+        scores = trainer.val_scores()
+        val_metrics = classification_metrics(val.labels, scores, data.classes, "val")
+        started = time.perf_counter()
+        model_id = log_checkpoint(
+            trainer.model, name=checkpoint_name(self.run_name, epoch), step=epoch,
+            params={"arch": cfg.arch, "optimizer": cfg.optimizer, "lr": cfg.lr, "epoch": epoch},
+            tags={TAG_EPOCH: epoch, TAG_DIGEST: data.digest, "sceneml.run_id": self.run_id},
+            metadata={"sceneml": {**self.meta["sceneml"], "epoch": epoch}})
+        self.models[epoch] = model_id
+        self.metrics.add_many(val_metrics, epoch, model_id=model_id)
+        self.metrics.add_many({"train_loss": train_loss, "lr": lr}, epoch)
+        self.metrics.flush()
+        with_retries(mlflow.log_text, scores_to_csv(val.paths, val.labels, scores, data.classes),
+                     f"val_scores/epoch_{epoch:03d}.csv")
+        self.history.append({"epoch": epoch, "train_loss": train_loss, "lr": lr, **val_metrics})
+        log_csv(self.history, "history.csv")
+        ckpt = local_checkpoint_path(self.run_id)
+        save_checkpoint(ckpt, trainer.model, trainer.optimizer, self.scheduler, epoch, {
+            "history": json.dumps(self.history), "models": json.dumps(self.models),
+            "batch_losses": json.dumps(self.batch_losses)})
+        with_retries(mlflow.log_artifact, str(ckpt), "checkpoints")
+        self.log_seconds += time.perf_counter() - started
+        self.metrics.add_many({"epoch_seconds": train_seconds + time.perf_counter() - started,
+                               "train_seconds": train_seconds, "train_images_per_sec": len(data.splits["train"])
+                               / train_seconds, "log_seconds": self.log_seconds}, epoch)
+        self.metrics.flush()
+        self.log_seconds = 0.0
+        if not cfg.quiet:
+            print(f"epoch {epoch}: train_loss {train_loss:.4f}  val_loss {val_metrics['val_loss']:.4f}  "
+                  f"val_acc {val_metrics['val_acc']:.3f}  val_mAP {val_metrics['val_mAP']:.3f}", flush=True)
+
+    def finish(self) -> None:
+        """The best epoch by the select metric (the rule select uses too), its tags and the figures."""
+        cfg, data, history = self.cfg, self.data, self.history
+        metric = cfg.select_metric
+        best = history[best_index([h[metric] for h in history], [h["val_loss"] for h in history], metric)]
+        epoch = best["epoch"]
+        self.metrics.add_many({"best_epoch": epoch, **{f"best_{k}": best[k] for k in
+                                                      ("val_mean_class_acc", "val_mAP", "val_acc", "val_loss")}},
+                              cfg.epochs)
+        self.metrics.flush()
+        for e, model_id in self.models.items():
+            with_retries(mlflow.set_logged_model_tags, model_id, {TAG_BEST: str(e == epoch).lower()})
+        set_tags(self.run_id, {"sceneml.best_model_id": self.models[epoch], "sceneml.best_epoch": epoch,
+                               "sceneml.select_metric": metric})
+
+        classes, val = data.classes, data.splits["val"]
+        # the best epoch's predictions, read back from the file it logged (a resumed run has no others)
+        _, y_true, scores, _ = scores_from_csv(
+            mlflow.artifacts.load_text(f"runs:/{self.run_id}/val_scores/epoch_{epoch:03d}.csv"))
+        cm = confusion_matrix(y_true, np.asarray(scores).argmax(1), len(classes))
+        log_figure(plots.loss_curves(history, self.batch_losses), "figures/loss_curves.png")
+        log_figure(plots.per_class_bars({c: best[f"val_ap_{c}"] for c in classes},
+                                        f"Per-class average precision (val, best epoch {epoch})",
+                                        "average precision", "mAP"), "figures/val_per_class_ap.png")
+        log_figure(plots.per_class_bars({c: best[f"val_acc_{c}"] for c in classes},
+                                        f"Per-class accuracy (val, best epoch {epoch})",
+                                        "accuracy (recall)", "mean class acc"), "figures/val_per_class_acc.png")
+        log_figure(plots.metric_curves(history, ["val_mAP", "val_mean_class_acc", "val_acc"],
+                                       "Validation scores per epoch"), "figures/val_scores_per_epoch.png")
+        log_figure(plots.confusion_matrix_figure(cm, classes, f"Confusion matrix (val, epoch {epoch}, n={len(val)})"),
+                   "figures/val_confusion_matrix.png")

@@ -1,0 +1,88 @@
+"""Checkpoints as MLflow models: logging one (a LoggedModel with the pytorch and image-pyfunc flavors),
+and reading back what sceneml wrote into it (metadata, the registered version behind a URI).
+
+The pytorch flavor is saved in MLflow's ``pickle`` format together with the sceneml package
+(``code_paths``): ``mlflow.pytorch.load_model`` then returns the eager torchvision module itself,
+which runs ``.eval()``, forward hooks on its named modules and any image size. The ``pt2`` format
+would give a graph traced at one input shape, with neither. MLflow 3.17 unpickles by default
+(``MLFLOW_ALLOW_PICKLE_DESERIALIZATION`` defaults to true); only load models from a store you trust.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import mlflow
+import torch
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model
+
+from sceneml.errors import SceneMLError
+from sceneml.tracking import pyfunc
+from sceneml.tracking.store import with_retries
+
+log = logging.getLogger(__name__)
+
+TAG_BEST = "sceneml.best"
+TAG_EPOCH = "sceneml.epoch"
+TAG_DIGEST = "sceneml.data_digest"
+CHECKPOINT_FORMAT = "pickle"  # an eager module on load; pt2 would be a fixed-shape graph without hooks
+
+
+def pip_requirements() -> list[str]:
+    """Pinned to what is running. Passing them explicitly also skips MLflow's slow requirement
+    inference (about 6 s per logged model)."""
+    import torchvision
+
+    return [f"torch=={torch.__version__.split('+')[0]}",
+            f"torchvision=={torchvision.__version__.split('+')[0]}",
+            f"mlflow=={mlflow.__version__}", "numpy", "pandas", "pillow", "tqdm"]
+
+
+def log_checkpoint(model: torch.nn.Module, name: str, step: int, params: dict[str, object],
+                   tags: dict[str, object], metadata: dict) -> str:
+    """Log ``model`` (a CPU copy in eval mode) as an MLflow 3 LoggedModel, servable on images.
+    Returns its ``model_id``."""
+    cpu_model = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).eval()
+    # Model.log with tracking.pyfunc as the flavor: the pytorch flavor plus an image pyfunc
+    info = with_retries(
+        Model.log, artifact_path=None, flavor=pyfunc, pytorch_model=cpu_model, name=name, step=step,
+        serialization_format=CHECKPOINT_FORMAT, pip_requirements=pip_requirements(),
+        params={k: str(v) for k, v in params.items()}, tags={k: str(v) for k, v in tags.items()},
+        metadata=metadata,
+    )
+    # log_model makes the new model "active": later metrics without model_id would be linked to it
+    mlflow.clear_active_model()
+    return info.model_id
+
+
+def model_metadata(model_uri: str) -> dict:
+    """What sceneml wrote into a logged model (classes, image size, arch, data, training run), plus its id."""
+    try:
+        info = mlflow.models.get_model_info(model_uri)
+    except Exception as exc:
+        raise SceneMLError(f"model_uri {model_uri!r} does not resolve: {str(exc).splitlines()[0]}") from None
+    meta = (info.metadata or {}).get("sceneml")
+    if not meta:
+        raise SceneMLError(f"{model_uri} was not logged by sceneml (no sceneml metadata)")
+    return {**meta, "model_id": info.model_id}
+
+
+def registered_version(model_uri: str):
+    """The ModelVersion behind ``models:/name@alias`` or ``models:/name/version``, else None."""
+    if not model_uri.startswith("models:/"):
+        return None
+    ref = model_uri[len("models:/"):]
+    client = MlflowClient()
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            return client.get_model_version_by_alias(name, alias)
+        if "/" in ref:
+            name, version = ref.split("/", 1)
+            return client.get_model_version(name, version)
+    except MlflowException:
+        return None
+    return None

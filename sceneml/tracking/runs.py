@@ -1,0 +1,152 @@
+"""One run's life and what it writes: the lifecycle every task runs in (:func:`task_run`), batched
+metric writes, params, tags, JSON, tables and figures, all with retries.
+
+All metrics go through :class:`MetricBuffer` and ``MlflowClient.log_batch`` with an explicit
+``model_id`` (or none). Two reasons: one write per N batches instead of one per batch, and
+``mlflow.log_metric`` without ``model_id`` silently links metrics to the most recently logged model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+
+from sceneml.errors import SceneMLError
+from sceneml.tracking.store import init_store, with_retries
+
+log = logging.getLogger(__name__)
+
+TAG_ERROR = "sceneml.error"
+
+
+@contextlib.contextmanager
+def task_run(run_name: str | None = None, nested: bool = False, run_id: str | None = None,
+             ) -> Iterator[mlflow.ActiveRun]:
+    """The one run lifecycle of every task.
+
+    Sets up the store, then continues ``run_id`` (resume), adopts the run ``mlflow run`` started for
+    this process, or starts a new (nested) run named ``run_name``. If the body raises, the run ends
+    FAILED with the error in tag ``sceneml.error`` (KILLED for Ctrl-C or an exception that says
+    ``marks_run_killed``), never RUNNING; the exception goes on to the caller.
+    """
+    init_store()
+    launched = launched_by_mlflow_run()
+    if run_id:
+        raise_if_missing_run(run_id)
+        if launched and launched != run_id:
+            # `mlflow run -P resume=X` created a fresh run for this launch; say where the work went
+            set_tags(launched, {"sceneml.resumed_into": run_id,
+                                "mlflow.note.content": f"This launch resumed run {run_id}."})
+        context = mlflow.start_run(run_id=run_id)
+    elif launched and mlflow.active_run() is None:
+        context = mlflow.start_run(run_id=launched)
+        if run_name:  # `mlflow run` names its runs at random; say what this one is
+            set_tags(launched, {"mlflow.runName": run_name})
+    else:
+        context = mlflow.start_run(run_name=run_name, nested=nested)
+    with context as run:
+        try:
+            yield run
+        except KeyboardInterrupt:
+            # ended here, so MLflow's own __exit__ cannot overwrite KILLED with FAILED
+            end_run_as(run.info.run_id, "KILLED", "interrupted (KeyboardInterrupt)")
+            raise
+        except BaseException as exc:
+            killed = getattr(exc, "marks_run_killed", False)
+            end_run_as(run.info.run_id, "KILLED" if killed else "FAILED", f"{type(exc).__name__}: {exc}")
+            raise
+
+
+def end_run_as(run_id: str, status: str, error: str | None = None) -> None:
+    """Terminate ``run_id`` with ``status`` (and the error as a tag), popping it if it is active."""
+    with contextlib.suppress(Exception):
+        if error:
+            set_tags(run_id, {TAG_ERROR: error[:5000]})
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == run_id:
+            mlflow.end_run(status)
+        else:
+            MlflowClient().set_terminated(run_id, status)
+
+
+def launched_by_mlflow_run() -> str | None:
+    """The run id ``mlflow run`` created for this process, if any, taken out of the environment.
+
+    MLflow's ``start_run`` re-uses ``MLFLOW_RUN_ID`` even for ``nested=True``, so once adopted it must
+    go, or the first child run would silently be the parent again.
+    """
+    return os.environ.pop("MLFLOW_RUN_ID", None)
+
+
+def raise_if_missing_run(run_id: str) -> None:
+    try:
+        MlflowClient().get_run(run_id)
+    except Exception:
+        raise SceneMLError(f"run {run_id!r} does not exist in the tracking store {mlflow.get_tracking_uri()}") from None
+
+
+class MetricBuffer:
+    """Collects metrics and writes them in batches (MLflow accepts up to 1000 per call)."""
+
+    def __init__(self, run_id: str, client: MlflowClient | None = None):
+        self.run_id = run_id
+        self.client = client or MlflowClient()
+        self.pending: list[Metric] = []
+
+    def add(self, key: str, value: float, step: int, model_id: str | None = None) -> None:
+        self.pending.append(Metric(key, float(value), int(time.time() * 1000), int(step), model_id=model_id))
+
+    def add_many(self, values: dict[str, float], step: int, model_id: str | None = None) -> None:
+        for key, value in values.items():
+            self.add(key, value, step, model_id)
+
+    def flush(self) -> None:
+        while self.pending:
+            chunk, self.pending = self.pending[:1000], self.pending[1000:]
+            try:
+                with_retries(self.client.log_batch, self.run_id, metrics=chunk)
+            except Exception:
+                self.pending = chunk + self.pending  # keep them for the next flush
+                raise
+
+
+def log_params_once(run_id: str, params: dict[str, object], client: MlflowClient | None = None) -> None:
+    """Log params the run does not have yet. ``mlflow run`` already logged the entry-point params
+    (as the strings given); logging the same key again with another spelling would be an error."""
+    client = client or MlflowClient()
+    existing = client.get_run(run_id).data.params
+    new = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+    for start in range(0, len(new), 100):
+        with_retries(client.log_batch, run_id, params=new[start:start + 100])
+
+
+def set_tags(run_id: str, tags: dict[str, object], client: MlflowClient | None = None) -> None:
+    client = client or MlflowClient()
+    with_retries(client.log_batch, run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_json(data: object, artifact_file: str) -> None:
+    with_retries(mlflow.log_text, json.dumps(data, indent=2, sort_keys=True, default=str), artifact_file)
+
+
+def log_figure(fig, artifact_file: str) -> None:
+    from sceneml.plots import close
+
+    try:
+        with_retries(mlflow.log_figure, fig, artifact_file)
+    finally:
+        close(fig)
+
+
+def log_csv(table: pd.DataFrame | list[dict], artifact_file: str) -> None:
+    frame = table if isinstance(table, pd.DataFrame) else pd.DataFrame(table)
+    with_retries(mlflow.log_text, frame.to_csv(index=False, lineterminator="\n"), artifact_file)

@@ -1,0 +1,100 @@
+"""The folder tree is the architecture: read every import with `ast` and check the layers hold.
+
+    cli                 entry-point plumbing (torch-free)
+    tasks/              one module per MLflow entry point
+    tracking/           the MLflow I/O layer
+    engine/             torch only: the epoch loop, inference, checkpoints, feature cache, DDP
+    models              torchvision networks and their weights
+    data/ metrics scores plots analysis/    pure computation
+    config errors       torch-free
+A module may import its own layer and the layers below, never one above; there is no import cycle.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+from .conftest import REPO
+
+PACKAGE = REPO / "sceneml"
+RANK = {"sceneml": 0, "errors": 0, "config": 0, "data": 1, "metrics": 1, "scores": 1, "plots": 1, "analysis": 1,
+        "models": 2, "engine": 3, "tracking": 4, "tasks": 5, "cli": 6}
+TORCH_FREE = {"sceneml", "errors", "config", "cli", "metrics", "scores", "data"}
+MLFLOW_ALLOWED = {"tracking", "tasks"}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> list[str]:
+    """Every imported module name, lazy imports inside functions included."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.append(node.module)
+            # `from sceneml.tracking import pyfunc` imports the submodule sceneml.tracking.pyfunc
+            names += [f"{node.module}.{a.name}" for a in node.names
+                      if (PACKAGE.parent / f"{node.module}.{a.name}".replace(".", "/")).with_suffix(".py").exists()]
+    return names
+
+
+def _layer(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "sceneml"
+
+
+MODULES = {_module_name(p): _imports(p) for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def test_every_module_has_a_layer():
+    assert {_layer(m) for m in MODULES} <= set(RANK), {_layer(m) for m in MODULES} - set(RANK)
+
+
+def test_no_module_imports_a_higher_layer():
+    upward = [(m, i) for m, imports in MODULES.items() for i in imports
+              if i.startswith("sceneml") and RANK[_layer(i)] > RANK[_layer(m)]]
+    assert upward == []
+
+
+def test_torch_and_mlflow_stay_in_their_layers():
+    torch_in = [(m, i) for m, imports in MODULES.items() for i in imports
+                if _layer(m) in TORCH_FREE and i.split(".")[0] in ("torch", "torchvision")]
+    assert torch_in == []
+    mlflow_in = [(m, i) for m, imports in MODULES.items() for i in imports
+                 if i.split(".")[0] == "mlflow" and _layer(m) not in MLFLOW_ALLOWED]
+    assert mlflow_in == []
+
+
+def test_no_import_cycle():
+    graph = {m: {i for i in imports if i in MODULES and i != m} for m, imports in MODULES.items()}
+    # a package's __init__ importing its own submodules is how packages re-export, not a cycle
+    graph = {m: {i for i in deps if not (i.startswith(m + ".") or m.startswith(i + "."))} for m, deps in graph.items()}
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for dep in graph[m]:
+            assert state.get(dep) != 1, f"import cycle: {' -> '.join([*path, m, dep])}"
+            if dep not in state:
+                visit(dep, [*path, m])
+        state[m] = 2
+
+    for module in graph:
+        if module not in state:
+            visit(module, [])
+
+
+def test_entry_point_help_imports_no_torch():
+    out = subprocess.run([sys.executable, "-X", "importtime", str(REPO / "entrypoints" / "train.py"), "--help"],
+                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert out.returncode == 0 and "--optimizer" in out.stdout
+    imported = {line.split("|")[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+    assert "sceneml.config" in imported
+    assert not {m for m in imported if m.split(".")[0] in ("torch", "torchvision", "mlflow")}
