@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) -m mlflow run . --env-manager local
+	$(PY) -m mlflow run . --env-manager local --experiment-name sceneml
 
 # the fast tier: unit tests, no `mlflow run`, no subprocess training
 check: install

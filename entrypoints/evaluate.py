@@ -2,13 +2,13 @@
 
 import click
 
-from sceneml.cli import setup_logging, user_errors_as_one_line
+from sceneml.cli import none_is_empty, setup_logging, user_errors_as_one_line
 from sceneml.config import check_device_name
 
 
 @click.command()
 @click.option("--model-uri", default="models:/sceneml@champion")
-@click.option("--data", default="", help="default: the data the model was trained on")
+@click.option("--data", default="", callback=none_is_empty, help="default: the data the model was trained on")
 @click.option("--split", default="test")
 @click.option("--device", default="auto")
 @user_errors_as_one_line

@@ -2,13 +2,13 @@
 
 import click
 
-from sceneml.cli import setup_logging, user_errors_as_one_line
+from sceneml.cli import none_is_empty, setup_logging, user_errors_as_one_line
 from sceneml.config import check_select_metric
 
 
 @click.command()
-@click.option("--experiment", default="", help="experiment name; default: the active one")
-@click.option("--parent-run-id", default="", help="restrict to the children of one study")
+@click.option("--experiment", default="", callback=none_is_empty, help="experiment name; default: the active one")
+@click.option("--parent-run-id", default="", callback=none_is_empty, help="restrict to the children of one study")
 @click.option("--select-metric", default="val_mean_class_acc")
 @click.option("--model-name", default="sceneml")
 @click.option("--alias", default="champion")

@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from sceneml.cli import setup_logging, train_config, train_options, user_errors_as_one_line
+from sceneml.cli import none_is_empty, setup_logging, train_config, train_options, user_errors_as_one_line
 from sceneml.config import TrainConfig
 
 D = TrainConfig()
@@ -19,7 +19,7 @@ D = TrainConfig()
 @train_options
 @click.option("--optimizer", default=D.optimizer)
 @click.option("--lr", type=float, default=D.lr)
-@click.option("--resume", default="", help="run id of an interrupted run to continue")
+@click.option("--resume", default="", callback=none_is_empty, help="run id of an interrupted run to continue")
 @click.option("--nproc", type=int, default=1, help="processes (one per GPU) under torchrun; 1 = no torchrun")
 @user_errors_as_one_line
 def main(resume: str, nproc: int, **params) -> None:

@@ -19,6 +19,12 @@ import click
 from sceneml.config import AnalyzeConfig, TrainConfig, parse_bool
 from sceneml.errors import SceneMLError
 
+
+def none_is_empty(_ctx, _param, value: str) -> str:
+    """MLproject writes "nothing" as ``none`` (an empty default would be logged as the literal '')."""
+    return "" if value is None or value.strip().lower() == "none" else value
+
+
 _D = TrainConfig()
 # The training options of `train` and `main` (names are the MLproject parameters, dashed).
 _TRAIN_OPTIONS = [
@@ -41,6 +47,8 @@ _TRAIN_OPTIONS = [
     click.option("--num-workers", default=_D.num_workers, help="decode threads"),
     click.option("--select-metric", default=_D.select_metric,
                  help="what 'best epoch' means: val_mean_class_acc, val_mAP, val_acc or val_loss"),
+    click.option("--keep-checkpoints", default=_D.keep_checkpoints,
+                 help="checkpoints a finished run keeps: best, improved or all"),
     click.option("--quiet", is_flag=True, help="no progress bars"),
 ]
 
@@ -48,13 +56,16 @@ _A = AnalyzeConfig()
 # The analysis options of `analyze`; `main` takes n_images and compare of them.
 ANALYZE_OPTIONS = {
     "model_uri": click.option("--model-uri", default=_A.model_uri),
-    "data": click.option("--data", default=_A.data, help="default: the data the model was trained on"),
+    "data": click.option("--data", default=_A.data, callback=none_is_empty,
+                         help="default: the data the model was trained on"),
     "split": click.option("--split", default=_A.split),
-    "classes": click.option("--classes", default=_A.classes, help="comma list; default all"),
+    "classes": click.option("--classes", default=_A.classes, callback=none_is_empty, help="comma list; default all"),
     "k": click.option("--k", type=int, default=_A.k),
-    "modules": click.option("--modules", default=_A.modules, help="comma list of module names"),
+    "modules": click.option("--modules", default=_A.modules, callback=none_is_empty,
+                            help="comma list of module names"),
     "n_images": click.option("--n-images", type=int, default=_A.n_images, help="images per data set"),
-    "compare": click.option("--compare", default=_A.compare, help="comma list of name=path data sets"),
+    "compare": click.option("--compare", default=_A.compare, callback=none_is_empty,
+                            help="comma list of name=path data sets"),
     "top_eigen": click.option("--top-eigen", type=int, default=_A.top_eigen),
     "device": click.option("--device", default=_A.device),
 }

@@ -19,6 +19,8 @@ SCHEDULERS = ("none", "cosine", "step")
 # The metrics a "best epoch" and the champion can be chosen by; val_loss is the one where lower wins.
 SELECT_METRICS = ("val_mean_class_acc", "val_mAP", "val_acc", "val_loss")
 LOWER_IS_BETTER = frozenset({"val_loss"})
+# Which epoch checkpoints a finished run keeps: its best one, every one that improved, or all.
+KEEP_CHECKPOINTS = ("best", "improved", "all")
 
 
 def check_device_name(name: str) -> None:
@@ -59,6 +61,7 @@ class TrainConfig:
     device: str = "auto"
     num_workers: str = "auto"  # decode threads; "auto" = number of CPU cores, at most 8
     select_metric: str = "val_mean_class_acc"  # what "best epoch" means; the study passes its own
+    keep_checkpoints: str = "best"  # best | improved | all
     resume: str = ""
     quiet: bool = False
 
@@ -68,6 +71,7 @@ class TrainConfig:
         _choice("optimizer", self.optimizer, OPTIMIZERS)
         _choice("scheduler", self.scheduler, SCHEDULERS)
         check_select_metric(self.select_metric)
+        _choice("keep_checkpoints", self.keep_checkpoints, KEEP_CHECKPOINTS)
         if not self.lr > 0:
             raise SceneMLError(f"lr must be > 0, got {self.lr}")
         if self.epochs < 1:
@@ -133,6 +137,7 @@ class StudyConfig:
     lrs: str = "0.001"
     model_name: str = "sceneml"
     analyze: AnalyzeConfig = dataclasses.field(default_factory=AnalyzeConfig)
+    experiment: str = "sceneml"  # where the study goes unless --experiment-name / MLFLOW_EXPERIMENT_* say
 
     def children(self) -> list[TrainConfig]:
         """Every child's config, each validated before the first one trains."""
@@ -145,6 +150,15 @@ class StudyConfig:
             raise SceneMLError(f"model_name {self.model_name!r} may only use letters, digits, '.', '_' and '-'")
         self.analyze.validate()
         return self
+
+
+def param_text(value: object) -> str:
+    """One spelling per value in logged params: true/false, and "none" for nothing."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None or value == "":
+        return "none"
+    return str(value)
 
 
 def parse_bool(value: str | bool) -> bool:

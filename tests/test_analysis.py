@@ -195,7 +195,7 @@ def _check_galleries(run_id: str, scores_text: str, k: int) -> None:
 def test_study_analyze_run_uses_the_evaluation_scores(study):
     _, exp_id = study
     by_name = {r.info.run_name: r for r in MlflowClient().search_runs([exp_id], "tags.mlflow.parentRunId != ''")}
-    evaluation, analyze = by_name["evaluate"], by_name["analyze"]
+    evaluation, analyze = by_name["evaluate v1 test"], by_name["analyze v1"]
     assert analyze.data.tags["sceneml.model_id"] == evaluation.data.tags["sceneml.model_id"]
     scores_text = mlflow.artifacts.load_text(f"runs:/{evaluation.info.run_id}/scores_test.csv")
     _check_galleries(analyze.info.run_id, scores_text, 10)

@@ -20,7 +20,7 @@ from .conftest import mlflow_run_in_tmp
 def test_two_process_ddp_logs_one_run_with_all_reduced_losses_and_whole_split_validation(tmp_path):
     uri, exp_id, _ = mlflow_run_in_tmp(tmp_path, "ddp", "train_ddp", {
         "nproc": "2", "data": "synthetic:30", "epochs": "2", "weights": "none", "batch_size": "16",
-        "device": "cpu"})
+        "device": "cpu", "keep_checkpoints": "all"})
     client = MlflowClient()
     (run,) = client.search_runs([exp_id])  # rank 1 trained too, but only rank 0 talks to MLflow
     assert run.info.status == "FINISHED"

@@ -22,9 +22,9 @@ from sceneml.config import TrainConfig
 from sceneml.data import load_split_from_manifest
 from sceneml.data.sources import resolve_source
 from sceneml.tasks.select import select_champion
-from sceneml.tasks.train import train
+from sceneml.tasks.train import local_checkpoint_path, train
 
-from .conftest import free_port, mlflow_run, subprocess_env, url_answers, wait_for
+from .conftest import REPO, free_port, mlflow_run, subprocess_env, url_answers, wait_for
 
 
 def _runs(exp_id):
@@ -39,7 +39,7 @@ def _runs(exp_id):
 def test_children_select_and_evaluate_runs_hang_under_the_parent(study):
     _, exp_id = study
     parent, children = _runs(exp_id)
-    assert set(children) == {"adamw-lr0.001", "sgd-lr0.001", "select", "evaluate", "analyze"}
+    assert set(children) == {"adamw-lr0.001", "sgd-lr0.001", "select", "evaluate v1 test", "analyze v1"}
     assert all(r.info.status == "FINISHED" for r in (parent, *children.values()))
     artifacts = {a.path for a in MlflowClient().list_artifacts(parent.info.run_id)}
     assert {"comparison.json", "comparison.csv", "figures"} <= artifacts
@@ -50,18 +50,24 @@ def test_champion_is_the_best_checkpoint_of_all_epochs(study):
     _, exp_id = study
     _, children = _runs(exp_id)
     client = MlflowClient()
-    # independent: every child's val_mean_class_acc per epoch, mapped to that epoch's LoggedModel
+    # keep_checkpoints=best (the default): each finished child holds one checkpoint, its best epoch
     models = {(m.source_run_id, int(m.tags["sceneml.epoch"])): m.model_id
-              for m in mlflow.search_logged_models(experiment_ids=[exp_id], output_format="list")}
+              for m in mlflow.search_logged_models(experiment_ids=[exp_id], output_format="list")
+              if m.source_run_id in {r.info.run_id for r in children.values()}}
+    assert sorted(models) == sorted((r.info.run_id, int(r.data.metrics["best_epoch"]))
+                                    for n, r in children.items() if n.endswith("lr0.001"))
+    # independent: every child's val_mean_class_acc of every epoch
     scored = []
     for name in ("adamw-lr0.001", "sgd-lr0.001"):
         run_id = children[name].info.run_id
-        for h in client.get_metric_history(run_id, "val_mean_class_acc"):
-            scored.append((h.value, models[(run_id, h.step)]))
-    best_value = max(v for v, _ in scored)
+        scored += [(h.value, run_id, h.step) for h in client.get_metric_history(run_id, "val_mean_class_acc")]
+        assert "checkpoints" not in {a.path for a in client.list_artifacts(run_id)}  # last.pt went at the end
+        assert not local_checkpoint_path(run_id).parent.exists()
+    best_value = max(v for v, _, _ in scored)
     champion = client.get_model_version_by_alias("sceneml", "champion")
     # the version's source is the exact checkpoint (this store does not fill ModelVersion.model_id)
-    assert champion.source.removeprefix("models:/") in {m for v, m in scored if v == best_value}
+    best_models = {models.get((r, e)) for v, r, e in scored if v == best_value}
+    assert champion.source.removeprefix("models:/") in best_models
     assert champion.tags["sceneml.model_id"] == champion.source.removeprefix("models:/")
     assert champion.tags["sceneml.select_metric"] == "val_mean_class_acc"
     assert float(champion.tags["sceneml.val_mean_class_acc"]) == best_value
@@ -71,7 +77,7 @@ def test_champion_is_the_best_checkpoint_of_all_epochs(study):
 def test_evaluation_test_acc_equals_a_recomputation_with_the_loaded_champion(study):
     _, exp_id = study
     _, children = _runs(exp_id)
-    evaluation = children["evaluate"]
+    evaluation = children["evaluate v1 test"]
     assert evaluation.data.metrics["scores_reload_max_abs_diff"] == 0.0
     champion = MlflowClient().get_model_version_by_alias("sceneml", "champion")
     manifest = mlflow.artifacts.load_text(f"runs:/{champion.run_id}/data/split_manifest.csv")
@@ -200,3 +206,41 @@ def test_champion_is_an_ordinary_pytorch_model_that_agrees_with_predict(study, i
     classes = ["buildings", "forest", "glacier", "mountain", "sea", "street"]
     by_path = dict(zip(predictions["path"], predictions["predicted_class"]))
     assert [classes[i] for i in out["argmax"]] == [by_path[f] for f in files]
+
+
+@pytest.mark.slow
+def test_plain_mlflow_run_puts_the_study_in_its_own_experiment_with_named_runs_and_one_checkpoint_each(
+        tmp_path, hermetic_env):
+    """`mlflow run .` with no experiment: the study lands in experiment `sceneml`; every run has a name
+    that says what it did; each child keeps one checkpoint and no resumable state, here or in the cache."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    try:  # created beforehand only to keep its artifacts in tmp_path; the study finds it by name
+        mlflow.create_experiment("sceneml", artifact_location=(tmp_path / "artifacts").as_uri())
+        proc = subprocess.run(
+            [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local",
+             "-P", "data=synthetic:20", "-P", "image_size=32", "-P", "epochs=2", "-P", "optimizers=adamw,sgd",
+             "-P", "weights=none", "-P", "n_images=20", "-P", "batch_size=16"],
+            env=subprocess_env(MLFLOW_TRACKING_URI=uri), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        client = MlflowClient()
+        study_exp = client.get_experiment_by_name("sceneml").experiment_id
+        runs = client.search_runs([study_exp])
+        assert sorted(r.info.run_name for r in runs) == sorted([
+            "study resnet18 synthetic:20", "adamw-lr0.001", "sgd-lr0.001", "select", "evaluate v1 test",
+            "analyze v1"])
+        assert all(r.info.status == "FINISHED" for r in runs)
+        (pointer,) = client.search_runs(["0"])  # what `mlflow run` created in Default points to the study
+        assert pointer.info.run_name == "main -> experiment sceneml"
+        parent = next(r for r in runs if r.info.run_name.startswith("study"))
+        assert parent.data.params["freeze_backbone"] == "false" and parent.data.params["compare"] == "none"
+        children = [r for r in runs if r.info.run_name.endswith("lr0.001")]
+        assert all(r.data.params["freeze_backbone"] == "false" for r in children)
+        models = mlflow.search_logged_models(experiment_ids=[study_exp], output_format="list")
+        assert sorted(m.name for m in models) == sorted(
+            f"{r.info.run_name.replace('.', '_')}-e{int(r.data.metrics['best_epoch'])}" for r in children)
+        assert len(list((tmp_path / "artifacts").rglob("model.pth"))) == 2  # the files of the others are gone
+        assert not list(tmp_path.rglob("last.pt"))
+        assert not any((hermetic_env / "checkpoints" / r.info.run_id).exists() for r in children)
+    finally:
+        mlflow.set_tracking_uri(None)

@@ -8,6 +8,7 @@ import io
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -19,9 +20,9 @@ from sceneml.data.sources import cache_dir
 from sceneml.errors import SceneMLError
 from sceneml.metrics import per_class_average_precision
 from sceneml.scores import scores_from_csv
-from sceneml.tasks.train import FAULT_ENV, train
+from sceneml.tasks.train import FAULT_ENV, superseded_epochs, train
 
-from .conftest import REPO, mlflow_run_in_tmp
+from .conftest import REPO, mlflow_run_in_tmp, subprocess_env
 
 CLASSES = ["buildings", "forest", "glacier", "mountain", "sea", "street"]
 EPOCH_KEYS = ["train_loss", "val_loss", "val_acc", "val_mAP", "val_mean_class_acc", "lr",
@@ -32,7 +33,8 @@ EPOCH_KEYS = ["train_loss", "val_loss", "val_acc", "val_mAP", "val_mean_class_ac
 def cli_run(tmp_path_factory, hermetic_env):
     """One real `mlflow run . -e train` in a temporary sqlite store, shared by the tests below."""
     uri, exp_id, _ = mlflow_run_in_tmp(tmp_path_factory.mktemp("cli-train"), "train-test", "train",
-                                    {"data": "synthetic:100", "epochs": "3", "weights": "none"})
+                                    {"data": "synthetic:100", "epochs": "3", "weights": "none",
+                                        "keep_checkpoints": "all"})
     runs = MlflowClient(uri).search_runs([exp_id])
     assert len(runs) == 1
     yield uri, runs[0]
@@ -45,13 +47,13 @@ def test_cli_run_beats_chance_and_logs_every_key_with_its_steps(cli_run):
     client = MlflowClient(uri)
     assert run.info.status == "FINISHED"
     metrics = run.data.metrics
-    assert metrics["best_val_mean_class_acc"] >= 0.6, metrics["best_val_mean_class_acc"]  # chance is 1/6
+    assert metrics["val_mean_class_acc_best"] >= 0.6, metrics["val_mean_class_acc_best"]  # chance is 1/6
     for key in EPOCH_KEYS:
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [1, 2, 3], key
     batches = client.get_metric_history(run.info.run_id, "train_batch_loss")
     steps_per_epoch = math.ceil(int(run.data.params["n_train"]) / 32)
     assert sorted(m.step for m in batches) == list(range(1, 3 * steps_per_epoch + 1))
-    for key in ("best_epoch", "best_val_mean_class_acc", "best_val_mAP"):
+    for key in ("best_epoch", "val_mean_class_acc_best", "val_mAP_best", "val_acc_best", "val_loss_best"):
         assert key in metrics
     params = run.data.params
     assert params["classes"] == ",".join(CLASSES) and params["num_classes"] == "6"
@@ -163,7 +165,7 @@ def test_freeze_backbone_trains_the_head_on_cached_features(tracking_uri):
     losses = [h.value for h in client.get_metric_history(run_id, "train_loss")]
     assert losses[-1] < losses[0]
     # a linear probe on random-initialised ResNet18 features still beats chance (1/6) by a margin
-    assert m["best_val_mean_class_acc"] > 0.25
+    assert m["val_mean_class_acc_best"] > 0.25
 
     # a second child of a frozen sweep (same seed, so the same backbone) reuses the features on disk
     files = set((cache_dir() / "features").glob("*.pt"))
@@ -181,3 +183,28 @@ def test_weights_auto_warns_on_the_console_under_mlflow_run(tmp_path, monkeypatc
     assert "resnet18-f37072fd.pth" in proc.stderr and "weights_resolved=none" in proc.stderr
     assert "RANDOM" in proc.stderr
     mlflow.set_tracking_uri(None)
+
+
+def test_keep_checkpoints_drops_what_it_does_not_keep():
+    history = [{"epoch": e, "val_mean_class_acc": v, "val_loss": 1 - v} for e, v in
+               [(1, 0.5), (2, 0.7), (3, 0.6), (4, 0.7)]]
+    models = {e: f"m{e}" for e in range(1, 5)}
+    assert superseded_epochs(history, models, "best", "val_mean_class_acc") == [1, 3, 4]  # the tie goes to 2
+    assert superseded_epochs(history, models, "all", "val_mean_class_acc") == []
+    assert superseded_epochs(history[:3], models, "improved", "val_mean_class_acc") == [3]  # 3 did not improve
+    assert superseded_epochs(history[:2], models, "improved", "val_mean_class_acc") == []
+    assert superseded_epochs(history, models, "best", "val_loss") == [1, 3, 4]  # lowest loss: epoch 2 (first)
+
+
+@pytest.mark.slow
+def test_venv_mlflow_runs_the_project_with_its_own_python_without_activation(tmp_path):
+    """`.venv/bin/mlflow run .` with the venv not on PATH: the MLproject command must still run with the
+    venv's Python (a bare `python` would be the system's, without mlflow or torch)."""
+    mlflow_script = Path(sys.executable).parent / "mlflow"
+    env = {k: v for k, v in subprocess_env().items() if k != "VIRTUAL_ENV"}
+    env.update(PATH="/usr/bin:/bin", MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    proc = subprocess.run([str(mlflow_script), "run", str(REPO), "-e", "train", "--env-manager", "local",
+                           "-P", "data=synthetic:10", "-P", "image_size=32", "-P", "epochs=1", "-P", "weights=none"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "finished" in proc.stdout

@@ -34,8 +34,8 @@ from sceneml.engine.loop import predict_scores
 from sceneml.errors import SceneMLError
 from sceneml.models import pick_device
 from sceneml.scores import scores_from_csv
-from sceneml.tracking.models import model_metadata
-from sceneml.tracking.runs import MetricBuffer, log_csv, log_figure, log_params_once, set_tags, task_run
+from sceneml.tracking.models import model_label, model_metadata
+from sceneml.tracking.runs import MetricBuffer, log_csv, log_figure, log_params_once, rename_run, set_tags, task_run
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +123,10 @@ def _scores_from_evaluation(model_id: str, split: str, paths: list[str]) -> np.n
 def analyze(cfg: AnalyzeConfig, nested: bool = False) -> dict[str, float]:
     """The `analyze` task: one run; returns the logged metrics."""
     cfg.validate()
-    with task_run("analyze", nested=nested):
-        return _analyze(cfg)
+    with task_run("analyze", nested=nested) as run:
+        metrics = _analyze(cfg)
+        rename_run(run.info.run_id, f"analyze {model_label(cfg.model_uri, model_metadata(cfg.model_uri))}")
+    return metrics
 
 
 def _analyze(cfg: AnalyzeConfig) -> dict[str, float]:

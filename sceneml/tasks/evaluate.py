@@ -19,8 +19,8 @@ from sceneml.engine.loop import predict_scores
 from sceneml.metrics import classification_metrics, confusion_matrix
 from sceneml.models import pick_device
 from sceneml.scores import scores_from_csv, scores_to_csv
-from sceneml.tracking.models import model_metadata, registered_version
-from sceneml.tracking.runs import MetricBuffer, log_figure, log_params_once, set_tags, task_run
+from sceneml.tracking.models import model_label, model_metadata, registered_version
+from sceneml.tracking.runs import MetricBuffer, log_figure, log_params_once, rename_run, set_tags, task_run
 from sceneml.tracking.store import with_retries
 
 log = logging.getLogger(__name__)
@@ -30,8 +30,10 @@ def evaluate(model_uri: str = "models:/sceneml@champion", data: str = "", split:
              device: str = "auto", progress: bool = True, nested: bool = False) -> dict[str, float]:
     """The `evaluate` task: one run; returns the logged metrics."""
     pick_device(device)  # a bad device name fails before any run starts
-    with task_run("evaluate", nested=nested):
-        return _evaluate(model_uri, data, split, device, progress)
+    with task_run("evaluate", nested=nested) as run:
+        metrics = _evaluate(model_uri, data, split, device, progress)
+        rename_run(run.info.run_id, f"evaluate {model_label(model_uri, model_metadata(model_uri))} {split}")
+    return metrics
 
 
 def _evaluate(model_uri: str, data: str, split: str, device: str, progress: bool) -> dict[str, float]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 
 import mlflow
@@ -26,15 +27,24 @@ from sceneml.tasks.analyze import analyze
 from sceneml.tasks.evaluate import evaluate
 from sceneml.tasks.select import select
 from sceneml.tasks.train import train
-from sceneml.tracking.runs import MetricBuffer, log_figure, log_params_once, set_tags, task_run
-from sceneml.tracking.store import with_retries
+from sceneml.tracking.runs import (
+    MetricBuffer,
+    launched_by_mlflow_run,
+    log_figure,
+    log_params_once,
+    set_tags,
+    task_run,
+)
+from sceneml.tracking.store import init_store, with_retries
 
 log = logging.getLogger(__name__)
+DEFAULT_EXPERIMENT_ID = "0"  # MLflow's "Default"
 
 
 def study(cfg: StudyConfig) -> dict:
     """The `main` task: train every child, then select, evaluate and analyze the champion."""
     cfg.validate()  # every child's params are checked before the first one trains
+    _choose_experiment(cfg.experiment)
     configs = cfg.children()
     base = cfg.train
     analyze_cfg = dataclasses.replace(cfg.analyze, model_uri=f"models:/{cfg.model_name}@champion", data=base.data,
@@ -42,6 +52,8 @@ def study(cfg: StudyConfig) -> dict:
     with task_run(f"study {base.arch} {base.data}") as parent:
         parent_id = parent.info.run_id
         log_params_once(parent_id, {"optimizers": cfg.optimizers, "lrs": cfg.lrs, "model_name": cfg.model_name,
+                                    "experiment": cfg.experiment, "n_images": cfg.analyze.n_images,
+                                    "compare": cfg.analyze.compare,
                                     **{k: v for k, v in base.as_params().items() if k not in ("optimizer", "lr")}})
         started = time.perf_counter()
         children, failures = {}, {}
@@ -78,6 +90,26 @@ def study(cfg: StudyConfig) -> dict:
     return summary
 
 
+def _choose_experiment(name: str) -> None:
+    """Put the study into experiment ``name``, unless the launch chose one (``mlflow run
+    --experiment-name/--experiment-id``, ``MLFLOW_EXPERIMENT_NAME``/``_ID``). Plain ``mlflow run .``
+    has already created its run in "Default": that run then points to the study and stays empty."""
+    if not name or os.environ.get("MLFLOW_EXPERIMENT_NAME"):
+        return
+    launched = os.environ.get("MLFLOW_RUN_ID")
+    if not launched:
+        if not os.environ.get("MLFLOW_EXPERIMENT_ID"):
+            mlflow.set_experiment(name)
+        return
+    init_store()
+    if MlflowClient().get_run(launched).info.experiment_id != DEFAULT_EXPERIMENT_ID:
+        return  # `mlflow run` was told where to go
+    launched_by_mlflow_run()  # not adopted: the study starts its own run in `name`
+    mlflow.set_experiment(name)
+    set_tags(launched, {"mlflow.runName": f"main -> experiment {name}",
+                        "mlflow.note.content": f"This launch ran the study in experiment '{name}'."})
+
+
 def _log_comparison(parent_id: str, children: dict[str, str], failures: dict[str, str], champion_run_id: str,
                     test_metrics: dict[str, float], select_metric: str) -> None:
     client = MlflowClient()
@@ -87,8 +119,8 @@ def _log_comparison(parent_id: str, children: dict[str, str], failures: dict[str
         m, p = run.data.metrics, run.data.params
         champion = run_id == champion_run_id
         rows.append({"run": name, "run_id": run_id, "optimizer": p.get("optimizer"), "lr": p.get("lr"),
-                     "best_epoch": int(m["best_epoch"]), "best_val_mean_class_acc": m["best_val_mean_class_acc"],
-                     "best_val_mAP": m["best_val_mAP"], "best_val_loss": m.get("best_val_loss"),
+                     "best_epoch": int(m["best_epoch"]), "val_mean_class_acc_best": m["val_mean_class_acc_best"],
+                     "val_mAP_best": m["val_mAP_best"], "val_loss_best": m.get("val_loss_best"),
                      "champion": champion,
                      "test_acc": test_metrics["test_acc"] if champion else None,
                      "test_mAP": test_metrics["test_mAP"] if champion else None,

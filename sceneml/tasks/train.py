@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -36,9 +37,17 @@ from sceneml.errors import SceneMLError
 from sceneml.metrics import best_index, classification_metrics, confusion_matrix
 from sceneml.models import build_model, freeze_backbone, pick_device
 from sceneml.scores import scores_from_csv, scores_to_csv
-from sceneml.tracking.models import TAG_BEST, TAG_DIGEST, TAG_EPOCH, log_checkpoint
+from sceneml.tracking.models import (
+    TAG_BEST,
+    TAG_DIGEST,
+    TAG_EPOCH,
+    delete_checkpoint,
+    kept_checkpoints,
+    log_checkpoint,
+)
 from sceneml.tracking.runs import (
     MetricBuffer,
+    delete_run_artifacts,
     log_csv,
     log_figure,
     log_json,
@@ -116,6 +125,18 @@ def _train(cfg: TrainConfig, run_name: str, nested: bool, ctx: distributed.DistC
         if master:
             log_run.finish()
     return run.info.run_id if master else ""
+
+
+def superseded_epochs(history: list[dict], models: dict[int, str], keep: str, metric: str) -> list[int]:
+    """The epochs whose checkpoints ``keep`` drops now: for ``best`` every one but the best so far,
+    for ``improved`` the newest if it did not improve on the best before it, for ``all`` none."""
+    if keep == "all" or not history:
+        return []
+    best = history[best_index([h[metric] for h in history], [h["val_loss"] for h in history], metric)]["epoch"]
+    if keep == "best":
+        return [e for e in models if e != best]
+    newest = history[-1]["epoch"]
+    return [newest] if newest != best and newest in models else []
 
 
 def _fault_injector() -> Callable[[], None] | None:
@@ -197,7 +218,8 @@ class RunLog:
         set_rng_state(state["rng"])
         self.next_epoch = state["epoch"] + 1
         self.history = json.loads(state["history"])
-        self.models = {int(k): v for k, v in json.loads(state["models"]).items()}
+        # the checkpoints still there (a crash may have come between a deletion and this state's save)
+        self.models = kept_checkpoints(self.run_id, mlflow.get_run(self.run_id).info.experiment_id)
         self.batch_losses = [tuple(x) for x in json.loads(state["batch_losses"])]
         log.info("resuming run %s after epoch %d", self.run_id, state["epoch"])
 
@@ -235,6 +257,9 @@ class RunLog:
             "history": json.dumps(self.history), "models": json.dumps(self.models),
             "batch_losses": json.dumps(self.batch_losses)})
         with_retries(mlflow.log_artifact, str(ckpt), "checkpoints")
+        # only once the resumable state is safe: drop the checkpoints keep_checkpoints does not keep
+        for e in superseded_epochs(self.history, self.models, cfg.keep_checkpoints, cfg.select_metric):
+            delete_checkpoint(self.models.pop(e))
         self.log_seconds += time.perf_counter() - started
         self.metrics.add_many({"epoch_seconds": train_seconds + time.perf_counter() - started,
                                "train_seconds": train_seconds, "train_images_per_sec": len(data.splits["train"])
@@ -251,7 +276,8 @@ class RunLog:
         metric = cfg.select_metric
         best = history[best_index([h[metric] for h in history], [h["val_loss"] for h in history], metric)]
         epoch = best["epoch"]
-        self.metrics.add_many({"best_epoch": epoch, **{f"best_{k}": best[k] for k in
+        # beside each final value, the best epoch's, named to sort next to it (val_mAP, val_mAP_best)
+        self.metrics.add_many({"best_epoch": epoch, **{f"{k}_best": best[k] for k in
                                                       ("val_mean_class_acc", "val_mAP", "val_acc", "val_loss")}},
                               cfg.epochs)
         self.metrics.flush()
@@ -276,3 +302,6 @@ class RunLog:
                                        "Validation scores per epoch"), "figures/val_scores_per_epoch.png")
         log_figure(plots.confusion_matrix_figure(cm, classes, f"Confusion matrix (val, epoch {epoch}, n={len(val)})"),
                    "figures/val_confusion_matrix.png")
+        # finished: the resumable state has done its job (resuming a FINISHED run is refused anyway)
+        delete_run_artifacts(self.run_id, Path(CHECKPOINT_ARTIFACT).parent.as_posix())
+        shutil.rmtree(local_checkpoint_path(self.run_id).parent, ignore_errors=True)

@@ -58,6 +58,27 @@ def log_checkpoint(model: torch.nn.Module, name: str, step: int, params: dict[st
     return info.model_id
 
 
+def delete_checkpoint(model_id: str) -> None:
+    """Delete a LoggedModel *and its files* (deleting the entity alone frees no disk)."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    client = MlflowClient()
+    try:
+        location = client.get_logged_model(model_id).artifact_location
+        get_artifact_repository(location).delete_artifacts()
+    except Exception as exc:
+        log.warning("could not delete the files of checkpoint %s (%s)", model_id, exc)
+    with_retries(client.delete_logged_model, model_id)
+
+
+def kept_checkpoints(run_id: str, experiment_id: str) -> dict[int, str]:
+    """epoch -> model id of the run's checkpoints that were not deleted."""
+    return {int(m.tags[TAG_EPOCH]): m.model_id
+            for m in mlflow.search_logged_models(experiment_ids=[experiment_id], output_format="list",
+                                                 filter_string=f"source_run_id = '{run_id}'")
+            if TAG_EPOCH in m.tags}
+
+
 def model_metadata(model_uri: str) -> dict:
     """What sceneml wrote into a logged model (classes, image size, arch, data, training run), plus its id."""
     try:
@@ -68,6 +89,12 @@ def model_metadata(model_uri: str) -> dict:
     if not meta:
         raise SceneMLError(f"{model_uri} was not logged by sceneml (no sceneml metadata)")
     return {**meta, "model_id": info.model_id}
+
+
+def model_label(model_uri: str, meta: dict) -> str:
+    """A short name for what a URI resolved to: ``v3`` for a registered version, else the model's name."""
+    version = registered_version(model_uri)
+    return f"v{version.version}" if version is not None else meta.get("name", meta["model_id"][:12])
 
 
 def registered_version(model_uri: str):

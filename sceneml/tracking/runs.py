@@ -20,6 +20,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
+from sceneml.config import param_text
 from sceneml.errors import SceneMLError
 from sceneml.tracking.store import init_store, with_retries
 
@@ -124,7 +125,7 @@ def log_params_once(run_id: str, params: dict[str, object], client: MlflowClient
     (as the strings given); logging the same key again with another spelling would be an error."""
     client = client or MlflowClient()
     existing = client.get_run(run_id).data.params
-    new = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+    new = [Param(k, param_text(v)[:6000]) for k, v in params.items() if k not in existing]
     for start in range(0, len(new), 100):
         with_retries(client.log_batch, run_id, params=new[start:start + 100])
 
@@ -145,6 +146,21 @@ def log_figure(fig, artifact_file: str) -> None:
         with_retries(mlflow.log_figure, fig, artifact_file)
     finally:
         close(fig)
+
+
+def rename_run(run_id: str, name: str) -> None:
+    """Say what a run did once it is known (e.g. the model version an alias resolved to)."""
+    set_tags(run_id, {"mlflow.runName": name})
+
+
+def delete_run_artifacts(run_id: str, path: str) -> None:
+    """Remove ``path`` from the run's artifacts (e.g. the resumable checkpoint of a finished run)."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    try:
+        get_artifact_repository(MlflowClient().get_run(run_id).info.artifact_uri).delete_artifacts(path)
+    except Exception as exc:  # e.g. a server without artifact deletion: keep the file, say so
+        log.warning("could not delete artifact %s of run %s (%s)", path, run_id, exc)
 
 
 def log_csv(table: pd.DataFrame | list[dict], artifact_file: str) -> None:
