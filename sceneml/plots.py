@@ -9,10 +9,23 @@ matplotlib.use("Agg")  # headless: runs on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+# one style per metric, so lines that coincide (val_acc and val_mean_class_acc on balanced data) stay visible
+_STYLES = [dict(marker="o", ls="-", lw=2.5, alpha=0.8), dict(marker="s", ls="--", lw=1.8),
+           dict(marker="^", ls=":", lw=1.5)]
 
 
-def loss_curves(history: list[dict], batch_losses: list[tuple[int, float]] | None = None) -> Figure:
-    """Train/val loss per epoch, and (right panel) the loss of every batch."""
+def score_text(value: float) -> str:
+    """A score with enough digits to rank: 0.973, but 0.99994 rather than 1.000."""
+    if not np.isfinite(value) or value <= 0.999:
+        return f"{value:.3f}"
+    significant = min(8, int(np.ceil(-np.log10(max(1.0 - value, 1e-8)))))
+    return f"{value:.{max(significant, 4)}g}"
+
+
+def loss_curves(history: list[dict], batch_losses: list[tuple[int, float]] | None = None, label: str = "") -> Figure:
+    """Train/val loss per epoch, and (right panel) the loss of every batch; ``label`` names the run."""
     fig, axes = plt.subplots(1, 2 if batch_losses else 1, figsize=(11 if batch_losses else 6, 4), squeeze=False)
     epochs = [h["epoch"] for h in history]
     ax = axes[0, 0]
@@ -33,6 +46,8 @@ def loss_curves(history: list[dict], batch_losses: list[tuple[int, float]] | Non
         ax.set(title="Training loss per batch", xlabel="global batch", ylabel="loss")
         ax.legend()
         ax.grid(alpha=0.3)
+    if label:
+        fig.suptitle(label)
     fig.tight_layout()
     return fig
 
@@ -57,8 +72,8 @@ def per_class_bars(values: dict[str, float], title: str, ylabel: str, mean_label
 def metric_curves(history: list[dict], keys: list[str], title: str) -> Figure:
     fig, ax = plt.subplots(figsize=(6, 4))
     epochs = [h["epoch"] for h in history]
-    for key in keys:
-        ax.plot(epochs, [h[key] for h in history], "o-", label=key)
+    for key, style in zip(keys, _STYLES * len(keys)):
+        ax.plot(epochs, [h[key] for h in history], label=key, **style)
     ax.set(title=title, xlabel="epoch", ylabel="score", ylim=(0, 1.02))
     ax.set_xticks(epochs)
     ax.legend()
@@ -85,27 +100,45 @@ def confusion_matrix_figure(cm: np.ndarray, classes: list[str], title: str) -> F
     return fig
 
 
-def compare_runs(curves: dict[str, list[tuple[int, float]]], metric: str) -> Figure:
-    """One line per child run: ``metric`` per epoch, on one axis."""
+def compare_runs(curves: dict[str, list[tuple[int, float]]], metric: str, title: str = "") -> Figure:
+    """One line per child run: ``metric`` per epoch, on one axis (integer epoch ticks)."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, points in sorted(curves.items()):
         if points:
             xs, ys = zip(*points)
             ax.plot(xs, ys, "o-", label=name)
-    ax.set(title=f"{metric} per epoch, all runs of the study", xlabel="epoch", ylabel=metric)
+    ax.set(title=title or f"{metric} per epoch, all runs of the study", xlabel="epoch", ylabel=metric)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     return fig
 
 
-def gallery(images: np.ndarray, true: list[str], predicted: list[str], scores: np.ndarray, title: str,
+def compare_losses(histories: dict[str, list[tuple[int, float, float]]], title: str) -> Figure:
+    """Train (dashed) and val (solid) loss per epoch of every child run, one colour per run."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (name, rows) in enumerate(sorted(histories.items())):
+        if rows:
+            epochs, train, val = zip(*rows)
+            ax.plot(epochs, val, "o-", color=f"C{i}", label=f"{name} val")
+            ax.plot(epochs, train, "s--", color=f"C{i}", alpha=0.6, label=f"{name} train")
+    ax.set(title=title, xlabel="epoch", ylabel="cross-entropy loss")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def gallery(images: list[np.ndarray], true: list[str], predicted: list[str], scores: np.ndarray, title: str,
             columns: int = 5) -> Figure:
-    """Tiles of (N, H, W, 3) uint8 images, each labelled with true/predicted class and score; a
+    """Tiles of (H, W, 3) uint8 images of any size (the original photos), each labelled with the
+    predicted class and its score (the true class, shared by the page, is in the title); a
     misclassified tile gets a red frame and a cross."""
     n = len(images)
     rows = max(1, -(-n // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.5 * rows + 0.4), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.9 * rows + 0.6), squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.set_xticks([])
         ax.set_yticks([])
@@ -114,39 +147,46 @@ def gallery(images: np.ndarray, true: list[str], predicted: list[str], scores: n
             continue
         ax.imshow(images[i])
         wrong = true[i] != predicted[i]
-        ax.set_title(f"{'✗ ' if wrong else ''}true {true[i]}\npred {predicted[i]}\nscore {scores[i]:.3f}",
+        ax.set_title(f"{'✗ ' if wrong else ''}pred {predicted[i]}\nscore {score_text(float(scores[i]))}",
                      fontsize=8, color="tab:red" if wrong else "black")
         for spine in ax.spines.values():
             spine.set_color("tab:red" if wrong else "0.7")
             spine.set_linewidth(4 if wrong else 1)
     fig.suptitle(title)
+    fig.tight_layout(h_pad=1.2)
+    return fig
+
+
+def activation_bars(rows: list[dict], title: str = "") -> Figure:
+    """% of non-positive activations per module, one bar per data set (mean over images, error bar one std)."""
+    modules = list(dict.fromkeys(r["module"] for r in rows))
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    width = 0.8 / max(len(datasets), 1)
+    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(modules)), 4.5))
+    for j, name in enumerate(datasets):
+        by_module = {r["module"]: r for r in rows if r["dataset"] == name}
+        xs = [i + (j - (len(datasets) - 1) / 2) * width for i in range(len(modules))]
+        ax.bar(xs, [by_module[m]["nonpos_pct_mean"] if m in by_module else np.nan for m in modules], width,
+               yerr=[by_module[m]["nonpos_pct_std"] if m in by_module else 0 for m in modules], capsize=3,
+               label=f"{name} (n={next(iter(by_module.values()))['n_images'] if by_module else 0})")
+    ax.set_xticks(range(len(modules)), modules, rotation=20)
+    ax.set(title=title or "Non-positive activations per module", ylabel="% of values <= 0", ylim=(0, 100))
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
 
-def activation_bars(rows: list[dict]) -> Figure:
-    """% of non-positive activations per module (mean over images, error bar one std)."""
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4))
-    names = [r["module"] for r in rows]
-    ax.bar(names, [r["nonpos_pct_mean"] for r in rows], yerr=[r["nonpos_pct_std"] for r in rows],
-           capsize=4, color="tab:purple")
-    for i, r in enumerate(rows):
-        ax.text(i, r["nonpos_pct_mean"] / 2, f"{r['nonpos_pct_mean']:.1f}%", ha="center", color="white", fontsize=9)
-    ax.set(title=f"Non-positive activations per module (n={rows[0]['n_images'] if rows else 0} images)",
-           ylabel="% of values <= 0", ylim=(0, 100))
-    ax.tick_params(axis="x", rotation=20)
-    fig.tight_layout()
-    return fig
-
-
-def eigen_spectra(spectra: dict[str, np.ndarray], module: str, top: int) -> Figure:
-    """The ``top`` largest eigenvalues of the feature covariance, one line per data set, log scale."""
+def eigen_spectra(spectra: dict[str, np.ndarray], module: str, top: int, title: str = "") -> Figure:
+    """The ``top`` largest eigenvalues of the feature covariance, one line per data set, log scale. A
+    set of n images has at most n - 1 non-zero eigenvalues: only those are given, and the legend says so."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, values in spectra.items():
-        shown = np.clip(values[:top], 1e-12, None)
+        shown = values[:top]
         share = values[0] / values.sum() if values.sum() > 0 else float("nan")
-        ax.semilogy(np.arange(1, len(shown) + 1), shown, "o-", label=f"{name} (top-1 share {share:.2f})")
-    ax.set(title=f"Eigen-spectrum of the feature covariance: {module}", xlabel="rank", ylabel="eigenvalue")
+        note = f", only {len(values)} (fewer images than {top})" if len(values) < top else ""
+        ax.semilogy(np.arange(1, len(shown) + 1), shown, "o-", label=f"{name} (top-1 share {share:.2f}{note})")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(title=title or f"Eigen-spectrum of the feature covariance: {module}", xlabel="rank", ylabel="eigenvalue")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()

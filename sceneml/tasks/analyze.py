@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -34,7 +34,7 @@ from sceneml.engine.loop import predict_scores
 from sceneml.errors import SceneMLError
 from sceneml.models import pick_device
 from sceneml.scores import scores_from_csv
-from sceneml.tracking.models import model_label, model_metadata
+from sceneml.tracking.models import model_caption, model_label, model_metadata
 from sceneml.tracking.runs import MetricBuffer, log_csv, log_figure, log_params_once, rename_run, set_tags, task_run
 
 log = logging.getLogger(__name__)
@@ -44,11 +44,13 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ImageSet:
-    """``count`` images, read by index as (B, H, W, 3) uint8 at any size (resized on the way in)."""
+    """``count`` images, read by index as (B, H, W, 3) uint8 at any size (resized on the way in).
+    ``skipped`` lists the files that did not decode (they are left out, not counted as images)."""
 
     name: str
     count: int
     read: Callable[[np.ndarray], np.ndarray]
+    skipped: list[str] = field(default_factory=list)
 
 
 def array_set(name: str, pixels: np.ndarray) -> ImageSet:
@@ -57,18 +59,21 @@ def array_set(name: str, pixels: np.ndarray) -> ImageSet:
 
 def file_set(name: str, files: list[Path], size: int) -> ImageSet:
     """Decoded per batch, so a folder of any size costs one batch of memory. An unreadable file is
-    logged and left black (it is one image among ``n_images``)."""
+    skipped, counted and warned about."""
+    images = ImageSet(name, len(files), lambda idx: np.zeros((0, size, size, 3), np.uint8))
 
     def read(idx: np.ndarray) -> np.ndarray:
-        out = np.zeros((len(idx), size, size, 3), dtype=np.uint8)
-        for row, i in enumerate(idx):
+        out = []
+        for i in idx:
             try:
-                out[row] = load_rgb(files[int(i)], size)
+                out.append(load_rgb(files[int(i)], size))
             except Exception as exc:
+                images.skipped.append(str(files[int(i)]))
                 log.warning("compare set %s: skipping unreadable %s (%s)", name, files[int(i)], exc)
-        return out
+        return np.stack(out) if out else np.zeros((0, size, size, 3), np.uint8)
 
-    return ImageSet(name, len(files), read)
+    images.read = read
+    return images
 
 
 def compare_set(name: str, path: str, size: int, limit: int) -> ImageSet:
@@ -91,7 +96,10 @@ def float_batches(images: ImageSet, n_images: int, size: int, batch_size: int, d
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(images.count, size=min(n_images, images.count), replace=False))
     for start in range(0, len(chosen), batch_size):
-        x = to_float_batch(images.read(chosen[start:start + batch_size]), device)
+        pixels = images.read(chosen[start:start + batch_size])
+        if not len(pixels):
+            continue
+        x = to_float_batch(pixels, device)
         if x.shape[-1] != size or x.shape[-2] != size:
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         yield x
@@ -158,7 +166,8 @@ def _analyze(cfg: AnalyzeConfig) -> dict[str, float]:
     if scores is None:
         log.info("no evaluation scores for this model and split: scoring the %d images now", len(split))
         scores = predict_scores(network, split.pixels, device, progress=progress, desc=f"score {cfg.split}")
-    _log_galleries(split, scores, classes, chosen_classes, cfg.k, cfg.split)
+    caption = model_caption(cfg.model_uri, meta)
+    _log_galleries(resolve_source(data).root, split, scores, classes, chosen_classes, cfg.k, cfg.split, caption)
 
     image_sets = [array_set(cfg.split, split.pixels)]
     synthetic_per_class = max(2, math.ceil(cfg.n_images / 6))
@@ -172,10 +181,19 @@ def _analyze(cfg: AnalyzeConfig) -> dict[str, float]:
         total = math.ceil(min(cfg.n_images, images.count) / cfg.batch_size)
         stats = analysis.module_statistics(network, hooked, tqdm(batches, total=total, desc=f"hooks {images.name}",
                                                                  disable=not progress, leave=False))
+        if images.name not in (cfg.split, "synthetic"):
+            metrics[f"compare_skipped.{images.name}"] = float(len(images.skipped))
+            if images.skipped:
+                log.warning("compare set %s: %d unreadable file(s) skipped, e.g. %s", images.name,
+                            len(images.skipped), images.skipped[0])
         for module, s in stats.items():
             activation_rows.append({"dataset": images.name, "module": module, "n_images": s.nonpos_pct.n,
                                     "nonpos_pct_mean": s.nonpos_pct.mean, "nonpos_pct_std": s.nonpos_pct.std})
-            eig = analysis.eigen_spectrum(s.features.covariance())
+            # n images span at most n - 1 directions: the rest of the spectrum is rounding noise
+            eig = analysis.eigen_spectrum(s.features.covariance())[:max(1, s.features.n - 1)]
+            if len(eig) < cfg.top_eigen:
+                log.warning("%s: %d images give only %d eigenvalues (top_eigen=%d)", images.name, s.features.n,
+                            len(eig), cfg.top_eigen)
             spectra[module][images.name] = eig
             metrics[f"eig_top1_share.{module}.{images.name}"] = analysis.top1_share(eig)
             if images.name == cfg.split:
@@ -183,13 +201,14 @@ def _analyze(cfg: AnalyzeConfig) -> dict[str, float]:
                 metrics[f"act_nonpos_pct_std.{module}"] = s.nonpos_pct.std
 
     log_csv(activation_rows, "activations/activation_stats.csv")
-    log_figure(plots.activation_bars([r for r in activation_rows if r["dataset"] == cfg.split]),
-                        "activations/nonpos_pct.png")
+    log_figure(plots.activation_bars(activation_rows, f"Non-positive activations per module: {caption}"),
+               "activations/nonpos_pct.png")
     eigen_rows = [{"module": m, "dataset": d, "rank": r + 1, "eigenvalue": repr(float(v))}
                   for m, by_set in spectra.items() for d, values in by_set.items() for r, v in enumerate(values)]
     log_csv(eigen_rows, "spectra/eigenvalues.csv")
     for module, by_set in spectra.items():
-        log_figure(plots.eigen_spectra(by_set, module, cfg.top_eigen), f"spectra/eigen_{module}.png")
+        log_figure(plots.eigen_spectra(by_set, module, cfg.top_eigen, f"Eigen-spectrum, {module}: {caption}"),
+                   f"spectra/eigen_{module}.png")
     buffer = MetricBuffer(run_id)
     buffer.add_many(metrics, 0)
     buffer.flush()
@@ -200,7 +219,9 @@ def _synthetic_files(per_class: int) -> list[Path]:
     return image_files(resolve_source(f"synthetic:{per_class}").train_dir)
 
 
-def _log_galleries(split, scores: np.ndarray, classes: list[str], chosen: list[str], k: int, split_name: str) -> None:
+def _log_galleries(root: Path, split, scores: np.ndarray, classes: list[str], chosen: list[str], k: int,
+                   split_name: str, caption: str) -> None:
+    """Per class, the k best and worst scored images, shown as the original photos (their own size)."""
     predicted = scores.argmax(1)
     index_rows = []
     for name in chosen:
@@ -214,9 +235,9 @@ def _log_galleries(split, scores: np.ndarray, classes: list[str], chosen: list[s
                 log.warning("no %s image of class %s: no gallery", split_name, name)
                 continue
             which = "highest" if end == "top" else "lowest"
-            fig = plots.gallery(np.asarray(split.pixels[idx]), [name] * len(idx),
+            fig = plots.gallery([load_rgb(root / split.paths[i]) for i in idx], [name] * len(idx),
                                 [classes[p] for p in predicted[idx]], scores[idx, c],
-                                f"{name}: the {len(idx)} {split_name} images of class {name} with the {which} "
-                                f"score for {name}")
+                                f"true class {name}: the {len(idx)} {split_name} images with the {which} score "
+                                f"for {name}\n{caption}")
             log_figure(fig, f"galleries/gallery_{name}_{end}.png")
     log_csv(index_rows, "galleries/gallery_index.csv")

@@ -19,7 +19,7 @@ from sceneml.engine.loop import predict_scores
 from sceneml.metrics import classification_metrics, confusion_matrix
 from sceneml.models import pick_device
 from sceneml.scores import scores_from_csv, scores_to_csv
-from sceneml.tracking.models import model_label, model_metadata, registered_version
+from sceneml.tracking.models import model_caption, model_label, model_metadata, registered_version
 from sceneml.tracking.runs import MetricBuffer, log_figure, log_params_once, rename_run, set_tags, task_run
 from sceneml.tracking.store import with_retries
 
@@ -65,14 +65,16 @@ def _evaluate(model_uri: str, data: str, split: str, device: str, progress: bool
     buffer.flush()
 
     cm = confusion_matrix(split_data.labels, scores.argmax(1), len(classes))
-    log_figure(plots.confusion_matrix_figure(cm, classes, f"Confusion matrix ({split}, n={len(split_data)})"),
-                        f"figures/{split}_confusion_matrix.png")
+    caption = model_caption(model_uri, meta)
+    n = len(split_data)
+    log_figure(plots.confusion_matrix_figure(cm, classes, f"Confusion matrix ({split}, n={n})\n{caption}"),
+               f"figures/{split}_confusion_matrix.png")
     log_figure(plots.per_class_bars({c: metrics[f"{split}_ap_{c}"] for c in classes},
-                                             f"Per-class average precision ({split})", "average precision", "mAP"),
-                        f"figures/{split}_per_class_ap.png")
+                                    f"Per-class average precision ({split})\n{caption}", "average precision", "mAP"),
+               f"figures/{split}_per_class_ap.png")
     log_figure(plots.per_class_bars({c: metrics[f"{split}_acc_{c}"] for c in classes},
-                                             f"Per-class accuracy ({split})", "accuracy (recall)", "mean class acc"),
-                        f"figures/{split}_per_class_acc.png")
+                                    f"Per-class accuracy ({split})\n{caption}", "accuracy (recall)", "mean class acc"),
+               f"figures/{split}_per_class_acc.png")
     version = registered_version(model_uri)
     # which model produced these numbers, even after the alias moves on
     set_tags(active.info.run_id, {"sceneml.model_id": meta["model_id"],

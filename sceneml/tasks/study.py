@@ -113,7 +113,7 @@ def _choose_experiment(name: str) -> None:
 def _log_comparison(parent_id: str, children: dict[str, str], failures: dict[str, str], champion_run_id: str,
                     test_metrics: dict[str, float], select_metric: str) -> None:
     client = MlflowClient()
-    rows, curves = [], {}
+    rows, curves, losses = [], {}, {}
     for name, run_id in children.items():
         run = client.get_run(run_id)
         m, p = run.data.metrics, run.data.params
@@ -126,10 +126,16 @@ def _log_comparison(parent_id: str, children: dict[str, str], failures: dict[str
                      "test_mAP": test_metrics["test_mAP"] if champion else None,
                      "test_mean_class_acc": test_metrics["test_mean_class_acc"] if champion else None})
         curves[name] = [(h.step, h.value) for h in client.get_metric_history(run_id, select_metric)]
+        train_loss = {h.step: h.value for h in client.get_metric_history(run_id, "train_loss")}
+        losses[name] = [(h.step, train_loss.get(h.step, float("nan")), h.value)
+                        for h in sorted(client.get_metric_history(run_id, "val_loss"), key=lambda h: h.step)]
     for name, why in failures.items():
         rows.append({"run": name, "run_id": None, "optimizer": name.split("-lr")[0], "failed": why})
     table = pd.DataFrame(rows)
     # the children have ended, so the parent is the active run again
     with_retries(mlflow.log_table, table, "comparison.json", run_id=parent_id)
     with_retries(mlflow.log_text, table.to_csv(index=False), "comparison.csv", run_id=parent_id)
-    log_figure(plots.compare_runs(curves, select_metric), f"figures/compare_{select_metric}.png")
+    study_name = mlflow.get_run(parent_id).info.run_name
+    log_figure(plots.compare_runs(curves, select_metric, f"{select_metric} per epoch: {study_name}"),
+               f"figures/compare_{select_metric}.png")
+    log_figure(plots.compare_losses(losses, f"Train and val loss per epoch: {study_name}"), "figures/compare_loss.png")

@@ -291,17 +291,18 @@ class RunLog:
         _, y_true, scores, _ = scores_from_csv(
             mlflow.artifacts.load_text(f"runs:/{self.run_id}/val_scores/epoch_{epoch:03d}.csv"))
         cm = confusion_matrix(y_true, np.asarray(scores).argmax(1), len(classes))
-        log_figure(plots.loss_curves(history, self.batch_losses), "figures/loss_curves.png")
+        label = f"{self.run_name} ({cfg.arch}, {cfg.optimizer}, lr {cfg.lr:g})"
+        log_figure(plots.loss_curves(history, self.batch_losses, label), "figures/loss_curves.png")
         log_figure(plots.per_class_bars({c: best[f"val_ap_{c}"] for c in classes},
-                                        f"Per-class average precision (val, best epoch {epoch})",
+                                        f"Per-class average precision (val, best epoch {epoch})\n{label}",
                                         "average precision", "mAP"), "figures/val_per_class_ap.png")
         log_figure(plots.per_class_bars({c: best[f"val_acc_{c}"] for c in classes},
-                                        f"Per-class accuracy (val, best epoch {epoch})",
+                                        f"Per-class accuracy (val, best epoch {epoch})\n{label}",
                                         "accuracy (recall)", "mean class acc"), "figures/val_per_class_acc.png")
         log_figure(plots.metric_curves(history, ["val_mAP", "val_mean_class_acc", "val_acc"],
-                                       "Validation scores per epoch"), "figures/val_scores_per_epoch.png")
-        log_figure(plots.confusion_matrix_figure(cm, classes, f"Confusion matrix (val, epoch {epoch}, n={len(val)})"),
-                   "figures/val_confusion_matrix.png")
+                                       f"Validation scores per epoch\n{label}"), "figures/val_scores_per_epoch.png")
+        title = f"Confusion matrix (val, epoch {epoch}, n={len(val)})\n{label}"
+        log_figure(plots.confusion_matrix_figure(cm, classes, title), "figures/val_confusion_matrix.png")
         # finished: the resumable state has done its job (resuming a FINISHED run is refused anyway)
         delete_run_artifacts(self.run_id, Path(CHECKPOINT_ARTIFACT).parent.as_posix())
         shutil.rmtree(local_checkpoint_path(self.run_id).parent, ignore_errors=True)

@@ -97,6 +97,17 @@ def model_label(model_uri: str, meta: dict) -> str:
     return f"v{version.version}" if version is not None else meta.get("name", meta["model_id"][:12])
 
 
+def model_caption(model_uri: str, meta: dict) -> str:
+    """What a figure's title says of the model: ``sceneml v1: adamw-lr0.001, epoch 2``."""
+    version = registered_version(model_uri)
+    head = f"{version.name} v{version.version}" if version is not None else meta["model_id"][:12]
+    try:
+        run_name = MlflowClient().get_run(meta["training_run_id"]).info.run_name
+    except Exception:
+        run_name = meta["training_run_id"][:12]
+    return f"{head}: {run_name}" + (f", epoch {meta['epoch']}" if "epoch" in meta else "")
+
+
 def registered_version(model_uri: str):
     """The ModelVersion behind ``models:/name@alias`` or ``models:/name/version``, else None."""
     if not model_uri.startswith("models:/"):
