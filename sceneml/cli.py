@@ -49,6 +49,8 @@ _TRAIN_OPTIONS = [
                  help="what 'best epoch' means: val_mean_class_acc, val_mAP, val_acc or val_loss"),
     click.option("--keep-checkpoints", default=_D.keep_checkpoints,
                  help="checkpoints a finished run keeps: best, improved or all"),
+    click.option("--precision", default=_D.precision, help="auto, fp32, bf16 or fp16 (CUDA only)"),
+    click.option("--compile", "compile_", default="false", help="torch.compile the model for training"),
     click.option("--quiet", is_flag=True, help="no progress bars"),
 ]
 
@@ -82,9 +84,9 @@ def options(decorators: list[Callable]) -> Callable[[Callable], Callable]:
 train_options = options(_TRAIN_OPTIONS)
 
 
-def train_config(freeze_backbone: str, random_crop: str, **params) -> TrainConfig:
-    return TrainConfig(**params, freeze_backbone=parse_bool(freeze_backbone),
-                       random_crop=parse_bool(random_crop)).validate()
+def train_config(freeze_backbone: str, random_crop: str, compile_: str, **params) -> TrainConfig:
+    return TrainConfig(**params, freeze_backbone=parse_bool(freeze_backbone), random_crop=parse_bool(random_crop),
+                       compile=parse_bool(compile_)).validate()
 
 
 def setup_logging(quiet: bool = False) -> None:

@@ -21,6 +21,9 @@ SELECT_METRICS = ("val_mean_class_acc", "val_mAP", "val_acc", "val_loss")
 LOWER_IS_BETTER = frozenset({"val_loss"})
 # Which epoch checkpoints a finished run keeps: its best one, every one that improved, or all.
 KEEP_CHECKPOINTS = ("best", "improved", "all")
+# Training arithmetic: auto = bf16 autocast on CUDA devices that support it, else fp16 with a
+# GradScaler; fp32 on the CPU. Validation and the logged checkpoints stay float32.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def check_device_name(name: str) -> None:
@@ -62,6 +65,8 @@ class TrainConfig:
     num_workers: str = "auto"  # decode threads; "auto" = number of CPU cores, at most 8
     select_metric: str = "val_mean_class_acc"  # what "best epoch" means; the study passes its own
     keep_checkpoints: str = "best"  # best | improved | all
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    compile: bool = False  # torch.compile the trained module (the checkpoint is the uncompiled one)
     resume: str = ""
     quiet: bool = False
 
@@ -72,6 +77,9 @@ class TrainConfig:
         _choice("scheduler", self.scheduler, SCHEDULERS)
         check_select_metric(self.select_metric)
         _choice("keep_checkpoints", self.keep_checkpoints, KEEP_CHECKPOINTS)
+        _choice("precision", self.precision, PRECISIONS)
+        if self.precision == "fp16" and self.device == "cpu":
+            raise SceneMLError("precision=fp16 needs a CUDA device; on the CPU use bf16 or fp32")
         if not self.lr > 0:
             raise SceneMLError(f"lr must be > 0, got {self.lr}")
         if self.epochs < 1:

@@ -13,6 +13,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from sceneml.config import TrainConfig
@@ -208,3 +209,49 @@ def test_venv_mlflow_runs_the_project_with_its_own_python_without_activation(tmp
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "finished" in proc.stdout
+
+
+def test_precision_choices_are_checked_before_any_work():
+    from sceneml.engine.loop import resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) is None and resolve_precision("fp32", cpu) is None  # fp32 on the CPU
+    assert resolve_precision("bf16", cpu) == torch.bfloat16
+    with pytest.raises(SceneMLError, match="precision=fp16 needs a CUDA device; on the CPU use bf16 or fp32"):
+        resolve_precision("fp16", cpu)
+    with pytest.raises(SceneMLError, match="precision=fp16 needs a CUDA device"):
+        TrainConfig(precision="fp16", device="cpu").validate()
+    with pytest.raises(SceneMLError, match="unknown precision 'fp8'; choose one of auto, fp32, bf16, fp16"):
+        TrainConfig(precision="fp8").validate()
+
+
+@pytest.mark.slow
+def test_bf16_autocast_trains_close_to_fp32_on_the_embedded_data():
+    from sceneml.data import prepare_data
+    from sceneml.engine.batches import iterate_batches
+    from sceneml.engine.loop import build_optimizer, predict_scores, train_one_epoch
+    from sceneml.metrics import cross_entropy_from_probs
+    from sceneml.models import build_model
+
+    data = prepare_data("synthetic:30", image_size=32, progress=False)
+    train_split, val = data.splits["train"], data.splits["val"]
+    cpu = torch.device("cpu")
+    results = {}
+    for dtype in (None, torch.bfloat16):
+        torch.manual_seed(0)
+        model, _ = build_model("resnet18", 6, "none")
+        optimizer = build_optimizer("adamw", model.parameters(), 0.002, 0.9, 0.0)
+        losses = []
+        for epoch in range(1, 4):
+            model.train()
+            batches = iterate_batches(train_split.pixels, train_split.labels, 32, cpu,
+                                      torch.Generator().manual_seed(epoch), augment=True)
+            losses.append(train_one_epoch(model, optimizer, batches, len(train_split), progress=False, amp_dtype=dtype))
+        scores = predict_scores(model, val.pixels, cpu)  # validation stays float32
+        results[dtype] = losses, cross_entropy_from_probs(val.labels, scores), model
+    (fp32_losses, fp32_val, _), (bf16_losses, bf16_val, bf16_model) = results[None], results[torch.bfloat16]
+    # the same trajectory to bf16's precision (rounding differences grow over the epochs, as training is chaotic)
+    np.testing.assert_allclose(bf16_losses[:2], fp32_losses[:2], rtol=0.1)
+    assert bf16_losses[-1] < 0.8 * math.log(6) and fp32_losses[-1] < 0.8 * math.log(6)  # both learn
+    assert bf16_val == pytest.approx(fp32_val, rel=0.15), (fp32_val, bf16_val)  # the val loss, within 15 %
+    assert all(p.dtype == torch.float32 for p in bf16_model.parameters())  # the weights stay float32

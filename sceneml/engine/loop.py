@@ -62,18 +62,33 @@ def build_scheduler(name: str, optimizer: torch.optim.Optimizer, epochs: int):
     raise SceneMLError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
 
 
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device``; None means plain float32."""
+    if name == "fp32":
+        return None
+    if device.type != "cuda":
+        if name == "fp16":
+            raise SceneMLError("precision=fp16 needs a CUDA device; on the CPU use bf16 or fp32")
+        return torch.bfloat16 if name == "bf16" else None  # auto: fp32 on the CPU
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if name == "bf16" else torch.float16
+
+
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
                     batches: Iterable[tuple[torch.Tensor, torch.Tensor]], n_images: int,
                     on_losses: Callable[[list[float]], None] | None = None, flush_every: int = 20,
                     progress: bool = True, desc: str = "train",
                     reduce_losses: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                    on_step: Callable[[], None] | None = None) -> float:
+                    on_step: Callable[[], None] | None = None, amp_dtype: torch.dtype | None = None,
+                    scaler: torch.amp.GradScaler | None = None) -> float:
     """One pass over ``batches``. Returns the mean training loss (weighted by batch size). The caller
     sets the training mode.
 
     Batch losses stay on the device and are fetched every ``flush_every`` batches (one sync instead of
     one per batch), then handed to ``on_losses`` for logging; ``reduce_losses`` (data-parallel runs:
     the mean over ranks) is applied to them first. ``on_step`` is called after every optimizer step.
+    ``amp_dtype`` runs the forward pass under autocast; ``scaler`` (fp16) scales the loss.
     """
     pending: list[torch.Tensor] = []
     total, seen = None, 0
@@ -90,13 +105,19 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
             bar.set_postfix(loss=f"{values[-1]:.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
 
     for x, y in batches:
-        logits, aux = split_logits(model(x))
-        loss = F.cross_entropy(logits, y)
-        for aux_logits in aux:
-            loss = loss + AUX_LOSS_WEIGHT * F.cross_entropy(aux_logits, y)
+        with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits, aux = split_logits(model(x))
+            loss = F.cross_entropy(logits.float(), y)
+            for aux_logits in aux:
+                loss = loss + AUX_LOSS_WEIGHT * F.cross_entropy(aux_logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         detached = loss.detach()
         pending.append(detached)
         total = detached * len(y) if total is None else total + detached * len(y)
@@ -174,7 +195,10 @@ class EpochTrainer:
         if self.ctx is not None:
             trained = torch.nn.parallel.DistributedDataParallel(
                 trained, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.trained = trained
+        # compiled for training only: validation and the checkpoint use the plain module
+        self.trained = torch.compile(trained) if cfg.compile else trained
+        self.amp_dtype = resolve_precision(cfg.precision, self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
 
     def train_pass(self, epoch: int, on_losses: Callable[[list[float]], None] | None = None,
                    on_step: Callable[[], None] | None = None, progress: bool = False) -> tuple[float, float]:
@@ -195,7 +219,8 @@ class EpochTrainer:
         n = len(order) if order is not None else len(train)
         started = time.perf_counter()
         loss = train_one_epoch(self.trained, self.optimizer, batches, n, on_losses=on_losses, progress=progress,
-                               desc=f"epoch {epoch}/{cfg.epochs}", on_step=on_step,
+                               desc=f"epoch {epoch}/{cfg.epochs}", on_step=on_step, amp_dtype=self.amp_dtype,
+                               scaler=self.scaler,
                                reduce_losses=distributed.mean_over_ranks if ctx is not None else None)
         if ctx is not None:
             loss = distributed.weighted_mean_over_ranks(loss, n, self.device)

@@ -184,7 +184,8 @@ class RunLog:
                   "classes": ",".join(data.classes), "image_size_resolved": data.image_size,
                   "n_train": len(data.splits["train"]), "n_val": len(data.splits["val"]),
                   "n_test": len(data.splits["test"]), "images_skipped": len(data.skipped),
-                  "weights_resolved": weights_resolved, "data_digest": data.digest}
+                  "weights_resolved": weights_resolved, "data_digest": data.digest,
+                  "precision_resolved": str(self.trainer.amp_dtype or torch.float32).removeprefix("torch.")}
         log_params_once(self.run_id, params)
         set_tags(self.run_id, {TAG_DIGEST: data.digest, "sceneml.arch": cfg.arch, "sceneml.optimizer": cfg.optimizer})
         dataset = mlflow.data.from_pandas(pd.read_csv(io.StringIO(data.manifest)),
