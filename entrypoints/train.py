@@ -25,9 +25,14 @@ D = TrainConfig()
 def main(resume: str, nproc: int, **params) -> None:
     cfg = train_config(**params, resume=resume)
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
-        args = [a for a in sys.argv[1:]]
-        i = args.index("--nproc")
-        del args[i:i + 2]
+        args, skip = [], False  # this command's own arguments, less --nproc N / --nproc=N
+        for arg in sys.argv[1:]:
+            if skip or arg.startswith("--nproc="):
+                skip = False
+                continue
+            skip = arg == "--nproc"
+            if not skip:
+                args.append(arg)
         sys.exit(subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                   f"--nproc_per_node={nproc}", __file__, *args]))
     setup_logging(cfg.quiet)
