@@ -24,6 +24,7 @@ KEEP_CHECKPOINTS = ("best", "improved", "all")
 # Training arithmetic: auto = bf16 autocast on CUDA devices that support it, else fp16 with a
 # GradScaler; fp32 on the CPU. Validation and the logged checkpoints stay float32.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+FP16_NEEDS_CUDA = "precision=fp16 needs a CUDA device; on the CPU use bf16 or fp32"
 
 
 def check_device_name(name: str) -> None:
@@ -79,7 +80,7 @@ class TrainConfig:
         _choice("keep_checkpoints", self.keep_checkpoints, KEEP_CHECKPOINTS)
         _choice("precision", self.precision, PRECISIONS)
         if self.precision == "fp16" and self.device == "cpu":
-            raise SceneMLError("precision=fp16 needs a CUDA device; on the CPU use bf16 or fp32")
+            raise SceneMLError(FP16_NEEDS_CUDA)  # before any work; the engine checks device=auto too
         if not self.lr > 0:
             raise SceneMLError(f"lr must be > 0, got {self.lr}")
         if self.epochs < 1:

@@ -105,3 +105,8 @@ def best_index(values: Sequence[float], val_losses: Sequence[float], metric: str
                 values[i] == values[best] and is_better(val_losses[i], val_losses[best], "val_loss")):
             best = i
     return best
+
+
+def best_row(history: Sequence[dict], metric: str) -> dict:
+    """The best epoch's row of a run's history (rows hold ``metric`` and ``val_loss``), by :func:`best_index`."""
+    return history[best_index([h[metric] for h in history], [h["val_loss"] for h in history], metric)]

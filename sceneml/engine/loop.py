@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from sceneml.config import OPTIMIZERS, SCHEDULERS, TrainConfig
+from sceneml.config import FP16_NEEDS_CUDA, OPTIMIZERS, SCHEDULERS, TrainConfig
 from sceneml.data import PreparedData
 from sceneml.engine import distributed
 from sceneml.engine.batches import iterate_batches, iterate_feature_batches
@@ -68,7 +68,7 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
         return None
     if device.type != "cuda":
         if name == "fp16":
-            raise SceneMLError("precision=fp16 needs a CUDA device; on the CPU use bf16 or fp32")
+            raise SceneMLError(FP16_NEEDS_CUDA)
         return torch.bfloat16 if name == "bf16" else None  # auto: fp32 on the CPU
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -60,7 +60,7 @@ def array_set(name: str, pixels: np.ndarray) -> ImageSet:
 def file_set(name: str, files: list[Path], size: int) -> ImageSet:
     """Decoded per batch, so a folder of any size costs one batch of memory. An unreadable file is
     skipped, counted and warned about."""
-    images = ImageSet(name, len(files), lambda idx: np.zeros((0, size, size, 3), np.uint8))
+    skipped: list[str] = []
 
     def read(idx: np.ndarray) -> np.ndarray:
         out = []
@@ -68,12 +68,11 @@ def file_set(name: str, files: list[Path], size: int) -> ImageSet:
             try:
                 out.append(load_rgb(files[int(i)], size))
             except Exception as exc:
-                images.skipped.append(str(files[int(i)]))
+                skipped.append(str(files[int(i)]))
                 log.warning("compare set %s: skipping unreadable %s (%s)", name, files[int(i)], exc)
         return np.stack(out) if out else np.zeros((0, size, size, 3), np.uint8)
 
-    images.read = read
-    return images
+    return ImageSet(name, len(files), read, skipped)
 
 
 def compare_set(name: str, path: str, size: int, limit: int) -> ImageSet:
@@ -131,10 +130,8 @@ def _scores_from_evaluation(model_id: str, split: str, paths: list[str]) -> np.n
 def analyze(cfg: AnalyzeConfig, nested: bool = False) -> dict[str, float]:
     """The `analyze` task: one run; returns the logged metrics."""
     cfg.validate()
-    with task_run("analyze", nested=nested) as run:
-        metrics = _analyze(cfg)
-        rename_run(run.info.run_id, f"analyze {model_label(cfg.model_uri, model_metadata(cfg.model_uri))}")
-    return metrics
+    with task_run("analyze", nested=nested):
+        return _analyze(cfg)
 
 
 def _analyze(cfg: AnalyzeConfig) -> dict[str, float]:
@@ -155,6 +152,7 @@ def _analyze(cfg: AnalyzeConfig) -> dict[str, float]:
     hooked = analysis.resolve_modules(network, modules)
 
     run_id = mlflow.active_run().info.run_id
+    rename_run(run_id, f"analyze {model_label(meta)}")
     log_params_once(run_id, {"model_uri": cfg.model_uri, "model_id": meta["model_id"], "split": cfg.split,
                                       "data_used": data, "modules_used": ",".join(modules),
                                       "training_run_id": meta["training_run_id"]})
@@ -166,7 +164,7 @@ def _analyze(cfg: AnalyzeConfig) -> dict[str, float]:
     if scores is None:
         log.info("no evaluation scores for this model and split: scoring the %d images now", len(split))
         scores = predict_scores(network, split.pixels, device, progress=progress, desc=f"score {cfg.split}")
-    caption = model_caption(cfg.model_uri, meta)
+    caption = model_caption(meta)
     _log_galleries(resolve_source(data).root, split, scores, classes, chosen_classes, cfg.k, cfg.split, caption)
 
     image_sets = [array_set(cfg.split, split.pixels)]

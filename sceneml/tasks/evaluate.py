@@ -19,7 +19,7 @@ from sceneml.engine.loop import predict_scores
 from sceneml.metrics import classification_metrics, confusion_matrix
 from sceneml.models import pick_device
 from sceneml.scores import scores_from_csv, scores_to_csv
-from sceneml.tracking.models import model_caption, model_label, model_metadata, registered_version
+from sceneml.tracking.models import model_caption, model_label, model_metadata
 from sceneml.tracking.runs import MetricBuffer, log_figure, log_params_once, rename_run, set_tags, task_run
 from sceneml.tracking.store import with_retries
 
@@ -30,10 +30,8 @@ def evaluate(model_uri: str = "models:/sceneml@champion", data: str = "", split:
              device: str = "auto", progress: bool = True, nested: bool = False) -> dict[str, float]:
     """The `evaluate` task: one run; returns the logged metrics."""
     pick_device(device)  # a bad device name fails before any run starts
-    with task_run("evaluate", nested=nested) as run:
-        metrics = _evaluate(model_uri, data, split, device, progress)
-        rename_run(run.info.run_id, f"evaluate {model_label(model_uri, model_metadata(model_uri))} {split}")
-    return metrics
+    with task_run("evaluate", nested=nested):
+        return _evaluate(model_uri, data, split, device, progress)
 
 
 def _evaluate(model_uri: str, data: str, split: str, device: str, progress: bool) -> dict[str, float]:
@@ -65,7 +63,7 @@ def _evaluate(model_uri: str, data: str, split: str, device: str, progress: bool
     buffer.flush()
 
     cm = confusion_matrix(split_data.labels, scores.argmax(1), len(classes))
-    caption = model_caption(model_uri, meta)
+    caption = model_caption(meta)
     n = len(split_data)
     log_figure(plots.confusion_matrix_figure(cm, classes, f"Confusion matrix ({split}, n={n})\n{caption}"),
                f"figures/{split}_confusion_matrix.png")
@@ -75,15 +73,15 @@ def _evaluate(model_uri: str, data: str, split: str, device: str, progress: bool
     log_figure(plots.per_class_bars({c: metrics[f"{split}_acc_{c}"] for c in classes},
                                     f"Per-class accuracy ({split})\n{caption}", "accuracy (recall)", "mean class acc"),
                f"figures/{split}_per_class_acc.png")
-    version = registered_version(model_uri)
     # which model produced these numbers, even after the alias moves on
-    set_tags(active.info.run_id, {"sceneml.model_id": meta["model_id"],
-                                  "sceneml.training_run_id": run_id,
-                                  "sceneml.model_version": version.version if version is not None else "none"})
-    if version is not None:
+    set_tags(active.info.run_id, {"sceneml.model_id": meta["model_id"], "sceneml.training_run_id": run_id,
+                                  "sceneml.model_version": meta["version"] or "none"})
+    rename_run(active.info.run_id, f"evaluate {model_label(meta)} {split}")
+    if meta["version"] is not None:
         client = MlflowClient()
+        name, version = meta["registered_name"], meta["version"]
         for key in (f"{split}_acc", f"{split}_mAP", f"{split}_mean_class_acc", f"{split}_loss"):
-            client.set_model_version_tag(version.name, version.version, key, f"{metrics[key]:.6f}")
-        client.set_model_version_tag(version.name, version.version, "sceneml.evaluation_run_id", active.info.run_id)
+            client.set_model_version_tag(name, version, key, f"{metrics[key]:.6f}")
+        client.set_model_version_tag(name, version, "sceneml.evaluation_run_id", active.info.run_id)
     return metrics
 

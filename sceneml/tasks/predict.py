@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from sceneml.data.sources import image_files
 from sceneml.errors import SceneMLError
 from sceneml.models import pick_device
-from sceneml.tracking.models import model_metadata, registered_version
+from sceneml.tracking.models import model_metadata
 from sceneml.tracking.pyfunc import ERROR_COLUMN, IMAGE_COLUMN, PRED_COLUMN, output_columns
 from sceneml.tracking.runs import log_params_once, set_tags, task_run
 from sceneml.tracking.store import with_retries
@@ -41,11 +41,11 @@ def predict(model_uri: str, input_path: str, output: str = "predictions.csv", de
         table.to_csv(out, index=False, float_format="%.17g")
         counts = {"predicted_images": len(table), "unreadable_images": int((table["error"] != "").sum())}
         if run is not None:  # `mlflow run` opened a run for us: keep the predictions and their source with it
-            meta, version = model_metadata(model_uri), registered_version(model_uri)
+            meta = model_metadata(model_uri)
             log_params_once(run.info.run_id, {"model_uri": model_uri, "input": input_path})
             set_tags(run.info.run_id, {"sceneml.model_id": meta["model_id"],
                                        "sceneml.training_run_id": meta["training_run_id"],
-                                       "sceneml.model_version": version.version if version else "none",
+                                       "sceneml.model_version": meta["version"] or "none",
                                        **{f"sceneml.{k}": v for k, v in counts.items()}})
             with_retries(mlflow.log_artifact, str(out))
     n_bad = counts["unreadable_images"]

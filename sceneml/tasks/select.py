@@ -17,7 +17,7 @@ from mlflow.exceptions import MlflowException
 from sceneml.config import check_select_metric
 from sceneml.errors import SceneMLError
 from sceneml.metrics import best_index
-from sceneml.tracking.models import TAG_DIGEST, TAG_EPOCH
+from sceneml.tracking.models import TAG_DIGEST, epoch_checkpoints
 from sceneml.tracking.runs import MetricBuffer, log_params_once, set_tags, task_run
 from sceneml.tracking.store import with_retries
 
@@ -42,10 +42,7 @@ def candidates(experiment_ids: list[str], metric: str, parent_run_id: str | None
         filt += f" and tags.mlflow.parentRunId = '{parent_run_id}'"
     runs = [r for r in client.search_runs(experiment_ids, filt, max_results=5000)
             if TAG_DIGEST in r.data.tags and "best_epoch" in r.data.metrics]
-    models = {}
-    for lm in mlflow.search_logged_models(experiment_ids=experiment_ids, output_format="list"):
-        if TAG_EPOCH in lm.tags:
-            models[(lm.source_run_id, int(lm.tags[TAG_EPOCH]))] = lm.model_id
+    models = epoch_checkpoints(experiment_ids)
     out = []
     # oldest run first, epochs in order: a full tie goes to the earlier checkpoint, as inside a run
     for run in sorted(runs, key=lambda r: r.info.start_time):

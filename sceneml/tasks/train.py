@@ -34,7 +34,7 @@ from sceneml.engine import distributed
 from sceneml.engine.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from sceneml.engine.loop import EpochTrainer, build_optimizer, build_scheduler, seed_everything
 from sceneml.errors import SceneMLError
-from sceneml.metrics import best_index, classification_metrics, confusion_matrix
+from sceneml.metrics import best_row, classification_metrics, confusion_matrix
 from sceneml.models import build_model, freeze_backbone, pick_device
 from sceneml.scores import scores_from_csv, scores_to_csv
 from sceneml.tracking.models import (
@@ -42,7 +42,7 @@ from sceneml.tracking.models import (
     TAG_DIGEST,
     TAG_EPOCH,
     delete_checkpoint,
-    kept_checkpoints,
+    epoch_checkpoints,
     log_checkpoint,
 )
 from sceneml.tracking.runs import (
@@ -132,7 +132,7 @@ def superseded_epochs(history: list[dict], models: dict[int, str], keep: str, me
     for ``improved`` the newest if it did not improve on the best before it, for ``all`` none."""
     if keep == "all" or not history:
         return []
-    best = history[best_index([h[metric] for h in history], [h["val_loss"] for h in history], metric)]["epoch"]
+    best = best_row(history, metric)["epoch"]
     if keep == "best":
         return [e for e in models if e != best]
     newest = history[-1]["epoch"]
@@ -175,8 +175,9 @@ class RunLog:
         self.models: dict[int, str] = {}  # epoch -> LoggedModel id
         self.next_epoch = 1
         self.log_seconds = 0.0  # time spent writing to MLflow in the current epoch
-        self.meta = {"sceneml": {"classes": data.classes, "image_size": data.image_size, "arch": cfg.arch,
-                                 "data": cfg.data, "data_digest": data.digest, "training_run_id": run_id}}
+        # what every checkpoint carries as MLflow model metadata (under "sceneml"), besides its epoch
+        self.meta = {"classes": data.classes, "image_size": data.image_size, "arch": cfg.arch, "data": cfg.data,
+                     "data_digest": data.digest, "training_run_id": run_id}
 
     def log_data(self, weights_resolved: str, world_size: int) -> None:
         cfg, data = self.cfg, self.data
@@ -220,7 +221,8 @@ class RunLog:
         self.next_epoch = state["epoch"] + 1
         self.history = json.loads(state["history"])
         # the checkpoints still there (a crash may have come between a deletion and this state's save)
-        self.models = kept_checkpoints(self.run_id, mlflow.get_run(self.run_id).info.experiment_id)
+        experiment_id = mlflow.get_run(self.run_id).info.experiment_id
+        self.models = {e: m for (_, e), m in epoch_checkpoints([experiment_id], self.run_id).items()}
         self.batch_losses = [tuple(x) for x in json.loads(state["batch_losses"])]
         log.info("resuming run %s after epoch %d", self.run_id, state["epoch"])
 
@@ -244,7 +246,7 @@ class RunLog:
             trainer.model, name=checkpoint_name(self.run_name, epoch), step=epoch,
             params={"arch": cfg.arch, "optimizer": cfg.optimizer, "lr": cfg.lr, "epoch": epoch},
             tags={TAG_EPOCH: epoch, TAG_DIGEST: data.digest, "sceneml.run_id": self.run_id},
-            metadata={"sceneml": {**self.meta["sceneml"], "epoch": epoch}})
+            metadata={"sceneml": {**self.meta, "epoch": epoch}})
         self.models[epoch] = model_id
         self.metrics.add_many(val_metrics, epoch, model_id=model_id)
         self.metrics.add_many({"train_loss": train_loss, "lr": lr}, epoch)
@@ -275,7 +277,7 @@ class RunLog:
         """The best epoch by the select metric (the rule select uses too), its tags and the figures."""
         cfg, data, history = self.cfg, self.data, self.history
         metric = cfg.select_metric
-        best = history[best_index([h[metric] for h in history], [h["val_loss"] for h in history], metric)]
+        best = best_row(history, metric)
         epoch = best["epoch"]
         # beside each final value, the best epoch's, named to sort next to it (val_mAP, val_mAP_best)
         self.metrics.add_many({"best_epoch": epoch, **{f"{k}_best": best[k] for k in

@@ -71,16 +71,17 @@ def delete_checkpoint(model_id: str) -> None:
     with_retries(client.delete_logged_model, model_id)
 
 
-def kept_checkpoints(run_id: str, experiment_id: str) -> dict[int, str]:
-    """epoch -> model id of the run's checkpoints that were not deleted."""
-    return {int(m.tags[TAG_EPOCH]): m.model_id
-            for m in mlflow.search_logged_models(experiment_ids=[experiment_id], output_format="list",
-                                                 filter_string=f"source_run_id = '{run_id}'")
-            if TAG_EPOCH in m.tags}
+def epoch_checkpoints(experiment_ids: list[str], run_id: str | None = None) -> dict[tuple[str, int], str]:
+    """(run id, epoch) -> model id of the epoch checkpoints still there (deleted ones are not listed),
+    of every run in the experiments or of ``run_id`` alone."""
+    found = mlflow.search_logged_models(experiment_ids=experiment_ids, output_format="list",
+                                        filter_string=f"source_run_id = '{run_id}'" if run_id else None)
+    return {(m.source_run_id, int(m.tags[TAG_EPOCH])): m.model_id for m in found if TAG_EPOCH in m.tags}
 
 
 def model_metadata(model_uri: str) -> dict:
-    """What sceneml wrote into a logged model (classes, image size, arch, data, training run), plus its id."""
+    """What sceneml wrote into a logged model (classes, image size, arch, data, training run), plus its
+    id and, for a registry URI, the version it resolved to (``registered_name``/``version``, else None)."""
     try:
         info = mlflow.models.get_model_info(model_uri)
     except Exception as exc:
@@ -88,19 +89,19 @@ def model_metadata(model_uri: str) -> dict:
     meta = (info.metadata or {}).get("sceneml")
     if not meta:
         raise SceneMLError(f"{model_uri} was not logged by sceneml (no sceneml metadata)")
-    return {**meta, "model_id": info.model_id}
-
-
-def model_label(model_uri: str, meta: dict) -> str:
-    """A short name for what a URI resolved to: ``v3`` for a registered version, else the model's name."""
     version = registered_version(model_uri)
-    return f"v{version.version}" if version is not None else meta.get("name", meta["model_id"][:12])
+    return {**meta, "model_id": info.model_id, "registered_name": version.name if version is not None else None,
+            "version": version.version if version is not None else None}
 
 
-def model_caption(model_uri: str, meta: dict) -> str:
+def model_label(meta: dict) -> str:
+    """A short name for what a URI resolved to: ``v3`` for a registered version, else the model's id."""
+    return f"v{meta['version']}" if meta["version"] is not None else meta["model_id"][:12]
+
+
+def model_caption(meta: dict) -> str:
     """What a figure's title says of the model: ``sceneml v1: adamw-lr0.001, epoch 2``."""
-    version = registered_version(model_uri)
-    head = f"{version.name} v{version.version}" if version is not None else meta["model_id"][:12]
+    head = f"{meta['registered_name']} v{meta['version']}" if meta["version"] is not None else meta["model_id"][:12]
     try:
         run_name = MlflowClient().get_run(meta["training_run_id"]).info.run_name
     except Exception:
