@@ -56,6 +56,34 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> 
     return cm
 
 
+def reliability_bins(y_true: np.ndarray, scores: np.ndarray, n_bins: int = 15) -> list[dict]:
+    """Top-1 confidence against accuracy in ``n_bins`` equal-width confidence bins ``(lo, hi]``.
+
+    One row per bin: ``lo``, ``hi``, ``count``, ``confidence`` (mean top-1 probability) and
+    ``accuracy`` (share of top-1 predictions that are right); NaN for an empty bin.
+    """
+    y_true = np.asarray(y_true)
+    scores = np.asarray(scores, dtype=np.float64)
+    confidence = scores.max(axis=1)
+    correct = scores.argmax(axis=1) == y_true
+    # bin i holds confidences in (i/n, (i+1)/n]; 0 (impossible for a softmax) falls into the first
+    which = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
+    rows = []
+    for i in range(n_bins):
+        members = which == i
+        rows.append({"lo": i / n_bins, "hi": (i + 1) / n_bins, "count": int(members.sum()),
+                     "confidence": float(confidence[members].mean()) if members.any() else float("nan"),
+                     "accuracy": float(correct[members].mean()) if members.any() else float("nan")})
+    return rows
+
+
+def expected_calibration_error(y_true: np.ndarray, scores: np.ndarray, n_bins: int = 15) -> float:
+    """ECE (Guo et al. 2017): the count-weighted mean |accuracy - confidence| over :func:`reliability_bins`."""
+    rows = [r for r in reliability_bins(y_true, scores, n_bins) if r["count"]]
+    n = sum(r["count"] for r in rows)
+    return float(sum(r["count"] / n * abs(r["accuracy"] - r["confidence"]) for r in rows)) if n else float("nan")
+
+
 def classification_metrics(y_true: np.ndarray, scores: np.ndarray, class_names: list[str],
                            prefix: str) -> dict[str, float]:
     """Every logged metric of one split, keyed as in the MLflow contract (``{prefix}_ap_<class>`` ...).
@@ -72,6 +100,7 @@ def classification_metrics(y_true: np.ndarray, scores: np.ndarray, class_names: 
         f"{prefix}_acc": float(np.mean(y_pred == y_true)),
         f"{prefix}_mAP": nanmean_or_nan(ap),
         f"{prefix}_mean_class_acc": nanmean_or_nan(acc),
+        f"{prefix}_ece": expected_calibration_error(y_true, scores),
     }
     for name, value in zip(class_names, ap):
         out[f"{prefix}_ap_{name}"] = float(value)

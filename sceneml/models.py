@@ -248,3 +248,10 @@ def pick_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SceneMLError(f"device={name} but no CUDA device is visible; use device=auto or device=cpu")
     return torch.device(name)
+
+
+def describe_device(device: torch.device) -> str:
+    """What the run trained on, for the record: ``cuda:0 (NVIDIA H100 80GB HBM3)`` or ``cpu (2 cores)``."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"{device} ({os.cpu_count()} cores)"

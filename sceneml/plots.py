@@ -100,9 +100,9 @@ def confusion_matrix_figure(cm: np.ndarray, classes: list[str], title: str) -> F
     return fig
 
 
-def compare_runs(curves: dict[str, list[tuple[int, float]]], metric: str, title: str = "") -> Figure:
+def compare_runs(curves: dict[str, list[tuple[int, float]]], metric: str, title: str = "", ax=None) -> Figure:
     """One line per child run: ``metric`` per epoch, on one axis (integer epoch ticks)."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(7, 4)) if ax is None else (ax.figure, ax)
     for name, points in sorted(curves.items()):
         if points:
             xs, ys = zip(*points)
@@ -115,9 +115,9 @@ def compare_runs(curves: dict[str, list[tuple[int, float]]], metric: str, title:
     return fig
 
 
-def compare_losses(histories: dict[str, list[tuple[int, float, float]]], title: str) -> Figure:
+def compare_losses(histories: dict[str, list[tuple[int, float, float]]], title: str, ax=None) -> Figure:
     """Train (dashed) and val (solid) loss per epoch of every child run, one colour per run."""
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(7, 4)) if ax is None else (ax.figure, ax)
     for i, (name, rows) in enumerate(sorted(histories.items())):
         if rows:
             epochs, train, val = zip(*rows)
@@ -127,6 +127,41 @@ def compare_losses(histories: dict[str, list[tuple[int, float, float]]], title: 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def study_curves(curves: dict[str, list[tuple[int, float]]], metric: str,
+                 losses: dict[str, list[tuple[int, float, float]]], title: str) -> Figure:
+    """:func:`compare_runs` and :func:`compare_losses` side by side: the optimizers at one glance."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    compare_runs(curves, metric, f"{metric} per epoch", ax=left)
+    compare_losses(losses, "Train (dashed) and val (solid) loss per epoch", ax=right)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def reliability_diagram(bins: list[dict], ece: float, title: str) -> Figure:
+    """Accuracy against mean confidence per confidence bin (bars), the diagonal of perfect
+    calibration, and the share of images per bin (right panel); ``bins`` from ``metrics.reliability_bins``."""
+    fig, (ax, hist) = plt.subplots(1, 2, figsize=(10, 4.2), gridspec_kw={"width_ratios": [3, 2]})
+    width = bins[0]["hi"] - bins[0]["lo"]
+    lo = np.array([b["lo"] for b in bins])
+    acc = np.array([b["accuracy"] for b in bins])
+    conf = np.array([b["confidence"] for b in bins])
+    filled = ~np.isnan(acc)
+    ax.bar(lo[filled], acc[filled], width=width, align="edge", color="tab:blue", edgecolor="white", label="accuracy")
+    ax.bar(lo[filled], (conf - acc)[filled], bottom=acc[filled], width=width, align="edge", color="tab:red",
+           alpha=0.35, edgecolor="tab:red", label="gap to confidence")
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    ax.set(title=f"Reliability (ECE = {ece:.3f}, {len(bins)} bins)", xlabel="top-1 confidence",
+           ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(loc="upper left", fontsize=8)
+    counts = np.array([b["count"] for b in bins], dtype=float)
+    hist.bar(lo, counts / max(counts.sum(), 1), width=width, align="edge", color="0.5", edgecolor="white")
+    hist.set(title="Images per bin", xlabel="top-1 confidence", ylabel="share of images", xlim=(0, 1))
+    fig.suptitle(title)
     fig.tight_layout()
     return fig
 

@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 from sceneml import plots
 from sceneml.data import load_split_from_manifest
 from sceneml.engine.loop import predict_scores
-from sceneml.metrics import classification_metrics, confusion_matrix
+from sceneml.metrics import classification_metrics, confusion_matrix, reliability_bins
 from sceneml.models import pick_device
 from sceneml.scores import scores_from_csv, scores_to_csv
 from sceneml.tracking.models import model_caption, model_label, model_metadata
@@ -30,7 +30,7 @@ def evaluate(model_uri: str = "models:/sceneml@champion", data: str = "", split:
              device: str = "auto", progress: bool = True, nested: bool = False) -> dict[str, float]:
     """The `evaluate` task: one run; returns the logged metrics."""
     pick_device(device)  # a bad device name fails before any run starts
-    with task_run("evaluate", nested=nested):
+    with task_run("evaluate", nested=nested, task="evaluate"):
         return _evaluate(model_uri, data, split, device, progress)
 
 
@@ -73,6 +73,9 @@ def _evaluate(model_uri: str, data: str, split: str, device: str, progress: bool
     log_figure(plots.per_class_bars({c: metrics[f"{split}_acc_{c}"] for c in classes},
                                     f"Per-class accuracy ({split})\n{caption}", "accuracy (recall)", "mean class acc"),
                f"figures/{split}_per_class_acc.png")
+    log_figure(plots.reliability_diagram(reliability_bins(split_data.labels, scores), metrics[f"{split}_ece"],
+                                         f"Calibration ({split}, n={n})\n{caption}"),
+               f"figures/{split}_reliability.png")
     # which model produced these numbers, even after the alias moves on
     set_tags(active.info.run_id, {"sceneml.model_id": meta["model_id"], "sceneml.training_run_id": run_id,
                                   "sceneml.model_version": meta["version"] or "none"})

@@ -35,7 +35,7 @@ def predict(model_uri: str, input_path: str, output: str = "predictions.csv", de
     if out.is_dir():
         raise SceneMLError(f"output {output!r} is a folder; give a CSV file path")
     launched = bool(os.environ.get("MLFLOW_RUN_ID"))
-    with task_run(f"predict {Path(input_path).name}") if launched else contextlib.nullcontext() as run:
+    with task_run(f"predict {Path(input_path).name}", task="predict") if launched else contextlib.nullcontext() as run:
         table = predict_files(model_uri, files, device, progress=progress)
         out.parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(out, index=False, float_format="%.17g")

@@ -106,7 +106,7 @@ def select(experiment: str = "", parent_run_id: str = "", metric: str = "val_mea
            model_name: str = "sceneml", alias: str = "champion", nested: bool = False) -> dict[str, float]:
     """The `select` task: one run that registers the champion; returns its metrics."""
     check_select_metric(metric)
-    with task_run("select", nested=nested) as run:
+    with task_run("select", nested=nested, task="select") as run:
         if experiment:
             exp = mlflow.get_experiment_by_name(experiment)
             if exp is None:

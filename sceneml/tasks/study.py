@@ -5,6 +5,7 @@ parent run
  |- select               registers the best epoch checkpoint, alias `champion`
  |- evaluate             the champion on the test split of its own training run
  |- analyze              galleries, activation statistics and eigen-spectra of the champion
+and, last, the write-up of it all on the parent: report/report.html and report/report.md.
 A failed child is reported and the study goes on; it fails only if every child fails. The study's
 ``select_metric`` decides each child's best epoch and the champion alike.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import platform
 import time
 
 import mlflow
@@ -25,6 +27,7 @@ from sceneml.config import StudyConfig
 from sceneml.errors import SceneMLError
 from sceneml.tasks.analyze import analyze
 from sceneml.tasks.evaluate import evaluate
+from sceneml.tasks.report import log_report
 from sceneml.tasks.select import select
 from sceneml.tasks.train import train
 from sceneml.tracking.runs import (
@@ -49,12 +52,14 @@ def study(cfg: StudyConfig) -> dict:
     base = cfg.train
     analyze_cfg = dataclasses.replace(cfg.analyze, model_uri=f"models:/{cfg.model_name}@champion", data=base.data,
                                       split="test", device=base.device, quiet=base.quiet)
-    with task_run(f"study {base.arch} {base.data}") as parent:
+    with task_run(f"study {base.arch} {base.data}", task="study") as parent:
         parent_id = parent.info.run_id
         log_params_once(parent_id, {"optimizers": cfg.optimizers, "lrs": cfg.lrs, "model_name": cfg.model_name,
                                     "experiment": cfg.experiment, "n_images": cfg.analyze.n_images,
                                     "compare": cfg.analyze.compare,
                                     **{k: v for k, v in base.as_params().items() if k not in ("optimizer", "lr")}})
+        set_tags(parent_id, {"sceneml.machine": f"{platform.node()}: {platform.platform()}, {os.cpu_count()} CPUs, "
+                                                f"Python {platform.python_version()}"})
         started = time.perf_counter()
         children, failures = {}, {}
         for child in configs:
@@ -84,6 +89,13 @@ def study(cfg: StudyConfig) -> dict:
                          "test_mAP": test_metrics["test_mAP"],
                          "test_mean_class_acc": test_metrics["test_mean_class_acc"]}, 0)
         buffer.flush()
+        try:  # the write-up must not cost the study: `mlflow run . -e report` rebuilds it
+            summary["report"] = log_report(parent_id)["html"]
+        except Exception as exc:
+            log.warning("the study report failed (%s: %s); rebuild it with: mlflow run . -e report -P "
+                        "study_run_id=%s", type(exc).__name__, exc, parent_id)
+    if "report" in summary:
+        print(f"report: {summary['report']}", flush=True)
     print(f"champion: {summary['champion_run_id']} epoch {summary['champion_epoch']} -> {cfg.model_name} "
           f"v{summary['version']}; test_acc={test_metrics['test_acc']:.4f} test_mAP={test_metrics['test_mAP']:.4f}",
           flush=True)

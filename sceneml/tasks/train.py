@@ -35,7 +35,7 @@ from sceneml.engine.checkpoint import load_checkpoint, save_checkpoint, set_rng_
 from sceneml.engine.loop import EpochTrainer, build_optimizer, build_scheduler, seed_everything
 from sceneml.errors import SceneMLError
 from sceneml.metrics import best_row, classification_metrics, confusion_matrix
-from sceneml.models import build_model, freeze_backbone, pick_device
+from sceneml.models import build_model, describe_device, freeze_backbone, pick_device
 from sceneml.scores import scores_from_csv, scores_to_csv
 from sceneml.tracking.models import (
     TAG_BEST,
@@ -107,7 +107,8 @@ def _train(cfg: TrainConfig, run_name: str, nested: bool, ctx: distributed.DistC
     on_step = _fault_injector()
 
     # One loop for every rank; only the main process opens the run, validates, logs and checkpoints.
-    with task_run(run_name, nested=nested, run_id=cfg.resume or None) if master else contextlib.nullcontext() as run:
+    opened = task_run(run_name, nested=nested, run_id=cfg.resume or None, task="train")
+    with opened if master else contextlib.nullcontext() as run:
         log_run = RunLog(run.info.run_id, run_name, cfg, data, trainer, scheduler) if master else None
         if master and cfg.resume:
             log_run.restore()
@@ -186,6 +187,7 @@ class RunLog:
                   "n_train": len(data.splits["train"]), "n_val": len(data.splits["val"]),
                   "n_test": len(data.splits["test"]), "images_skipped": len(data.skipped),
                   "weights_resolved": weights_resolved, "data_digest": data.digest,
+                  "device_resolved": describe_device(self.trainer.device),
                   "precision_resolved": str(self.trainer.amp_dtype or torch.float32).removeprefix("torch.")}
         log_params_once(self.run_id, params)
         set_tags(self.run_id, {TAG_DIGEST: data.digest, "sceneml.arch": cfg.arch, "sceneml.optimizer": cfg.optimizer})

@@ -27,15 +27,17 @@ from sceneml.tracking.store import init_store, with_retries
 log = logging.getLogger(__name__)
 
 TAG_ERROR = "sceneml.error"
+TAG_TASK = "sceneml.task"  # which task a run is (train, study, select, evaluate, analyze, predict, tune ...)
 
 
 @contextlib.contextmanager
 def task_run(run_name: str | None = None, nested: bool = False, run_id: str | None = None,
-             ) -> Iterator[mlflow.ActiveRun]:
+             task: str | None = None) -> Iterator[mlflow.ActiveRun]:
     """The one run lifecycle of every task.
 
     Sets up the store, then continues ``run_id`` (resume), adopts the run ``mlflow run`` started for
-    this process, or starts a new (nested) run named ``run_name``. If the body raises, the run ends
+    this process, or starts a new (nested) run named ``run_name``; ``task`` becomes its tag
+    ``sceneml.task`` (how the report tells a study's runs apart). If the body raises, the run ends
     FAILED with the error in tag ``sceneml.error`` (KILLED for Ctrl-C or an exception that says
     ``marks_run_killed``), never RUNNING; the exception goes on to the caller.
     """
@@ -56,6 +58,8 @@ def task_run(run_name: str | None = None, nested: bool = False, run_id: str | No
         context = mlflow.start_run(run_name=run_name, nested=nested)
     with context as run:
         try:
+            if task:
+                set_tags(run.info.run_id, {TAG_TASK: task})
             yield run
         except KeyboardInterrupt:
             # ended here, so MLflow's own __exit__ cannot overwrite KILLED with FAILED
