@@ -24,6 +24,7 @@ KEEP_CHECKPOINTS = ("best", "improved", "all")
 # Training arithmetic: auto = bf16 autocast on CUDA devices that support it, else fp16 with a
 # GradScaler; fp32 on the CPU. Validation and the logged checkpoints stay float32.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRUNERS = ("median", "hyperband", "none")
 FP16_NEEDS_CUDA = "precision=fp16 needs a CUDA device; on the CPU use bf16 or fp32"
 
 
@@ -159,6 +160,34 @@ class StudyConfig:
             raise SceneMLError(f"model_name {self.model_name!r} may only use letters, digits, '.', '_' and '-'")
         self.analyze.validate()
         return self
+
+
+@dataclass
+class TuneConfig:
+    """`tune`: an Optuna search over `train` parameters, trials shared by any number of workers."""
+
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    n_trials: int = 20  # over all workers
+    space: str = ""  # a YAML/JSON file; "" = sceneml.space.DEFAULT_SPACE
+    pruner: str = "median"
+    storage: str = ""  # "" = an Optuna journal file beside the MLflow store; or an SQLAlchemy URL
+    study_name: str = ""  # "" = tune-<arch>-<data>
+    model_name: str = "sceneml"
+    analyze: AnalyzeConfig = dataclasses.field(default_factory=AnalyzeConfig)
+    experiment: str = "sceneml"
+
+    def validate(self) -> TuneConfig:
+        self.train.validate()
+        _choice("pruner", self.pruner, PRUNERS)
+        if self.n_trials < 1:
+            raise SceneMLError(f"n_trials must be >= 1, got {self.n_trials}")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.model_name):
+            raise SceneMLError(f"model_name {self.model_name!r} may only use letters, digits, '.', '_' and '-'")
+        self.analyze.validate()
+        return self
+
+    def name(self) -> str:
+        return self.study_name or re.sub(r"[^A-Za-z0-9_.-]+", "_", f"tune-{self.train.arch}-{self.train.data}")
 
 
 def param_text(value: object) -> str:

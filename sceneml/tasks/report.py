@@ -89,11 +89,11 @@ def study_runs(study_run_id: str) -> StudyRuns:
         raise SceneMLError(f"run {study_run_id!r} does not exist in the tracking store "
                            f"{mlflow.get_tracking_uri()}") from None
     # studies from before the task tag: the study is the run with the sweep's params
-    is_study = study.data.tags.get(TAG_TASK) == "study" or {"optimizers", "lrs"} <= set(study.data.params)
+    is_study = study.data.tags.get(TAG_TASK) in ("study", "tune") or {"optimizers", "lrs"} <= set(study.data.params)
     if not is_study:
         what = study.data.tags.get(TAG_TASK, "not a study")
         raise SceneMLError(f"run {study_run_id} ({study.info.run_name}, {what}) is not a study run: pass the id of "
-                           "the parent run that `main` created")
+                           "the parent run that `main` or `tune` created")
     children = mlflow.search_runs([study.info.experiment_id], output_format="list",
                                   filter_string=f"tags.mlflow.parentRunId = '{study_run_id}'",
                                   order_by=["attributes.start_time ASC"])
@@ -151,8 +151,10 @@ def _study_section(runs: StudyRuns, champion: Run | None) -> Section:
         "weights (asked, resolved)": f"{cp.get('weights')}, {cp.get('weights_resolved', 'not recorded')}",
         "image size (px)": cp.get("image_size_resolved", cp.get("image_size")),
         "epochs, batch size": f"{cp.get('epochs')}, {cp.get('batch_size')}",
-        "sweep grid": f"optimizers {p.get('optimizers')} x learning rates {p.get('lrs')} "
-                      f"({len(runs.training)} child runs)",
+        **({"search": f"Optuna TPE, {p.get('n_trials')} trials ({len(runs.training)} runs), space "
+                      f"{p.get('space')}, pruner {p.get('pruner')}, study {p.get('study_name')}"}
+           if "n_trials" in p else {"sweep grid": f"optimizers {p.get('optimizers')} x learning rates "
+                                                  f"{p.get('lrs')} ({len(runs.training)} child runs)"}),
         "select metric": cp.get("select_metric", "val_mean_class_acc"),
         "device": cp.get("device_resolved", f"{cp.get('device')} (not recorded)"),
         "precision": cp.get("precision_resolved", "float32"),
@@ -180,8 +182,9 @@ def _comparison_section(runs: StudyRuns, champion: Run | None) -> Section:
         m, p, name = run.data.metrics, run.data.params, run.info.run_name
         winner = champion is not None and run.info.run_id == champion.info.run_id
         ended = run.info.end_time or run.info.start_time
+        status = run.info.status + (" (pruned)" if run.data.tags.get("sceneml.pruned") == "true" else "")
         rows.append({"run": f"★ {name}" if winner else name, "optimizer": p.get("optimizer"),
-                     "lr": p.get("lr"), "status": run.info.status,
+                     "lr": p.get("lr"), "status": status,
                      "best epoch": int(m["best_epoch"]) if "best_epoch" in m else None,
                      **{f"{k} (best)": m.get(f"{k}_best", float("nan")) for k in VAL_COLUMNS},
                      "wall time (s)": (ended - run.info.start_time) / 1000})
@@ -192,10 +195,14 @@ def _comparison_section(runs: StudyRuns, champion: Run | None) -> Section:
         losses[name] = [(step, train_loss.get(step, float("nan")), v)
                         for step, v in _history(client, run.info.run_id, "val_loss")]
     figure = plots.study_curves(curves, metric, losses, f"The optimizers, epoch by epoch: {runs.study.info.run_name}")
+    search = [Image(png, f"Optuna: {caption}") for path, caption in
+              (("tune/optimization_history.png", "the select metric of each trial and the best so far"),
+               ("tune/param_importances.png", "which sampled parameter mattered most (fANOVA)"))
+              if (png := _bytes(runs.study.info.run_id, path)) is not None]
     parts: list = [f"One row per child run; ★ marks the champion (best epoch by {metric} over all runs). "
                    "'(best)' columns are the values at each run's best epoch.",
                    Table(pd.DataFrame(rows, dtype=object), "Optimizer comparison (validation split)"),
-                   Image(_png(figure), f"{metric} and train/val loss per epoch of every child run")]
+                   Image(_png(figure), f"{metric} and train/val loss per epoch of every child run"), *search]
     return Section("Optimizer comparison", parts)
 
 

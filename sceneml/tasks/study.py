@@ -32,22 +32,21 @@ from sceneml.tasks.select import select
 from sceneml.tasks.train import train
 from sceneml.tracking.runs import (
     MetricBuffer,
-    launched_by_mlflow_run,
+    choose_experiment,
     log_figure,
     log_params_once,
     set_tags,
     task_run,
 )
-from sceneml.tracking.store import init_store, with_retries
+from sceneml.tracking.store import with_retries
 
 log = logging.getLogger(__name__)
-DEFAULT_EXPERIMENT_ID = "0"  # MLflow's "Default"
 
 
 def study(cfg: StudyConfig) -> dict:
     """The `main` task: train every child, then select, evaluate and analyze the champion."""
     cfg.validate()  # every child's params are checked before the first one trains
-    _choose_experiment(cfg.experiment)
+    choose_experiment(cfg.experiment, "main")
     configs = cfg.children()
     base = cfg.train
     analyze_cfg = dataclasses.replace(cfg.analyze, model_uri=f"models:/{cfg.model_name}@champion", data=base.data,
@@ -100,26 +99,6 @@ def study(cfg: StudyConfig) -> dict:
           f"v{summary['version']}; test_acc={test_metrics['test_acc']:.4f} test_mAP={test_metrics['test_mAP']:.4f}",
           flush=True)
     return summary
-
-
-def _choose_experiment(name: str) -> None:
-    """Put the study into experiment ``name``, unless the launch chose one (``mlflow run
-    --experiment-name/--experiment-id``, ``MLFLOW_EXPERIMENT_NAME``/``_ID``). Plain ``mlflow run .``
-    has already created its run in "Default": that run then points to the study and stays empty."""
-    if not name or os.environ.get("MLFLOW_EXPERIMENT_NAME"):
-        return
-    launched = os.environ.get("MLFLOW_RUN_ID")
-    if not launched:
-        if not os.environ.get("MLFLOW_EXPERIMENT_ID"):
-            mlflow.set_experiment(name)
-        return
-    init_store()
-    if MlflowClient().get_run(launched).info.experiment_id != DEFAULT_EXPERIMENT_ID:
-        return  # `mlflow run` was told where to go
-    launched_by_mlflow_run()  # not adopted: the study starts its own run in `name`
-    mlflow.set_experiment(name)
-    set_tags(launched, {"mlflow.runName": f"main -> experiment {name}",
-                        "mlflow.note.content": f"This launch ran the study in experiment '{name}'."})
 
 
 def _log_comparison(parent_id: str, children: dict[str, str], failures: dict[str, str], champion_run_id: str,

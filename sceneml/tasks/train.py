@@ -73,21 +73,33 @@ def checkpoint_name(run_name: str, epoch: int) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "_", f"{run_name}-e{epoch}")
 
 
-def train(cfg: TrainConfig, run_name: str | None = None, nested: bool = False) -> str:
+OnEpoch = Callable[[int, dict], bool]
+
+
+def train(cfg: TrainConfig, run_name: str | None = None, nested: bool = False, on_epoch: OnEpoch | None = None,
+          parent_run_id: str | None = None, tags: dict | None = None) -> str:
     """Train one model as one MLflow run; returns the run id ("" on the other ranks of a torchrun
-    launch, which train their shards but do not talk to MLflow)."""
+    launch, which train their shards but do not talk to MLflow).
+
+    ``on_epoch(epoch, row)`` is called after each epoch is logged (``row``: the epoch's history row,
+    val metrics included); returning True stops training there, and the run finishes normally with
+    the epochs it has (how `tune` prunes a trial). ``parent_run_id`` nests the run under a run that
+    is not active in this process (a `tune` worker); ``tags`` are set on the run when it opens.
+    """
     cfg.validate()
     ctx, device_name = distributed.setup(cfg.device)
-    if ctx is not None and cfg.resume:
-        raise SceneMLError("resume under torchrun is not supported yet: resume the run in a single process")
+    if ctx is not None and (cfg.resume or on_epoch is not None):
+        raise SceneMLError("resume and tune under torchrun are not supported: run them in a single process")
     try:
-        return _train(cfg, run_name or f"{cfg.optimizer}-lr{cfg.lr:g}", nested, ctx, pick_device(device_name))
+        return _train(cfg, run_name or f"{cfg.optimizer}-lr{cfg.lr:g}", nested, ctx, pick_device(device_name),
+                      on_epoch, parent_run_id, tags)
     finally:
         distributed.teardown()
 
 
 def _train(cfg: TrainConfig, run_name: str, nested: bool, ctx: distributed.DistContext | None,
-           device: torch.device) -> str:
+           device: torch.device, on_epoch: OnEpoch | None = None, parent_run_id: str | None = None,
+           tags: dict | None = None) -> str:
     seed_everything(cfg.seed)
     master = distributed.is_main_process()
     progress = not cfg.quiet and master
@@ -104,10 +116,11 @@ def _train(cfg: TrainConfig, run_name: str, nested: bool, ctx: distributed.DistC
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
     scheduler = build_scheduler(cfg.scheduler, optimizer, cfg.epochs)
     trainer = EpochTrainer(cfg, data, model, optimizer, device, ctx)
-    on_step = _fault_injector()
+    on_step = _fault_injector(run_name)
 
     # One loop for every rank; only the main process opens the run, validates, logs and checkpoints.
-    opened = task_run(run_name, nested=nested, run_id=cfg.resume or None, task="train")
+    opened = task_run(run_name, nested=nested, run_id=cfg.resume or None, task="train", parent_run_id=parent_run_id,
+                      tags=tags)
     with opened if master else contextlib.nullcontext() as run:
         log_run = RunLog(run.info.run_id, run_name, cfg, data, trainer, scheduler) if master else None
         if master and cfg.resume:
@@ -123,6 +136,9 @@ def _train(cfg: TrainConfig, run_name: str, nested: bool, ctx: distributed.DistC
             if master:
                 log_run.end_epoch(epoch, lr, train_loss, train_seconds)
             distributed.barrier()  # the other ranks wait here while the main process validates and logs
+            if on_epoch is not None and epoch < cfg.epochs and on_epoch(epoch, log_run.history[-1]):
+                log.info("%s: stopped after epoch %d of %d", run_name, epoch, cfg.epochs)
+                break
         if master:
             log_run.finish()
     return run.info.run_id if master else ""
@@ -140,12 +156,14 @@ def superseded_epochs(history: list[dict], models: dict[int, str], keep: str, me
     return [newest] if newest != best and newest in models else []
 
 
-def _fault_injector() -> Callable[[], None] | None:
-    """``SCENEML_FAULT_AT_STEP=N:interrupt`` or ``N:pause``: after the N-th optimizer step of this
-    process, raise KeyboardInterrupt (what Ctrl-C does) or stop and wait for a signal. The crash
-    tests use it to kill a run at a known batch without sleeping; unset, it costs nothing."""
+def _fault_injector(run_name: str) -> Callable[[], None] | None:
+    """``SCENEML_FAULT_AT_STEP=N:interrupt``, ``N:pause`` or ``N:raise``, optionally ``@<run name>``:
+    after the N-th optimizer step of this run (of every run when no name is given), raise
+    KeyboardInterrupt (what Ctrl-C does), stop and wait for a signal, or raise a RuntimeError (a
+    crash). The crash tests use it to hit a run at a known batch without sleeping; unset, it costs nothing."""
     spec = os.environ.get(FAULT_ENV, "")
-    if not spec:
+    spec, _, only = spec.partition("@")
+    if not spec or (only and only != run_name):
         return None
     at, _, action = spec.partition(":")
     steps = [0]
@@ -156,6 +174,8 @@ def _fault_injector() -> Callable[[], None] | None:
             return
         if action == "interrupt":
             raise KeyboardInterrupt
+        if action == "raise":
+            raise RuntimeError(f"fault injected after step {at} ({FAULT_ENV})")
         print(f"sceneml: paused after step {at} ({FAULT_ENV})", file=sys.stderr, flush=True)
         while True:
             time.sleep(3600)

@@ -32,13 +32,15 @@ TAG_TASK = "sceneml.task"  # which task a run is (train, study, select, evaluate
 
 @contextlib.contextmanager
 def task_run(run_name: str | None = None, nested: bool = False, run_id: str | None = None,
-             task: str | None = None) -> Iterator[mlflow.ActiveRun]:
+             task: str | None = None, parent_run_id: str | None = None, tags: dict | None = None,
+             ) -> Iterator[mlflow.ActiveRun]:
     """The one run lifecycle of every task.
 
     Sets up the store, then continues ``run_id`` (resume), adopts the run ``mlflow run`` started for
     this process, or starts a new (nested) run named ``run_name``; ``task`` becomes its tag
-    ``sceneml.task`` (how the report tells a study's runs apart). If the body raises, the run ends
-    FAILED with the error in tag ``sceneml.error`` (KILLED for Ctrl-C or an exception that says
+    ``sceneml.task`` (how the report tells a study's runs apart). ``parent_run_id`` nests a new run
+    under a run that is not active here (MLflow nests by the tag ``mlflow.parentRunId``). If the body
+    raises, the run ends FAILED with the error in tag ``sceneml.error`` (KILLED for Ctrl-C or an exception that says
     ``marks_run_killed``), never RUNNING; the exception goes on to the caller.
     """
     init_store()
@@ -54,12 +56,14 @@ def task_run(run_name: str | None = None, nested: bool = False, run_id: str | No
         context = mlflow.start_run(run_id=launched)
         if run_name:  # `mlflow run` names its runs at random; say what this one is
             set_tags(launched, {"mlflow.runName": run_name})
+    elif parent_run_id:
+        context = mlflow.start_run(run_name=run_name, tags={"mlflow.parentRunId": parent_run_id})
     else:
         context = mlflow.start_run(run_name=run_name, nested=nested)
     with context as run:
         try:
-            if task:
-                set_tags(run.info.run_id, {TAG_TASK: task})
+            if task or tags:
+                set_tags(run.info.run_id, {**({TAG_TASK: task} if task else {}), **(tags or {})})
             yield run
         except KeyboardInterrupt:
             # ended here, so MLflow's own __exit__ cannot overwrite KILLED with FAILED
@@ -90,6 +94,29 @@ def launched_by_mlflow_run() -> str | None:
     go, or the first child run would silently be the parent again.
     """
     return os.environ.pop("MLFLOW_RUN_ID", None)
+
+
+DEFAULT_EXPERIMENT_ID = "0"  # MLflow's "Default"
+
+
+def choose_experiment(name: str, entry: str) -> None:
+    """Put entry point ``entry``'s runs into experiment ``name``, unless the launch chose one (``mlflow run
+    --experiment-name/--experiment-id``, ``MLFLOW_EXPERIMENT_NAME``/``_ID``). Plain ``mlflow run .``
+    has already created its run in "Default": that run then points to the experiment and stays empty."""
+    if not name or os.environ.get("MLFLOW_EXPERIMENT_NAME"):
+        return
+    launched = os.environ.get("MLFLOW_RUN_ID")
+    if not launched:
+        if not os.environ.get("MLFLOW_EXPERIMENT_ID"):
+            mlflow.set_experiment(name)
+        return
+    init_store()
+    if MlflowClient().get_run(launched).info.experiment_id != DEFAULT_EXPERIMENT_ID:
+        return  # `mlflow run` was told where to go
+    launched_by_mlflow_run()  # not adopted: the task starts its own run in `name`
+    mlflow.set_experiment(name)
+    set_tags(launched, {"mlflow.runName": f"{entry} -> experiment {name}",
+                        "mlflow.note.content": f"This launch ran `{entry}` in experiment '{name}'."})
 
 
 def raise_if_missing_run(run_id: str) -> None:
