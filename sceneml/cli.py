@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -107,19 +108,59 @@ def setup_logging(quiet: bool = False) -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``docker stop``, Slurm, Kubernetes, ``mlflow run`` cancelling): handled as Ctrl-C is."""
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGINT raise (Terminated / KeyboardInterrupt) in the main thread, so the task's run
+    ends KILLED with its last finished epoch's checkpoint kept. Once stopping, further signals are
+    ignored: ``mlflow run`` answers the Ctrl-C it got too by sending SIGTERM here, and dying of that
+    before the run is marked would leave MLflow to mark it FAILED."""
+    stopping = []
+
+    def handler(signum, _frame):
+        if stopping:
+            return
+        stopping.append(signum)
+        if signum == signal.SIGTERM:
+            raise Terminated("SIGTERM")
+        raise KeyboardInterrupt
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, handler)
+
+
 def user_errors_as_one_line(fn: Callable) -> Callable:
-    """Print a SceneMLError as ``error: <message>`` and exit 2; Ctrl-C says how to resume and exits
-    130; anything else keeps its traceback (a bug, not a user error)."""
+    """Print a SceneMLError as ``error: <message>`` and exit 2 (the error also tagged on the run
+    ``mlflow run`` created, when the task had not taken it over yet); Ctrl-C and SIGTERM say how to
+    resume and exit 130 and 143; anything else keeps its traceback (a bug, not a user error)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        stop_on_signals()
         try:
             return fn(*args, **kwargs)
         except SceneMLError as exc:
             print(f"error: {exc}", file=sys.stderr)
+            _tag_launch(str(exc))
             sys.exit(2)
-        except KeyboardInterrupt:
-            print("interrupted: the run is marked KILLED; continue it with resume=<run_id>", file=sys.stderr)
-            sys.exit(130)
+        except KeyboardInterrupt as exc:
+            what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+            print(f"{what}: the run is marked KILLED; continue it with resume=<run_id>", file=sys.stderr)
+            sys.exit(143 if isinstance(exc, Terminated) else 130)
 
     return wrapper
+
+
+def _tag_launch(error: str) -> None:
+    """An error before the task adopted ``mlflow run``'s run: say why on that run (MLflow marks it FAILED)."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return
+    try:
+        from sceneml.tracking.runs import TAG_ERROR, set_tags
+
+        set_tags(run_id, {TAG_ERROR: error[:5000]})
+    except Exception:  # the store itself may be what failed
+        pass

@@ -76,18 +76,25 @@ def test_sigkill_mid_epoch_then_resume_continues_the_same_run_and_equals_a_strai
     resumed = _epoch_metrics(client, run_id)
     assert len(resumed) == 3 * len(EPOCH_KEYS)
     assert resumed == _epoch_metrics(straight, straight_id)  # bit-identical on CPU with the same seed
+    # the crashed epoch's batches were logged before the kill: each step is in the history once
+    steps = [m.step for m in client.get_metric_history(run_id, "train_batch_loss")]
+    assert len(steps) == len(set(steps)) and sorted(steps) == list(range(1, max(steps) + 1))
 
 
 @pytest.mark.slow
-def test_ctrl_c_ends_the_run_killed_after_saving_the_checkpoint(tmp_path):
+@pytest.mark.parametrize("sig, rc, said, error", [
+    (signal.SIGINT, 130, "interrupted", "KeyboardInterrupt"),
+    (signal.SIGTERM, 143, "terminated (SIGTERM)", "Terminated: SIGTERM"),  # docker stop, Slurm, Kubernetes
+])
+def test_ctrl_c_and_sigterm_end_the_run_killed_after_saving_the_checkpoint(tmp_path, sig, rc, said, error):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run_id, proc, stderr = _interrupt_in_epoch_2(tmp_path, uri, signal.SIGINT)
-    assert proc.returncode == 130
-    assert "interrupted: the run is marked KILLED; continue it with resume=<run_id>" in stderr
+    run_id, proc, stderr = _interrupt_in_epoch_2(tmp_path, uri, sig)
+    assert proc.returncode == rc
+    assert f"{said}: the run is marked KILLED; continue it with resume=<run_id>" in stderr
     client = MlflowClient(uri)
     run = client.get_run(run_id)
     assert run.info.status == "KILLED"
-    assert "KeyboardInterrupt" in run.data.tags["sceneml.error"]
+    assert error in run.data.tags["sceneml.error"]
     assert "checkpoints/last.pt" in {a.path for a in client.list_artifacts(run_id, "checkpoints")}
     local_checkpoint_path(run_id).unlink()  # as on another machine: resume downloads the logged one
     done = subprocess.run([*TRAIN, "--epochs", "3", "--resume", run_id], env=_env(uri), cwd=tmp_path,
@@ -95,6 +102,63 @@ def test_ctrl_c_ends_the_run_killed_after_saving_the_checkpoint(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert client.get_run(run_id).info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_mlflow_run_ends_the_run_killed_not_failed(tmp_path):
+    """A terminal's Ctrl-C reaches the whole group: `mlflow run` then SIGTERMs its child and marks the run
+    FAILED unless the child marked it first; the child must outlive that SIGTERM and say KILLED."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    log = tmp_path / "run.log"
+    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "train", "--env-manager", "local",
+           "--experiment-name", "signals", "-P", "data=synthetic:30", "-P", "weights=none", "-P", "batch_size=16",
+           "-P", "epochs=3", "-P", "device=cpu"]
+    with log.open("w") as err:
+        proc = subprocess.Popen(cmd, env=_env(uri, **PAUSE_IN_EPOCH_2), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                                stderr=err, start_new_session=True)  # its own group, as in a terminal
+    wait_for(lambda: "paused after step 10" in log.read_text(), 300, "the pause in epoch 2", proc, log)
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=120)
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("signals").experiment_id])
+    assert len(runs) == 1
+    # MLflow's `mlflow run` writes FAILED as it exits (see tracking.runs._RESTORE_STATUS); sceneml's
+    # helper writes KILLED back once that process is gone
+    status = lambda: client.get_run(runs[0].info.run_id).info.status  # noqa: E731
+    wait_for(lambda: status() == "KILLED", 60, f"KILLED (status {status()})")
+    assert "checkpoints/last.pt" in {a.path for a in client.list_artifacts(runs[0].info.run_id, "checkpoints")}
+
+
+def test_a_refused_resume_changes_nothing_about_the_old_run(tracking_uri):
+    from sceneml.config import TrainConfig
+    from sceneml.errors import SceneMLError
+    from sceneml.tasks.train import train
+
+    cfg = TrainConfig(data="synthetic:30", weights="none", epochs=1, batch_size=16, image_size=32, quiet=True)
+    finished = train(cfg)
+    client = MlflowClient()
+    with mlflow.start_run(run_name="select") as run:
+        mlflow.set_tag("sceneml.task", "select")
+    # an interrupted training run: resumable, but only with the same data and model
+    killed = client.create_run(client.get_run(finished).info.experiment_id, tags={"sceneml.task": "train"})
+    for key, value in {"data": "synthetic:30", "batch_size": "16", "lr": "1e-3", "arch": "resnet18"}.items():
+        client.log_param(killed.info.run_id, key, value)
+    client.set_terminated(killed.info.run_id, "KILLED")
+    import dataclasses
+
+    cases = [(finished, {}, "has FINISHED; there is nothing to resume"),
+             (run.info.run_id, {}, "is a select run, not a training run"),
+             (killed.info.run_id, {"batch_size": 8, "data": "synthetic:40"},
+              "data was synthetic:30, now synthetic:40; batch_size was 16, now 8"),
+             ("0" * 32, {}, "no such run")]
+    for run_id, changes, message in cases:
+        before = client.get_run(run_id).info if run_id != "0" * 32 else None
+        with pytest.raises(SceneMLError, match=None) as info:
+            train(dataclasses.replace(cfg, resume=run_id, **changes))
+        assert message in str(info.value) and "lr was" not in str(info.value)  # 1e-3 logged == 0.001
+        if before is not None:
+            after = client.get_run(run_id).info
+            assert (after.status, after.end_time) == (before.status, before.end_time)
 
 
 @pytest.mark.slow

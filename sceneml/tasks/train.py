@@ -25,9 +25,10 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
+from mlflow import MlflowClient
 
 from sceneml import plots
-from sceneml.config import TrainConfig
+from sceneml.config import TrainConfig, param_text
 from sceneml.data import PreparedData, prepare_data
 from sceneml.data.sources import cache_dir
 from sceneml.engine import distributed
@@ -46,6 +47,7 @@ from sceneml.tracking.models import (
     log_checkpoint,
 )
 from sceneml.tracking.runs import (
+    TAG_TASK,
     MetricBuffer,
     delete_run_artifacts,
     log_csv,
@@ -55,7 +57,7 @@ from sceneml.tracking.runs import (
     set_tags,
     task_run,
 )
-from sceneml.tracking.store import with_retries
+from sceneml.tracking.store import init_store, with_retries
 
 log = logging.getLogger(__name__)
 CHECKPOINT_ARTIFACT = "checkpoints/last.pt"
@@ -74,6 +76,45 @@ def checkpoint_name(run_name: str, epoch: int) -> str:
 
 
 OnEpoch = Callable[[int, dict], bool]
+# what defines the data and the model: a resume that changed one would silently train something else
+RESUME_MUST_MATCH = ("data", "arch", "weights", "optimizer", "lr", "momentum", "weight_decay", "scheduler", "epochs",
+                     "batch_size", "image_size", "seed", "val_fraction", "test_fraction", "limit_per_class",
+                     "freeze_backbone", "random_crop", "select_metric")
+
+
+def check_resume(cfg: TrainConfig) -> None:
+    """Refuse, before the run is touched, a resume of a run that is not an unfinished training run
+    or whose data- and model-defining params differ from this launch's (one line naming them)."""
+    client = MlflowClient()
+    try:
+        run = client.get_run(cfg.resume)
+    except Exception:
+        raise SceneMLError(f"resume={cfg.resume}: no such run in the tracking store {mlflow.get_tracking_uri()}") \
+            from None
+    tags, name = run.data.tags, run.info.run_name
+    task = tags.get(TAG_TASK) or ("train" if TAG_DIGEST in tags else "")
+    if task != "train":
+        raise SceneMLError(f"resume={cfg.resume}: run '{name}' is a {task or 'non-training'} run, not a training run")
+    if run.info.status == "FINISHED":
+        raise SceneMLError(f"resume={cfg.resume}: run '{name}' has FINISHED; there is nothing to resume")
+    logged = run.data.params
+    changed = [f"{key} was {logged[key]}, now {param_text(value)}" for key, value in cfg.as_params().items()
+               if key in RESUME_MUST_MATCH and key in logged and not _same_param(logged[key], value)]
+    if changed:
+        raise SceneMLError(f"resume={cfg.resume}: {'; '.join(changed)} (a resume continues the same data and model; "
+                           "start a new run to change them)")
+
+
+def _same_param(logged: str, value: object) -> bool:
+    """``mlflow run`` logs params as typed (``1e-3``); sceneml as ``param_text`` (``0.001``)."""
+    if isinstance(value, bool):
+        return logged.strip().lower() in (("true", "1", "yes") if value else ("false", "0", "no"))
+    if isinstance(value, (int, float)):
+        try:
+            return float(logged) == float(value)
+        except ValueError:
+            return False
+    return logged == param_text(value)
 
 
 def train(cfg: TrainConfig, run_name: str | None = None, nested: bool = False, on_epoch: OnEpoch | None = None,
@@ -87,6 +128,9 @@ def train(cfg: TrainConfig, run_name: str | None = None, nested: bool = False, o
     is not active in this process (a `tune` worker); ``tags`` are set on the run when it opens.
     """
     cfg.validate()
+    if cfg.resume:
+        init_store()
+        check_resume(cfg)
     ctx, device_name = distributed.setup(cfg.device)
     if ctx is not None and (cfg.resume or on_epoch is not None):
         raise SceneMLError("resume and tune under torchrun are not supported: run them in a single process")
@@ -195,6 +239,7 @@ class RunLog:
         self.batch_losses: list[tuple[int, float]] = []
         self.models: dict[int, str] = {}  # epoch -> LoggedModel id
         self.next_epoch = 1
+        self.logged_steps = 0  # train_batch_loss steps already in the run (a resumed run's crashed epoch)
         self.log_seconds = 0.0  # time spent writing to MLflow in the current epoch
         # what every checkpoint carries as MLflow model metadata (under "sceneml"), besides its epoch
         self.meta = {"classes": data.classes, "image_size": data.image_size, "arch": cfg.arch, "data": cfg.data,
@@ -246,6 +291,9 @@ class RunLog:
         experiment_id = mlflow.get_run(self.run_id).info.experiment_id
         self.models = {e: m for (_, e), m in epoch_checkpoints([experiment_id], self.run_id).items()}
         self.batch_losses = [tuple(x) for x in json.loads(state["batch_losses"])]
+        # a crash mid-epoch had already logged some of that epoch's batches: log each step once
+        logged = MlflowClient().get_metric_history(self.run_id, "train_batch_loss")
+        self.logged_steps = max((m.step for m in logged), default=0)
         log.info("resuming run %s after epoch %d", self.run_id, state["epoch"])
 
     def on_losses(self, values: list[float]) -> None:
@@ -253,7 +301,8 @@ class RunLog:
         for v in values:
             # batch_losses holds every earlier batch (restored on resume): its length is the global step
             self.batch_losses.append((len(self.batch_losses) + 1, v))
-            self.metrics.add("train_batch_loss", v, len(self.batch_losses))
+            if len(self.batch_losses) > self.logged_steps:
+                self.metrics.add("train_batch_loss", v, len(self.batch_losses))
         self.metrics.flush()
         self.log_seconds += time.perf_counter() - started
 

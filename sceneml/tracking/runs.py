@@ -54,6 +54,7 @@ def task_run(run_name: str | None = None, nested: bool = False, run_id: str | No
         context = mlflow.start_run(run_id=run_id)
     elif launched and mlflow.active_run() is None:
         context = mlflow.start_run(run_id=launched)
+        _ADOPTED.add(launched)
         if run_name:  # `mlflow run` names its runs at random; say what this one is
             set_tags(launched, {"mlflow.runName": run_name})
     elif parent_run_id:
@@ -65,14 +66,62 @@ def task_run(run_name: str | None = None, nested: bool = False, run_id: str | No
             if task or tags:
                 set_tags(run.info.run_id, {**({TAG_TASK: task} if task else {}), **(tags or {})})
             yield run
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (sceneml.cli.Terminated)
             # ended here, so MLflow's own __exit__ cannot overwrite KILLED with FAILED
-            end_run_as(run.info.run_id, "KILLED", "interrupted (KeyboardInterrupt)")
+            end_run_as(run.info.run_id, "KILLED", f"interrupted ({type(exc).__name__}{f': {exc}' if str(exc) else ''})")
+            if run.info.run_id in _ADOPTED:
+                keep_status_after_mlflow_run(run.info.run_id, "KILLED")
             raise
         except BaseException as exc:
             killed = getattr(exc, "marks_run_killed", False)
             end_run_as(run.info.run_id, "KILLED" if killed else "FAILED", f"{type(exc).__name__}: {exc}")
             raise
+
+
+_ADOPTED: set[str] = set()  # runs this process took over from `mlflow run`
+
+# `mlflow run` marks its run FAILED after an interrupted child exits: MLflow 3.17's
+# projects._maybe_set_run_terminated asks RunStatus.is_terminated(<a status string>), which is always
+# False for a string, so it overwrites the KILLED the child wrote. This detached helper waits for the
+# `mlflow run` process to exit, then writes the status back.
+_RESTORE_STATUS = """
+import os, sys, time
+from mlflow import MlflowClient
+run_id, status, pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
+deadline = time.monotonic() + 300
+while time.monotonic() < deadline:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        break
+    time.sleep(0.2)
+MlflowClient().set_terminated(run_id, status)
+"""
+
+
+def keep_status_after_mlflow_run(run_id: str, status: str) -> None:
+    """Have ``run_id`` end as ``status`` even after the `mlflow run` process that launched this one has
+    marked it (see ``_RESTORE_STATUS``)."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    launcher = next((p for p in psutil.Process().parents()
+                     if "run" in (cmd := " ".join(_cmdline(p))) and "mlflow" in cmd), None)
+    if launcher is None:
+        return
+    with contextlib.suppress(OSError):
+        subprocess.Popen([sys.executable, "-c", _RESTORE_STATUS, run_id, status, str(launcher.pid)],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)  # out of the process group that Ctrl-C and SIGTERM reach
+
+
+def _cmdline(process) -> list[str]:
+    try:
+        return process.cmdline()
+    except Exception:  # gone, or not ours to read
+        return []
 
 
 def end_run_as(run_id: str, status: str, error: str | None = None) -> None:
