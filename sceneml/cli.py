@@ -7,6 +7,7 @@ are parsed, so ``--help`` and a bad value answer at once.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -145,12 +146,24 @@ def user_errors_as_one_line(fn: Callable) -> Callable:
             print(f"error: {exc}", file=sys.stderr)
             _tag_launch(str(exc))
             sys.exit(2)
+        except OSError as exc:
+            if exc.errno not in _DISK_ERRORS:
+                raise
+            # a full disk or quota, a file too large, a read-only place: the user's to fix, in one line
+            message = f"{exc.filename or 'a file'}: {exc.strerror}; free space there or point SCENEML_CACHE " \
+                      "(and the MLflow store) at another disk"
+            print(f"error: {message}", file=sys.stderr)
+            _tag_launch(message)
+            sys.exit(2)
         except KeyboardInterrupt as exc:
             what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
             print(f"{what}: the run is marked KILLED; continue it with resume=<run_id>", file=sys.stderr)
             sys.exit(143 if isinstance(exc, Terminated) else 130)
 
     return wrapper
+
+
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
 def _tag_launch(error: str) -> None:

@@ -86,8 +86,10 @@ class TrainConfig:
             raise SceneMLError(f"lr must be > 0, got {self.lr}")
         if self.epochs < 1:
             raise SceneMLError(f"epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise SceneMLError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.batch_size < 2:
+            raise SceneMLError(f"batch_size must be >= 2 (BatchNorm cannot train on one image), got {self.batch_size}")
+        if not 0 <= self.seed < 2**32:
+            raise SceneMLError(f"seed must be in 0 .. 2**32 - 1 (4294967295), got {self.seed}")
         if self.momentum < 0 or self.weight_decay < 0:
             raise SceneMLError("momentum and weight_decay must be >= 0")
         if self.image_size < 0 or 0 < self.image_size < 32:

@@ -253,3 +253,124 @@ def test_real_intel_subset_is_discovered():
     counts = Counter(c for _, c in items)
     assert all(counts[c] > 0 for c in CLASSES), counts
     print("intel-mini seg_train per-class counts:", dict(counts))
+
+
+# ----------------------------------------------------- hostile archives, macOS leftovers, caches, EXIF
+
+def _zip_of_two_classes(tmp_path: Path, archive: Path) -> Path:
+    folder = write_class_folders(tmp_path / "src", {"a": 4, "b": 4})
+    _zip_folder(folder, archive)
+    return archive
+
+
+def test_a_zip_with_a_bad_crc_is_one_line_and_leaves_no_temp_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCENEML_CACHE", str(tmp_path / "cache"))
+    archive = _zip_of_two_classes(tmp_path, tmp_path / "data.zip")
+    raw = bytearray(archive.read_bytes())
+    info = zipfile.ZipFile(archive).infolist()[0]
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    raw[start + 5] ^= 0xFF  # one byte of the first entry's data: its CRC no longer matches
+    archive.write_bytes(bytes(raw))
+    with pytest.raises(SceneMLError, match="cannot extract it"):
+        resolve_source(str(archive))
+    assert list((tmp_path / "cache" / "zips").iterdir()) == []  # no .tmp-* folder, no half extraction
+
+
+def test_an_encrypted_zip_is_refused_before_extraction(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCENEML_CACHE", str(tmp_path / "cache"))
+    archive = _zip_of_two_classes(tmp_path, tmp_path / "data.zip")
+    raw = bytearray(archive.read_bytes())
+    with zipfile.ZipFile(archive) as zf:
+        infos = zf.infolist()
+    for info in infos:  # set the "encrypted" flag bit in the local and the central headers
+        raw[info.header_offset + 6] |= 0x1
+    central = raw.find(b"PK\x01\x02")
+    while central != -1:
+        raw[central + 8] |= 0x1
+        central = raw.find(b"PK\x01\x02", central + 4)
+    archive.write_bytes(bytes(raw))
+    with pytest.raises(SceneMLError, match="is encrypted"):
+        resolve_source(str(archive))
+    assert not (tmp_path / "cache" / "zips").exists() or list((tmp_path / "cache" / "zips").iterdir()) == []
+
+
+def test_a_zip_bomb_entry_is_refused_and_the_limit_can_be_raised(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCENEML_CACHE", str(tmp_path / "cache"))
+    folder = write_class_folders(tmp_path / "src", {"a": 4, "b": 4})
+    archive = tmp_path / "bomb.zip"
+    _zip_folder(folder, archive)
+    with zipfile.ZipFile(archive, "a", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("a/huge.bin", b"\0" * (3 * 2**20))  # 3 MB of zeros, a few KB compressed
+    assert archive.stat().st_size < 200_000
+    monkeypatch.setenv("SCENEML_MAX_ZIP_ENTRY_MB", "1")
+    with pytest.raises(SceneMLError, match=r"'a/huge.bin' expands to 3 MB, over the limit of 1 MB"):
+        resolve_source(str(archive))
+    monkeypatch.setenv("SCENEML_MAX_ZIP_ENTRY_MB", "4")
+    monkeypatch.setenv("SCENEML_MAX_ZIP_TOTAL_GB", "0.001")
+    with pytest.raises(SceneMLError, match="over the limit of 0.0 GB"):
+        resolve_source(str(archive))
+    monkeypatch.setenv("SCENEML_MAX_ZIP_TOTAL_GB", "1")
+    assert resolve_source(str(archive)).kind == "folder"
+
+
+def test_macos_leftovers_are_ignored_in_every_layout(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCENEML_CACHE", str(tmp_path / "cache"))
+    folder = write_class_folders(tmp_path / "src", {"a": 4, "b": 4})
+    (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (folder / "a" / "._img_000.jpg").write_bytes(b"\0\5\26\7 resource fork")
+    archive = tmp_path / "mac.zip"
+    _zip_folder(folder, archive)
+    with zipfile.ZipFile(archive, "a") as zf:  # what Finder's "Compress" adds beside the class folders
+        zf.writestr("__MACOSX/a/._img_001.jpg", b"\0\5\26\7 resource fork")
+        zf.writestr("__MACOSX/._a", b"\0\5\26\7")
+    for spec in (str(folder), str(archive)):
+        source = resolve_source(spec)
+        classes, items = list_images(source.train_dir)
+        assert classes == ["a", "b"] and len(items) == 8, spec
+    kaggle = tmp_path / "kaggle"
+    write_class_folders(kaggle / "seg_train", {"a": 4, "b": 4})
+    write_class_folders(kaggle / "seg_test", {"a": 2, "b": 2})
+    (kaggle / "seg_train" / "__MACOSX").mkdir()
+    (kaggle / "seg_train" / "__MACOSX" / "._x.jpg").write_bytes(b"\0")
+    assert list_images(resolve_source(str(kaggle)).train_dir)[0] == ["a", "b"]
+
+
+@pytest.mark.parametrize("kind", ["a file", "below a file"])
+def test_an_unusable_cache_is_one_line_naming_it(tmp_path, monkeypatch, kind):
+    # (a read-only folder gives the same error; these tests run as root, whom permissions do not stop)
+    (tmp_path / "cache").write_text("not a folder")
+    target = tmp_path / "cache" if kind == "a file" else tmp_path / "cache" / "sub"
+    monkeypatch.setenv("SCENEML_CACHE", str(target))
+    with pytest.raises(SceneMLError, match=f"SCENEML_CACHE {target} is not a writable folder"):
+        resolve_source("synthetic:10")
+
+
+def test_exif_orientation_is_applied_when_decoding(tmp_path):
+    # a 40 x 20 image whose left half is red, stored with "rotate 90" in EXIF (tag 274 = 6), as phones do
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :20] = (255, 0, 0)
+    img = Image.fromarray(pixels)
+    exif = img.getexif()
+    exif[274] = 6
+    path = tmp_path / "phone.jpg"
+    img.save(path, exif=exif, quality=95)
+    upright = load_rgb(path)
+    assert upright.shape == (40, 20, 3)  # turned: 40 high, 20 wide
+    assert upright[:20, :, 0].mean() > 200 and upright[20:, :, 0].mean() < 60  # the red half is on top
+
+
+def test_runs_started_together_on_a_fresh_cache_see_the_same_synthetic_data(tmp_path):
+    import subprocess
+    import sys
+
+    from .conftest import subprocess_env
+
+    code = ("from sceneml.data import prepare_data; d = prepare_data('synthetic:40', 0, 1, 0.15, 0.15, 0, 1, False);"
+            "print(d.digest, len(d.skipped))")
+    env = subprocess_env(SCENEML_CACHE=str(tmp_path / "fresh"))
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(4)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e[-800:] for _, e in outputs]
+    assert len({out for out, _ in outputs}) == 1 and outputs[0][0].split()[1] == "0"  # one digest, none skipped
+    assert [p.name for p in (tmp_path / "fresh" / "synthetic").iterdir() if p.name.startswith(".tmp")] == []

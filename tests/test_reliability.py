@@ -246,3 +246,61 @@ def test_training_survives_a_tracking_server_restart_and_select_sets_the_alias(t
         assert int(champion.tags["sceneml.epoch"]) == int(run.data.metrics["best_epoch"])
     finally:
         _stop_server(server)
+
+
+def test_four_selects_at_once_register_the_checkpoint_once(tracking_uri):
+    from sceneml.config import TrainConfig
+    from sceneml.tasks.train import train
+
+    train(TrainConfig(data="synthetic:30", weights="none", epochs=1, batch_size=16, image_size=32, quiet=True))
+    select = [sys.executable, str(REPO / "entrypoints" / "select_champion.py"), "--experiment", "Default"]
+    procs = [subprocess.Popen(select, env=_env(tracking_uri), cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, errors
+    versions = MlflowClient().search_model_versions("name = 'sceneml'")
+    assert len(versions) == 1
+    assert MlflowClient().get_model_version_by_alias("sceneml", "champion").version == versions[0].version
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_temp_file(tmp_path):
+    """The write limit of the process (RLIMIT_FSIZE) fails a write mid-file exactly as a full disk does."""
+    import resource
+
+    def limit_writes():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4 * 2**20, 4 * 2**20))
+
+    cache = tmp_path / "cache"
+    env = _env(f"sqlite:///{tmp_path / 'mlflow.db'}", SCENEML_CACHE=str(cache))
+    # 180 images at 96 px decode to a 5 MB array: over the 4 MB limit
+    proc = subprocess.run([*TRAIN, "--epochs", "1", "--image-size", "96"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, preexec_fn=limit_writes)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot write the decode cache in") and str(cache) in last
+    assert "free space there or point SCENEML_CACHE at another disk" in last
+    assert "Traceback" not in proc.stderr
+    assert [p.name for p in cache.rglob(".*.npy")] == []  # the half-written decode cache is gone
+
+
+def test_an_error_before_the_work_is_tagged_on_mlflow_runs_run(tmp_path):
+    from .conftest import mlflow_run_in_tmp
+
+    with pytest.raises(AssertionError):  # mlflow run fails (its status 1); the message says why
+        mlflow_run_in_tmp(tmp_path, "early", "train", {"resume": "0" * 32, "data": "synthetic:30"})
+    client = MlflowClient()
+    run = client.search_runs([client.get_experiment_by_name("early").experiment_id])[0]
+    assert run.info.status == "FAILED"
+    assert "no such run" in run.data.tags["sceneml.error"]
+
+
+def test_predict_refuses_an_unwritable_output_before_predicting(tmp_path):
+    from sceneml.errors import SceneMLError
+    from sceneml.tasks.predict import predict
+
+    (tmp_path / "photo.png").write_bytes(b"not used")
+    (tmp_path / "a-file").write_text("x")
+    for output, message in ((tmp_path, "is a folder"), (tmp_path / "a-file" / "out.csv", "cannot be written")):
+        with pytest.raises(SceneMLError, match=message):
+            predict("models:/does-not-matter/1", str(tmp_path / "photo.png"), str(output), "cpu")

@@ -83,7 +83,7 @@ def test_one_logged_model_per_epoch_and_the_best_is_tagged(cli_run):
         # every val metric of the epoch is linked to its checkpoint (MLflow itself also copies any
         # un-attributed run metric logged at the same step, e.g. train_batch_loss of batch `epoch`)
         linked = {m.key: m.value for m in model.metrics if m.key.startswith("val_")}
-        assert len(linked) == 4 + 2 * len(CLASSES)
+        assert len(linked) == 5 + 2 * len(CLASSES)  # loss, acc, mAP, mean class acc, ece; per class
         for key, value in linked.items():
             assert value == [h.value for h in client.get_metric_history(run.info.run_id, key) if h.step == epoch][0]
 
@@ -138,10 +138,23 @@ def test_same_seed_same_metrics_and_resume_matches_a_straight_run(tracking_uri, 
     (dict(epochs=0), "epochs must be >= 1"),
     (dict(scheduler="warm"), "choose one of none, cosine, step"),
     (dict(device="tpu"), "unknown device 'tpu'; choose auto, cpu or cuda"),
+    (dict(seed=-5), r"seed must be in 0 .. 2\*\*32 - 1"),
+    (dict(seed=2**32), r"seed must be in 0 .. 2\*\*32 - 1"),
+    (dict(batch_size=1), "batch_size must be >= 2"),
 ])
 def test_bad_values_fail_before_training(bad, match):
     with pytest.raises(SceneMLError, match=match):
         TrainConfig(**bad).validate()
+
+
+def test_a_last_batch_of_one_image_is_dropped_not_handed_to_batchnorm(tracking_uri):
+    # synthetic:30 gives 126 training images: at batch_size 25, five batches and a last one of a single image
+    cfg = TrainConfig(data="synthetic:30", epochs=1, batch_size=25, image_size=32, weights="none", quiet=True)
+    run = MlflowClient().get_run(train(cfg))
+    assert int(run.data.params["n_train"]) % 25 == 1
+    steps = MlflowClient().get_metric_history(run.info.run_id, "train_batch_loss")
+    assert len(steps) == int(run.data.params["n_train"]) // 25  # the batch of one made no step
+    assert run.info.status == "FINISHED"
 
 
 def test_cli_prints_one_line_and_starts_no_run(tracking_uri):

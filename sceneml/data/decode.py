@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
-CACHE_VERSION = 1
+from sceneml.errors import SceneMLError
+
+CACHE_VERSION = 2  # 2: EXIF orientation applied
 
 
 @dataclass
@@ -40,7 +42,8 @@ def load_rgb(path: Path | str, size: int | None = None) -> np.ndarray:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as img:
             img.load()
-            img = _to_rgb(img)
+            # phone photos store "rotate me" in EXIF rather than in the pixels
+            img = _to_rgb(ImageOps.exif_transpose(img))
     if size is not None and img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(img, dtype=np.uint8)
@@ -98,11 +101,17 @@ def decode_images(paths: list[Path], size: int, cache: Path, workers: int = 2,
                   disable=not progress, leave=False))
     # write-then-rename so a crash or a concurrent run never leaves a half-written cache entry
     tmp = cache / f".{key}.{os.getpid()}.npy"
-    np.save(tmp, pixels)
-    os.replace(tmp, array_file)
     tmp_meta = cache / f".{key}.{os.getpid()}.json"
-    tmp_meta.write_text(json.dumps({"errors": {str(k): v for k, v in sorted(errors.items())}}))
-    os.replace(tmp_meta, meta_file)
+    try:
+        np.save(tmp, pixels)
+        os.replace(tmp, array_file)
+        tmp_meta.write_text(json.dumps({"errors": {str(k): v for k, v in sorted(errors.items())}}))
+        os.replace(tmp_meta, meta_file)
+    except OSError as exc:  # e.g. a full disk: leave no half-written temp file behind, say where
+        tmp.unlink(missing_ok=True)
+        tmp_meta.unlink(missing_ok=True)
+        raise SceneMLError(f"cannot write the decode cache in {cache} ({exc.strerror or exc}): free space there "
+                           "or point SCENEML_CACHE at another disk") from None
     ok = np.ones(len(paths), dtype=bool)
     ok[list(errors)] = False
     return DecodedImages(pixels, ok, errors)

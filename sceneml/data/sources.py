@@ -11,11 +11,14 @@ Accepted forms of ``data``:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
 import stat
+import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,8 +42,35 @@ class DataSource:
 
 
 def cache_dir() -> Path:
-    """Where decoded arrays, extracted zips and the synthetic images live (``$SCENEML_CACHE``)."""
-    return Path(os.environ.get("SCENEML_CACHE", Path.home() / ".cache" / "sceneml"))
+    """Where decoded arrays, extracted zips and the synthetic images live (``$SCENEML_CACHE``).
+    A path that is a file, or a folder this process cannot write, is a one-line error saying so."""
+    path = Path(os.environ.get("SCENEML_CACHE", Path.home() / ".cache" / "sceneml")).expanduser()
+    _check_writable(str(path))
+    return path
+
+
+@functools.lru_cache(maxsize=8)
+def _check_writable(path: str) -> None:
+    what = "SCENEML_CACHE" if os.environ.get("SCENEML_CACHE") else "the sceneml cache"
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise SceneMLError(f"{what} {path} is not a writable folder ({exc.strerror or exc}): point SCENEML_CACHE "
+                           "at a folder you can write") from None
+
+
+def ignored(name: str) -> bool:
+    """Files and folders that are never data: hidden ones (``.DS_Store``), macOS resource forks
+    (``._photo.jpg``) and the ``__MACOSX`` folder that macOS zips carry beside the real ones."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+# An archive is refused before extraction when an entry or the whole would pass these (a "zip bomb"
+# is a small file that expands to fill the disk); raise them with these environment variables.
+MAX_ZIP_ENTRY_MB = "SCENEML_MAX_ZIP_ENTRY_MB"  # default 256: no photo is that large
+MAX_ZIP_TOTAL_GB = "SCENEML_MAX_ZIP_TOTAL_GB"  # default 32
 
 
 def resolve_source(spec: str, cache: Path | None = None) -> DataSource:
@@ -71,13 +101,13 @@ def resolve_source(spec: str, cache: Path | None = None) -> DataSource:
 
 
 def _has_class_dirs(folder: Path) -> bool:
-    return any(child.is_dir() and not child.name.startswith(".") for child in folder.iterdir())
+    return any(child.is_dir() and not ignored(child.name) for child in folder.iterdir())
 
 
 def _unwrap(folder: Path) -> Path:
     """Descend through single wrapper folders (``archive/intel/seg_train`` -> ``archive/intel``)."""
     while True:
-        children = [c for c in folder.iterdir() if not c.name.startswith((".", "__MACOSX"))]
+        children = [c for c in folder.iterdir() if not ignored(c.name)]
         dirs = [c for c in children if c.is_dir()]
         wrapper = len(dirs) == 1 and len(children) == 1 and dirs[0].name not in ("seg_train", "seg_test")
         if wrapper and _has_class_dirs(dirs[0]):
@@ -111,14 +141,15 @@ def list_images(class_root: Path) -> tuple[list[str], list[tuple[Path, str]]]:
     Files are found by extension; whether they really decode is checked later, when decoding.
     A class folder with no image file at all is an error that names it.
     """
-    classes = sorted(c.name for c in class_root.iterdir() if c.is_dir() and not c.name.startswith("."))
+    classes = sorted(c.name for c in class_root.iterdir() if c.is_dir() and not ignored(c.name))
     if len(classes) < 2:
         raise SceneMLError(f"{class_root}: need at least 2 class sub-folders, found {classes}")
     items: list[tuple[Path, str]] = []
     for name in classes:
         files = sorted(
             p for p in (class_root / name).rglob("*")
-            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+            and not any(ignored(part) for part in p.relative_to(class_root).parts)
         )
         if not files:
             raise SceneMLError(f"class {name!r} has no image files in {class_root / name}")
@@ -133,7 +164,7 @@ def image_files(input_path: str | Path) -> list[Path]:
         return [path]
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                       and not p.name.startswith("."))
+                       and not any(ignored(part) for part in p.relative_to(path).parts))
         if not files:
             raise SceneMLError(f"input {str(input_path)!r}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))})")
         return files
@@ -161,7 +192,10 @@ def extract_zip(archive: Path, zip_cache: Path) -> Path:
         zf = zipfile.ZipFile(archive)
     except zipfile.BadZipFile as exc:
         raise SceneMLError(f"{archive} is not a readable zip archive: {exc}") from None
+    max_entry = int(float(os.environ.get(MAX_ZIP_ENTRY_MB, "256")) * 2**20)
+    max_total = int(float(os.environ.get(MAX_ZIP_TOTAL_GB, "32")) * 2**30)
     with zf:
+        total = 0
         for info in zf.infolist():
             name = info.filename
             is_link = stat.S_ISLNK(info.external_attr >> 16)
@@ -170,10 +204,25 @@ def extract_zip(archive: Path, zip_cache: Path) -> Path:
                 raise SceneMLError(
                     f"{archive}: refusing unsafe zip entry {name!r} (absolute path, '..' or link)"
                 )
+            if info.flag_bits & 0x1:
+                raise SceneMLError(f"{archive}: entry {name!r} is encrypted; unzip it yourself and pass the folder")
+            if info.file_size > max_entry:
+                raise SceneMLError(f"{archive}: entry {name!r} expands to {info.file_size / 2**20:.0f} MB, over the "
+                                   f"limit of {max_entry / 2**20:.0f} MB ({MAX_ZIP_ENTRY_MB} raises it)")
+            total += info.file_size
+        if total > max_total:
+            raise SceneMLError(f"{archive}: expands to {total / 2**30:.1f} GB, over the limit of "
+                               f"{max_total / 2**30:.1f} GB ({MAX_ZIP_TOTAL_GB} raises it)")
         tmp = zip_cache / f".tmp-{target.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        zf.extractall(tmp)
+        try:
+            zf.extractall(tmp)  # zipfile checks every entry's CRC and stops at its declared size
+        except (zipfile.BadZipFile, RuntimeError, NotImplementedError, zlib.error, EOFError, OSError) as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, OSError) and not isinstance(exc, EOFError) and exc.errno is not None:
+                raise
+            raise SceneMLError(f"{archive}: cannot extract it ({type(exc).__name__}: {exc})") from None
     try:
         tmp.rename(target)
     except OSError:  # a concurrent run won the race: use its copy

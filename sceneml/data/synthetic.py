@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import colorsys
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -204,17 +206,31 @@ def write_synthetic_dataset(root: Path, per_class: int = DEFAULT_PER_CLASS, seed
                             size: int = DEFAULT_SIZE) -> Path:
     """Write the data set as ``root/<class>/<class>_<i>.png``; reuse it when already complete.
 
-    A ``.complete`` marker (written last) makes the write crash-safe: a half-written folder is redone.
+    Rendered into a private temporary folder that is renamed to ``root`` once complete (with its
+    ``.complete`` marker): runs started together never read a PNG another run is still writing, and
+    a crash leaves no half-written ``root``. The renderer is deterministic, so whichever run's folder
+    wins, every run sees the same bytes.
     """
     root = Path(root)
     marker = root / ".complete"
     spec = {"per_class": per_class, "seed": seed, "size": size, "version": RENDERER_VERSION}
     if marker.exists() and json.loads(marker.read_text()) == spec:
         return root
-    for class_name in CLASSES:
-        folder = root / class_name
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            Image.fromarray(render_scene(class_name, i, seed, size)).save(folder / f"{class_name}_{i:04d}.png")
-    marker.write_text(json.dumps(spec))
+    tmp = root.parent / f".tmp-{root.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for class_name in CLASSES:
+            folder = tmp / class_name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                Image.fromarray(render_scene(class_name, i, seed, size)).save(folder / f"{class_name}_{i:04d}.png")
+        (tmp / ".complete").write_text(json.dumps(spec))
+        if root.exists() and not marker.exists():
+            shutil.rmtree(root, ignore_errors=True)  # left half-written by an older sceneml
+        try:
+            tmp.rename(root)
+        except OSError:  # another run renamed its complete copy first: use that one
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return root

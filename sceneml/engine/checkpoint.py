@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from sceneml.errors import SceneMLError
+
 
 def rng_state() -> dict:
     np_state = np.random.get_state()
@@ -47,8 +49,13 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, epoch: i
         **extra,
     }
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch says "file write failed" for a full disk
+        tmp.unlink(missing_ok=True)
+        raise SceneMLError(f"cannot write the checkpoint {path} ({str(exc).splitlines()[0]}): free disk space "
+                           "there or point SCENEML_CACHE at another disk") from None
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -88,6 +88,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
     Batch losses stay on the device and are fetched every ``flush_every`` batches (one sync instead of
     one per batch), then handed to ``on_losses`` for logging; ``reduce_losses`` (data-parallel runs:
     the mean over ranks) is applied to them first. ``on_step`` is called after every optimizer step.
+    A batch of a single image is skipped (BatchNorm cannot train on it).
     ``amp_dtype`` runs the forward pass under autocast; ``scaler`` (fp16) scales the loss.
     """
     pending: list[torch.Tensor] = []
@@ -105,6 +106,11 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
             bar.set_postfix(loss=f"{values[-1]:.3f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
 
     for x, y in batches:
+        if len(y) == 1 and model.training:
+            # BatchNorm cannot train on one image (its batch variance is 0): the last batch of an
+            # epoch that holds a single image is dropped, as DataLoader(drop_last=True) would
+            bar.update(1)
+            continue
         with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits, aux = split_logits(model(x))
             loss = F.cross_entropy(logits.float(), y)

@@ -168,7 +168,9 @@ def _analyze(cfg: AnalyzeConfig) -> dict[str, float]:
     _log_galleries(resolve_source(data).root, split, scores, classes, chosen_classes, cfg.k, cfg.split, caption)
 
     image_sets = [array_set(cfg.split, split.pixels)]
-    synthetic_per_class = max(2, math.ceil(cfg.n_images / 6))
+    # the embedded scenes are compared with as many images as the split gives (n_images larger than the
+    # data is all the data): render no more than that, and at least the 3 per class it needs
+    synthetic_per_class = max(3, math.ceil(min(cfg.n_images, len(split)) / 6))
     image_sets.append(file_set("synthetic", _synthetic_files(synthetic_per_class), image_size))
     image_sets += [compare_set(name, path, image_size, cfg.n_images) for name, path in compare.items()]
 

@@ -34,6 +34,16 @@ def predict(model_uri: str, input_path: str, output: str = "predictions.csv", de
     out = Path(output).expanduser().resolve()
     if out.is_dir():
         raise SceneMLError(f"output {output!r} is a folder; give a CSV file path")
+    try:  # before the work, not after every prediction is made
+        out.parent.mkdir(parents=True, exist_ok=True)
+        existed = out.exists()
+        with open(out, "a"):
+            pass
+        if not existed:
+            out.unlink()
+    except OSError as exc:
+        raise SceneMLError(f"output {output!r} cannot be written ({exc.strerror or exc}); give a writable CSV path") \
+            from None
     launched = bool(os.environ.get("MLFLOW_RUN_ID"))
     with task_run(f"predict {Path(input_path).name}", task="predict") if launched else contextlib.nullcontext() as run:
         table = predict_files(model_uri, files, device, progress=progress)

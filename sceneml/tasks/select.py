@@ -76,8 +76,7 @@ def select_champion(experiment_ids: list[str], metric: str = "val_mean_class_acc
         client.create_registered_model(model_name)
     except MlflowException:
         pass  # exists
-    existing = [v for v in client.search_model_versions(f"name = '{model_name}'")
-                if v.tags.get("sceneml.model_id") == best.model_id]
+    existing = _versions_of(client, model_name, best.model_id)
     if existing:
         version = existing[0]
     else:
@@ -87,6 +86,12 @@ def select_champion(experiment_ids: list[str], metric: str = "val_mean_class_acc
             tags={"sceneml.model_id": best.model_id, "sceneml.run_id": best.run_id, "sceneml.epoch": best.epoch,
                   "sceneml.select_metric": metric, f"sceneml.{metric}": best.value,
                   "sceneml.data_digest": best.digest})
+        # selects running at once may each have registered it: all keep the oldest version, each
+        # deletes its own newer one (version numbers follow commit order, so the oldest is visible)
+        oldest = _versions_of(client, model_name, best.model_id)[0]
+        if oldest.version != version.version:
+            client.delete_model_version(model_name, version.version)
+            version = oldest
     try:
         current = client.get_model_version_by_alias(model_name, alias)
     except MlflowException:
@@ -100,6 +105,12 @@ def select_champion(experiment_ids: list[str], metric: str = "val_mean_class_acc
     log.info("%s@%s = version %s (run %s, epoch %d, %s=%.4f)", model_name, alias, version.version,
              best.run_id, best.epoch, metric, best.value)
     return version, best
+
+
+def _versions_of(client: MlflowClient, model_name: str, model_id: str) -> list:
+    """The versions of ``model_name`` that register the checkpoint ``model_id``, oldest first."""
+    return sorted((v for v in client.search_model_versions(f"name = '{model_name}'")
+                   if v.tags.get("sceneml.model_id") == model_id), key=lambda v: int(v.version))
 
 
 def select(experiment: str = "", parent_run_id: str = "", metric: str = "val_mean_class_acc",
