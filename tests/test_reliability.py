@@ -1,5 +1,6 @@
-"""Reliability: real crashes (SIGKILL, Ctrl-C), concurrent writers on one sqlite store, a tracking
-server restarted under a running training, and errors that must not leave a run RUNNING."""
+"""Reliability: real crashes (SIGKILL, Ctrl-C, SIGTERM), resume checks, concurrent writers on one sqlite
+store and concurrent selects, a full disk, and errors that must not leave a run RUNNING. (The tracking
+server restarted under a running training is in test_postgres.py.)"""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 
 from sceneml.tasks.train import FAULT_ENV, local_checkpoint_path
 
-from .conftest import REPO, free_port, subprocess_env, url_answers, wait_for
+from .conftest import REPO, subprocess_env, wait_for
 
 TRAIN = [sys.executable, str(REPO / "entrypoints" / "train.py"), "--data", "synthetic:30", "--weights", "none",
          "--batch-size", "16", "--quiet", "--device", "cpu"]
@@ -194,58 +194,6 @@ def test_a_model_uri_that_does_not_resolve_fails_in_one_line_and_marks_the_run_f
         assert "does not resolve" in run.data.tags["sceneml.error"]
     finally:
         mlflow.set_tracking_uri(None)
-
-
-def _start_server(tmp: Path, port: int, log_name: str) -> subprocess.Popen:
-    log = (tmp / log_name).open("w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}",
-         "--artifacts-destination", str(tmp / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port)],
-        env=subprocess_env(), cwd=tmp, stdout=log, stderr=log, start_new_session=True)
-    log.close()
-    wait_for(lambda: url_answers(f"http://127.0.0.1:{port}/health"), 120, f"mlflow server on port {port}", server,
-             tmp / log_name)
-    return server
-
-
-def _stop_server(server: subprocess.Popen) -> None:
-    if server.poll() is None:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
-
-
-@pytest.mark.slow
-def test_training_survives_a_tracking_server_restart_and_select_sets_the_alias(tmp_path):
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    server = _start_server(tmp_path, port, "server-1.log")
-    try:
-        proc = subprocess.Popen([*TRAIN, "--epochs", "3"], env=_env(uri), cwd=tmp_path, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
-        client = MlflowClient(uri)
-        wait_for(lambda: _only_run(client), 120, "the run to start", proc)
-        run_id = _only_run(client)
-        wait_for(lambda: client.get_metric_history(run_id, "epoch_seconds"), 300, "epoch 1 to finish", proc)
-        _stop_server(server)  # the server goes away in the middle of epoch 2 ...
-        assert proc.poll() is None, "training ended before the server went away"
-        time.sleep(3)
-        server = _start_server(tmp_path, port, "server-2.log")  # ... and comes back on the same address
-        _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err[-2000:]
-        run = client.get_run(run_id)
-        assert run.info.status == "FINISHED"
-        assert set(_epoch_metrics(client, run_id)) == {(k, s) for k in EPOCH_KEYS for s in (1, 2, 3)}
-        n_batches = 3 * -(-int(run.data.params["n_train"]) // 16)
-        assert sorted({m.step for m in client.get_metric_history(run_id, "train_batch_loss")}) == \
-            list(range(1, n_batches + 1))
-        select = subprocess.run([sys.executable, str(REPO / "entrypoints" / "select_champion.py")], env=_env(uri),
-                                cwd=tmp_path, capture_output=True, text=True, timeout=300)
-        assert select.returncode == 0, select.stderr[-2000:]
-        champion = client.get_model_version_by_alias("sceneml", "champion")
-        assert champion.tags["sceneml.run_id"] == run_id
-        assert int(champion.tags["sceneml.epoch"]) == int(run.data.metrics["best_epoch"])
-    finally:
-        _stop_server(server)
 
 
 def test_four_selects_at_once_register_the_checkpoint_once(tracking_uri):

@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -201,10 +202,11 @@ def superseded_epochs(history: list[dict], models: dict[int, str], keep: str, me
 
 
 def _fault_injector(run_name: str) -> Callable[[], None] | None:
-    """``SCENEML_FAULT_AT_STEP=N:interrupt``, ``N:pause`` or ``N:raise``, optionally ``@<run name>``:
-    after the N-th optimizer step of this run (of every run when no name is given), raise
-    KeyboardInterrupt (what Ctrl-C does), stop and wait for a signal, or raise a RuntimeError (a
-    crash). The crash tests use it to hit a run at a known batch without sleeping; unset, it costs nothing."""
+    """``SCENEML_FAULT_AT_STEP=N:interrupt``, ``N:pause``, ``N:stop`` or ``N:raise``, optionally
+    ``@<run name>``: after the N-th optimizer step of this run (of every run when no name is given),
+    raise KeyboardInterrupt (what Ctrl-C does), wait for a signal, stop the process (SIGSTOP, until a
+    SIGCONT), or raise a RuntimeError (a crash). The crash tests use it to hit a run at a known batch
+    without sleeping; unset, it costs nothing."""
     spec = os.environ.get(FAULT_ENV, "")
     spec, _, only = spec.partition("@")
     if not spec or (only and only != run_name):
@@ -220,6 +222,9 @@ def _fault_injector(run_name: str) -> Callable[[], None] | None:
             raise KeyboardInterrupt
         if action == "raise":
             raise RuntimeError(f"fault injected after step {at} ({FAULT_ENV})")
+        if action == "stop":
+            os.kill(os.getpid(), signal.SIGSTOP)
+            return
         print(f"sceneml: paused after step {at} ({FAULT_ENV})", file=sys.stderr, flush=True)
         while True:
             time.sleep(3600)
