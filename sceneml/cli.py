@@ -53,6 +53,9 @@ _TRAIN_OPTIONS = [
                  help="checkpoints a finished run keeps: best, improved or all"),
     click.option("--precision", default=_D.precision, help="auto, fp32, bf16 or fp16 (CUDA only)"),
     click.option("--compile", "compile_", default="false", help="torch.compile the model for training"),
+    click.option("--dedupe", default=_D.dedupe, help="none, or cross_split: drop val/test copies of train images"),
+    click.option("--dup-distance", type=int, default=_D.dup_distance,
+                 help="near duplicates: perceptual hashes at most this many bits apart"),
     click.option("--quiet", is_flag=True, help="no progress bars"),
 ]
 

@@ -25,6 +25,7 @@ KEEP_CHECKPOINTS = ("best", "improved", "all")
 # GradScaler; fp32 on the CPU. Validation and the logged checkpoints stay float32.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PRUNERS = ("median", "hyperband", "none")
+DEDUPE = ("none", "cross_split")  # cross_split: drop val/test copies of training images
 FP16_NEEDS_CUDA = "precision=fp16 needs a CUDA device; on the CPU use bf16 or fp32"
 
 
@@ -69,6 +70,8 @@ class TrainConfig:
     keep_checkpoints: str = "best"  # best | improved | all
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     compile: bool = False  # torch.compile the trained module (the checkpoint is the uncompiled one)
+    dedupe: str = "none"  # none | cross_split
+    dup_distance: int = 6  # near duplicates: pHashes at most this many bits apart (sceneml.data.duplicates)
     resume: str = ""
     quiet: bool = False
 
@@ -80,6 +83,9 @@ class TrainConfig:
         check_select_metric(self.select_metric)
         _choice("keep_checkpoints", self.keep_checkpoints, KEEP_CHECKPOINTS)
         _choice("precision", self.precision, PRECISIONS)
+        _choice("dedupe", self.dedupe, DEDUPE)
+        if not 0 <= self.dup_distance <= 64:
+            raise SceneMLError(f"dup_distance must be in 0..64 (bits of a 64-bit pHash), got {self.dup_distance}")
         if self.precision == "fp16" and self.device == "cpu":
             raise SceneMLError(FP16_NEEDS_CUDA)  # before any work; the engine checks device=auto too
         if not self.lr > 0:

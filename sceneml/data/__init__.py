@@ -11,8 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from sceneml.data.decode import decode_images, load_rgb
+from sceneml.data.duplicates import DEFAULT_MAX_DISTANCE, duplicate_counts, find_duplicates, leaked_paths
 from sceneml.data.sources import DataSource, cache_dir, list_images, resolve_source
 from sceneml.data.splits import (
     limit_per_class,
@@ -50,6 +52,8 @@ class PreparedData:
     digest: str  # hash of the manifest: the data set's identity in MLflow
     splits: dict[str, SplitData]
     skipped: dict[str, str] = field(default_factory=dict)  # relative path -> reason
+    # images with an exact or near duplicate (group, path, split before dedupe, class, kind, dropped)
+    duplicates: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     @property
     def class_to_idx(self) -> dict[str, int]:
@@ -62,8 +66,11 @@ def _relative(path: Path, root: Path) -> str:
 
 def prepare_data(spec: str = "synthetic", image_size: int = 0, seed: int = 42,
                  val_fraction: float = 0.15, test_fraction: float = 0.15, limit: int = 0,
-                 workers: int = 2, progress: bool = True, cache: Path | None = None) -> PreparedData:
-    """Resolve ``spec``, decode every image once (cached), skip bad files, split and return arrays."""
+                 workers: int = 2, progress: bool = True, cache: Path | None = None, dedupe: str = "none",
+                 dup_distance: int = DEFAULT_MAX_DISTANCE) -> PreparedData:
+    """Resolve ``spec``, decode every image once (cached), skip bad files, split, find duplicates
+    (``dedupe="cross_split"`` drops the val/test copies of training images before the manifest is
+    written) and return arrays."""
     if not 0 < val_fraction < 1 or not 0 < test_fraction < 1 or val_fraction + test_fraction >= 1:
         raise SceneMLError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in "
                            "(0, 1) and sum to less than 1")
@@ -111,6 +118,22 @@ def prepare_data(spec: str = "synthetic", image_size: int = 0, seed: int = 42,
 
     used = np.flatnonzero(decoded.ok)
     rel = [_relative(p, source.root) for p, _ in all_items]
+    duplicates = find_duplicates(decoded.pixels, used, [rel[i] for i in used], [split[i] for i in used],
+                                 [all_items[i][1] for i in used], dup_distance)
+    duplicates["dropped"] = False
+    if len(duplicates):
+        counts = duplicate_counts(duplicates)
+        if counts["dup_cross_split"]:
+            log.warning("%d group(s) of duplicate images span train and val/test: the evaluation sees images the "
+                        "model trained on (data/duplicates.csv; dedupe=cross_split drops them)",
+                        int(counts["dup_cross_split"]))
+        if dedupe == "cross_split":
+            leaked = leaked_paths(duplicates)
+            duplicates["dropped"] = duplicates["path"].isin(leaked)
+            for i in used:
+                if rel[i] in leaked:
+                    split[i] = "dropped"
+            used = np.array([i for i in used if rel[i] not in leaked], dtype=np.int64)
     manifest = manifest_csv([rel[i] for i in used], [all_items[i][1] for i in used],
                             [split[i] for i in used])
     splits = {}
@@ -118,7 +141,7 @@ def prepare_data(spec: str = "synthetic", image_size: int = 0, seed: int = 42,
         idx = np.flatnonzero(split == name)
         # a contiguous in-memory copy: batches index it randomly, a memmap would page-fault
         splits[name] = SplitData([rel[i] for i in idx], labels_all[idx], np.ascontiguousarray(decoded.pixels[idx]))
-    return PreparedData(source, classes, size, manifest, manifest_digest(manifest), splits, skipped)
+    return PreparedData(source, classes, size, manifest, manifest_digest(manifest), splits, skipped, duplicates)
 
 
 def load_split_from_manifest(spec: str, manifest: str, classes: list[str], image_size: int,

@@ -31,6 +31,7 @@ from mlflow import MlflowClient
 from sceneml import plots
 from sceneml.config import TrainConfig, param_text
 from sceneml.data import PreparedData, prepare_data
+from sceneml.data.duplicates import duplicate_counts
 from sceneml.data.sources import cache_dir
 from sceneml.engine import distributed
 from sceneml.engine.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
@@ -80,7 +81,7 @@ OnEpoch = Callable[[int, dict], bool]
 # what defines the data and the model: a resume that changed one would silently train something else
 RESUME_MUST_MATCH = ("data", "arch", "weights", "optimizer", "lr", "momentum", "weight_decay", "scheduler", "epochs",
                      "batch_size", "image_size", "seed", "val_fraction", "test_fraction", "limit_per_class",
-                     "freeze_backbone", "random_crop", "select_metric")
+                     "freeze_backbone", "random_crop", "select_metric", "dedupe", "dup_distance")
 
 
 def check_resume(cfg: TrainConfig) -> None:
@@ -151,7 +152,8 @@ def _train(cfg: TrainConfig, run_name: str, nested: bool, ctx: distributed.DistC
     if not master:
         distributed.barrier()  # rank 0 decodes into the shared cache first; the others then read it
     data = prepare_data(cfg.data, cfg.image_size, cfg.seed, cfg.val_fraction, cfg.test_fraction,
-                        cfg.limit_per_class, cfg.decode_workers(), progress)
+                        cfg.limit_per_class, cfg.decode_workers(), progress, dedupe=cfg.dedupe,
+                        dup_distance=cfg.dup_distance)
     if master:
         distributed.barrier()
     model, weights_resolved = build_model(cfg.arch, len(data.classes), cfg.weights)
@@ -271,6 +273,12 @@ class RunLog:
                   "source_root": str(data.source.root)}, "config.json")
         if data.skipped:
             log_json(data.skipped, "data/skipped_images.json")
+        # duplicates and leakage across splits, always: a test score is only as good as its split
+        log_csv(data.duplicates, "data/duplicates.csv")
+        counts = duplicate_counts(data.duplicates) if len(data.duplicates) else \
+            {"dup_groups": 0.0, "dup_cross_split": 0.0, "dup_cross_class": 0.0}
+        self.metrics.add_many({**counts, "dup_dropped": float(data.duplicates["dropped"].sum())}, 0)
+        self.metrics.flush()
         if self.trainer.cached is not None:
             self.metrics.add_many({"feature_cache_seconds": self.trainer.feature_cache_seconds,
                                    "features_from_disk": float(self.trainer.features_from_disk)}, 1)
