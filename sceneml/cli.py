@@ -122,8 +122,13 @@ def stop_on_signals() -> None:
     ignored: ``mlflow run`` answers the Ctrl-C it got too by sending SIGTERM here, and dying of that
     before the run is marked would leave MLflow to mark it FAILED."""
     stopping = []
+    owner = os.getpid()
 
     def handler(signum, _frame):
+        if os.getpid() != owner:  # a forked worker (e.g. a multiprocessing pool) dies as it would have
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         if stopping:
             return
         stopping.append(signum)

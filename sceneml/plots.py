@@ -192,6 +192,30 @@ def gallery(images: list[np.ndarray], true: list[str], predicted: list[str], sco
     return fig
 
 
+def gradcam_gallery(images: list[np.ndarray], heatmaps: list[np.ndarray], true: list[str], predicted: list[str],
+                    scores: np.ndarray, title: str, columns: int = 5) -> Figure:
+    """Each photo (any size) under its Grad-CAM heat map (stretched over it), labelled with the true and
+    predicted class and the score."""
+    n = len(images)
+    rows = max(1, -(-n // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 3.0 * rows + 0.6), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if i >= n:
+            ax.axis("off")
+            continue
+        h, w = images[i].shape[:2]
+        ax.imshow(images[i])
+        ax.imshow(heatmaps[i], cmap="jet", alpha=0.45, extent=(0, w, h, 0), vmin=0, vmax=1, interpolation="bilinear")
+        wrong = true[i] != predicted[i]
+        ax.set_title(f"true {true[i]}\npred {predicted[i]} {score_text(float(scores[i]))}", fontsize=8,
+                     color="tab:red" if wrong else "black")
+    fig.suptitle(title)
+    fig.tight_layout(h_pad=1.2)
+    return fig
+
+
 def activation_bars(rows: list[dict], title: str = "") -> Figure:
     """% of non-positive activations per module, one bar per data set (mean over images, error bar one std)."""
     modules = list(dict.fromkeys(r["module"] for r in rows))

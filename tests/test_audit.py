@@ -74,3 +74,51 @@ def test_real_photos_copied_across_splits_are_found_logged_and_dropped_on_reques
 def _split_of(folder, seed: int, path: str) -> str:
     data = prepare_data(str(folder), 64, seed, 0.15, 0.15, 0, 2, False)
     return next(r["split"] for r in read_manifest(data.manifest) if r["path"] == path)
+
+
+@pytest.mark.slow
+def test_flipped_labels_rank_high_in_the_label_issue_list(tmp_path, tracking_uri):
+    from scipy.stats import mannwhitneyu
+
+    from sceneml.config import AnalyzeConfig
+    from sceneml.data.sources import resolve_source
+    from sceneml.tasks.analyze import analyze
+
+    # the embedded scenes with 10 % of forest filed under sea: their given label is wrong
+    folder = tmp_path / "scenes"
+    shutil.copytree(resolve_source("synthetic:300").train_dir, folder, ignore=shutil.ignore_patterns(".*"))
+    forest = sorted((folder / "forest").glob("*.png"))
+    flipped = set()
+    for path in np.random.default_rng(0).choice(forest, size=30, replace=False):
+        path.rename(folder / "sea" / f"flipped_{path.name}")
+        flipped.add(f"sea/flipped_{path.name}")
+    # half the images out of sample (val + test), so that several flipped ones are ranked; 32 px for speed
+    run_id = train(TrainConfig(data=str(folder), epochs=4, image_size=32, weights="none", val_fraction=0.25,
+                               test_fraction=0.25, quiet=True))
+    model_id = MlflowClient().get_run(run_id).data.tags["sceneml.best_model_id"]
+    analyze(AnalyzeConfig(model_uri=f"models:/{model_id}", k=5, modules="conv1", n_images=30, quiet=True))
+    run = MlflowClient().search_runs([mlflow.get_experiment_by_name("Default").experiment_id],
+                                     "tags.`sceneml.analysis` = 'true'")[0]
+    issues = pd.read_csv(io.StringIO(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/audit/label_issues.csv")))
+    assert set(issues["split"]) == {"val", "test"}  # out-of-sample images only
+    is_flipped = issues["path"].isin(flipped).to_numpy()
+    assert 8 <= is_flipped.sum() <= 30
+    ranks = np.arange(len(issues))  # most suspicious first
+    p_value = mannwhitneyu(ranks[is_flipped], ranks[~is_flipped], alternative="less").pvalue
+    assert p_value < 0.01, (p_value, ranks[is_flipped])
+    assert set(issues.loc[is_flipped, "given"]) == {"sea"}
+    artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "audit")}
+    assert {"audit/label_issues.csv", "audit/label_issues.png", "audit/label_issues_gradcam.png"} <= artifacts
+
+
+@pytest.mark.slow
+def test_grad_cam_of_the_study_champion_covers_every_class_with_a_heat_map_that_varies(study):
+    _, exp_id = study
+    run = MlflowClient().search_runs([exp_id], "tags.`sceneml.analysis` = 'true'",
+                                     order_by=["attributes.start_time ASC"])[0]  # the study's own analyze
+    classes = ["buildings", "forest", "glacier", "mountain", "sea", "street"]
+    artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "galleries")}
+    assert {f"galleries/gradcam_{c}_bottom.png" for c in classes} <= artifacts
+    stats = pd.read_csv(io.StringIO(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/galleries/gradcam_stats.csv")))
+    bottom = stats[stats["figure"].str.startswith("galleries/")]
+    assert set(bottom["true"]) == set(classes) and (bottom["cam_std"] > 0.01).all()  # no flat heat map

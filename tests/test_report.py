@@ -134,6 +134,14 @@ def test_report_numbers_are_the_runs_metrics(study):
             logged = [h.value for h in client.get_metric_history(run.info.run_id, f"val_ap_{c}") if h.step == epoch]
             assert table.loc[c, "AP"] == f"{logged[-1]:.3f}"
 
+    # the data audit: duplicates of the champion's training run, label issues of the analysis
+    champion_run = next(r for r in children.values() if r.info.run_id == children["select"].data.tags[
+        "sceneml.champion_run_id"])
+    assert "## 6. Data audit" in markdown
+    assert re.search(rf"\| duplicate groups \(exact or near\) +\| {int(champion_run.data.metrics['dup_groups'])} ",
+                     markdown)
+    assert "**Likely label errors: the 10 out-of-sample images" in markdown
+
     counts = tables["Images per class and split"].set_index("class")
     assert counts.loc["all", "test"] == str(len(scores_from_csv(mlflow.artifacts.load_text(
         f"runs:/{children['evaluate v1 test'].info.run_id}/scores_test.csv"))[0]))

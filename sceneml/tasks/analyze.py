@@ -165,7 +165,9 @@ def _analyze(cfg: AnalyzeConfig) -> dict[str, float]:
         log.info("no evaluation scores for this model and split: scoring the %d images now", len(split))
         scores = predict_scores(network, split.pixels, device, progress=progress, desc=f"score {cfg.split}")
     caption = model_caption(meta)
-    _log_galleries(resolve_source(data).root, split, scores, classes, chosen_classes, cfg.k, cfg.split, caption)
+    root = resolve_source(data).root
+    _log_galleries(root, split, scores, classes, chosen_classes, cfg.k, cfg.split, caption)
+    audit = _log_audit(network, meta, device, root, data, manifest, split, scores, chosen_classes, cfg, caption)
 
     image_sets = [array_set(cfg.split, split.pixels)]
     # the embedded scenes are compared with as many images as the split gives (n_images larger than the
@@ -174,7 +176,7 @@ def _analyze(cfg: AnalyzeConfig) -> dict[str, float]:
     image_sets.append(file_set("synthetic", _synthetic_files(synthetic_per_class), image_size))
     image_sets += [compare_set(name, path, image_size, cfg.n_images) for name, path in compare.items()]
 
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float] = dict(audit)
     activation_rows, spectra = [], {m: {} for m in modules}
     for images in image_sets:
         batches = float_batches(images, cfg.n_images, image_size, cfg.batch_size, device, cfg.seed)
@@ -213,6 +215,69 @@ def _analyze(cfg: AnalyzeConfig) -> dict[str, float]:
     buffer.add_many(metrics, 0)
     buffer.flush()
     return metrics
+
+
+def _log_audit(network, meta: dict, device: torch.device, root: Path, data: str, manifest: str, split,
+               scores: np.ndarray, chosen: list[str], cfg: AnalyzeConfig, caption: str) -> dict[str, float]:
+    """Likely label errors among the out-of-sample images (the training run's val scores of this
+    checkpoint's epoch, and this split's scores), and Grad-CAM on the bottom-k of each class and on the
+    label-issue gallery. Logs ``audit/label_issues.{csv,png}``, ``audit/label_issues_gradcam.png``,
+    ``galleries/gradcam_<class>_bottom.png`` and ``galleries/gradcam_stats.csv``."""
+    classes, image_size = list(meta["classes"]), int(meta["image_size"])
+    sets = {cfg.split: (split.paths, split.labels, scores, split.pixels)}
+    epoch = meta.get("epoch")
+    if epoch is not None and cfg.split != "val":
+        try:
+            text = mlflow.artifacts.load_text(f"runs:/{meta['training_run_id']}/val_scores/epoch_{int(epoch):03d}.csv")
+            paths, labels, val_scores, _ = scores_from_csv(text)
+            val = load_split_from_manifest(data, manifest, classes, image_size, "val", progress=not cfg.quiet)
+            order = {p: i for i, p in enumerate(val.paths)}
+            sets["val"] = (paths, np.asarray(labels), np.asarray(val_scores), val.pixels[[order[p] for p in paths]])
+        except Exception as exc:  # an older run without per-epoch val scores: this split alone
+            log.warning("label issues from the %s split only (no val scores of epoch %s: %s)", cfg.split, epoch, exc)
+    paths = [p for s in sets.values() for p in s[0]]
+    split_of = [name for name, s in sets.items() for _ in s[0]]
+    labels = np.concatenate([s[1] for s in sets.values()])
+    all_scores = np.concatenate([s[2] for s in sets.values()])
+    pixels = np.concatenate([s[3] for s in sets.values()])
+    ranked = analysis.rank_label_issues(labels, all_scores)
+    rows = [{"path": paths[i], "split": split_of[i], "given": classes[labels[i]], "suggested": classes[s],
+             "quality": repr(float(q)), "flagged": bool(f)}
+            for i, q, s, f in zip(ranked["index"], ranked["quality"], ranked["suggested"], ranked["flagged"])]
+    log_csv(rows, "audit/label_issues.csv")
+    top = ranked["index"].to_numpy()[:cfg.k]
+    title = f"Likely label errors: the {len(top)} images whose given label the model trusts least\n{caption}"
+    log_figure(plots.gallery([load_rgb(root / paths[i]) for i in top], [classes[labels[i]] for i in top],
+                             [classes[s] for s in all_scores[top].argmax(1)], all_scores[top, labels[top]], title),
+               "audit/label_issues.png")
+
+    layer = analysis.last_conv_stage(meta["arch"], network)
+    stats: list[dict] = []
+
+    def cam_figure(idx: np.ndarray, what: str, artifact: str) -> None:
+        predicted = all_scores[idx].argmax(1)
+        x = to_float_batch(pixels[idx], device)
+        maps = analysis.grad_cam(network, layer, x, torch.as_tensor(predicted, device=device)).cpu().numpy()
+        for i, m in zip(idx, maps):
+            stats.append({"figure": artifact, "path": paths[i], "true": classes[labels[i]],
+                          "predicted": classes[all_scores[i].argmax()], "cam_mean": float(m.mean()),
+                          "cam_std": float(m.std())})
+        log_figure(plots.gradcam_gallery([load_rgb(root / paths[i]) for i in idx], list(maps),
+                                         [classes[labels[i]] for i in idx], [classes[p] for p in predicted],
+                                         all_scores[idx, predicted],
+                                         f"Grad-CAM ({meta['arch']} {analysis.LAST_STAGE[meta['arch']]}, for the "
+                                         f"predicted class): {what}\n{caption}"), artifact)
+
+    in_split = np.flatnonzero(np.array(split_of) == cfg.split)
+    for name in chosen:
+        _, bottom = analysis.gallery_indices(labels[in_split], all_scores[in_split], classes.index(name), cfg.k)
+        if len(bottom):
+            cam_figure(in_split[bottom], f"the {len(bottom)} {cfg.split} images of {name} with the lowest score",
+                       f"galleries/gradcam_{name}_bottom.png")
+    if len(top):
+        cam_figure(top, "the likely label errors", "audit/label_issues_gradcam.png")
+    log_csv(stats, "galleries/gradcam_stats.csv")
+    return {"audit_label_issues": float(ranked["flagged"].sum())}
 
 
 def _synthetic_files(per_class: int) -> list[Path]:

@@ -126,7 +126,8 @@ def build_sections(runs: StudyRuns) -> tuple[str, list[Section]]:
     champion = _champion(runs)
     title = f"Study report: {runs.study.info.run_name}"
     sections = [_study_section(runs, champion), _comparison_section(runs, champion), _per_class_section(runs),
-                _test_section(runs), _analysis_section(runs), _links_section(runs, champion)]
+                _test_section(runs), _analysis_section(runs), _audit_section(runs, champion),
+                _links_section(runs, champion)]
     return title, sections
 
 
@@ -288,6 +289,37 @@ def _analysis_section(runs: StudyRuns) -> Section:
             if png is not None:
                 parts.append(Image(png, f"Eigen-spectrum of {module}"))
     return Section("Galleries, activations and eigen-spectra", parts)
+
+
+def _audit_section(runs: StudyRuns, champion: Run | None, top: int = 10) -> Section:
+    """Duplicates and leakage (the champion's training run), likely label errors and Grad-CAM (analyze)."""
+    parts: list = []
+    child = champion or runs.training[0]
+    m = child.data.metrics
+    if "dup_groups" in m:
+        parts.append(key_values({"duplicate groups (exact or near)": int(m["dup_groups"]),
+                                 "groups spanning train and val/test (leakage)": int(m["dup_cross_split"]),
+                                 "groups filed under two classes": int(m["dup_cross_class"]),
+                                 "val/test copies dropped (dedupe)": int(m.get("dup_dropped", 0))}))
+        table = _text(child.info.run_id, "data/duplicates.csv")
+        if table is not None and len(frame := pd.read_csv(io.StringIO(table))):
+            parts.append(Table(frame.head(30), "Duplicate groups (first 30 rows of data/duplicates.csv)"))
+    if runs.analyze is not None:
+        run_id = runs.analyze.info.run_id
+        issues = _text(run_id, "audit/label_issues.csv")
+        if issues is not None:
+            frame = pd.read_csv(io.StringIO(issues)).head(top)
+            parts.append(Table(frame, f"Likely label errors: the {len(frame)} out-of-sample images whose given label "
+                                      "the champion trusts least (quality = its probability of the given label)"))
+        for path, caption in (("audit/label_issues.png", "The likely label errors"),
+                              ("audit/label_issues_gradcam.png", "Grad-CAM on the likely label errors")):
+            if (png := _bytes(run_id, path)) is not None:
+                parts.append(Image(png, caption))
+        index = _text(run_id, "galleries/gallery_index.csv")
+        for cls in dict.fromkeys(pd.read_csv(io.StringIO(index))["class"]) if index is not None else []:
+            if (png := _bytes(run_id, f"galleries/gradcam_{cls}_bottom.png")) is not None:
+                parts.append(Image(png, f"Grad-CAM: where the champion looks in the {cls} images it scores lowest"))
+    return Section("Data audit", parts or ["No audit was logged by these runs."])
 
 
 def _links_section(runs: StudyRuns, champion: Run | None) -> Section:

@@ -81,7 +81,15 @@ def open_storage(text: str) -> optuna.storages.BaseStorage:
     """An SQLAlchemy URL (``postgresql://...``, ``sqlite:///...``) or a journal file path; by default
     ``optuna.journal`` beside a local MLflow store (``mlflow.db`` or ``mlruns``), else in the cwd."""
     if "://" in text:
-        return optuna.storages.RDBStorage(text)
+        # workers started together race to create Optuna's tables (PostgreSQL: "duplicate type
+        # studydirection"); the loser finds them made on its next try
+        for attempt in range(5):
+            try:
+                return optuna.storages.RDBStorage(text)
+            except Exception:
+                if attempt == 4:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
     path = Path(text).expanduser() if text else default_journal()
     path.parent.mkdir(parents=True, exist_ok=True)
     from optuna.storages.journal import JournalFileBackend
