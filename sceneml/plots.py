@@ -167,10 +167,11 @@ def reliability_diagram(bins: list[dict], ece: float, title: str) -> Figure:
 
 
 def gallery(images: list[np.ndarray], true: list[str], predicted: list[str], scores: np.ndarray, title: str,
-            columns: int = 5) -> Figure:
+            columns: int = 5, heatmaps: list[np.ndarray] | None = None) -> Figure:
     """Tiles of (H, W, 3) uint8 images of any size (the original photos), each labelled with the
     predicted class and its score (the true class, shared by the page, is in the title); a
-    misclassified tile gets a red frame and a cross."""
+    misclassified tile gets a red frame and a cross. With ``heatmaps`` (Grad-CAM maps in [0, 1], any
+    size) each is stretched over its photo and the tile names the true class too."""
     n = len(images)
     rows = max(1, -(-n // columns))
     fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.9 * rows + 0.6), squeeze=False)
@@ -182,35 +183,16 @@ def gallery(images: list[np.ndarray], true: list[str], predicted: list[str], sco
             continue
         ax.imshow(images[i])
         wrong = true[i] != predicted[i]
-        ax.set_title(f"{'✗ ' if wrong else ''}pred {predicted[i]}\nscore {score_text(float(scores[i]))}",
-                     fontsize=8, color="tab:red" if wrong else "black")
+        label = f"{'✗ ' if wrong else ''}pred {predicted[i]}\nscore {score_text(float(scores[i]))}"
+        if heatmaps is not None:
+            h, w = images[i].shape[:2]
+            ax.imshow(heatmaps[i], cmap="jet", alpha=0.45, extent=(0, w, h, 0), vmin=0, vmax=1,
+                      interpolation="bilinear")
+            label = f"true {true[i]}\n{label}"
+        ax.set_title(label, fontsize=8, color="tab:red" if wrong else "black")
         for spine in ax.spines.values():
             spine.set_color("tab:red" if wrong else "0.7")
             spine.set_linewidth(4 if wrong else 1)
-    fig.suptitle(title)
-    fig.tight_layout(h_pad=1.2)
-    return fig
-
-
-def gradcam_gallery(images: list[np.ndarray], heatmaps: list[np.ndarray], true: list[str], predicted: list[str],
-                    scores: np.ndarray, title: str, columns: int = 5) -> Figure:
-    """Each photo (any size) under its Grad-CAM heat map (stretched over it), labelled with the true and
-    predicted class and the score."""
-    n = len(images)
-    rows = max(1, -(-n // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 3.0 * rows + 0.6), squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if i >= n:
-            ax.axis("off")
-            continue
-        h, w = images[i].shape[:2]
-        ax.imshow(images[i])
-        ax.imshow(heatmaps[i], cmap="jet", alpha=0.45, extent=(0, w, h, 0), vmin=0, vmax=1, interpolation="bilinear")
-        wrong = true[i] != predicted[i]
-        ax.set_title(f"true {true[i]}\npred {predicted[i]} {score_text(float(scores[i]))}", fontsize=8,
-                     color="tab:red" if wrong else "black")
     fig.suptitle(title)
     fig.tight_layout(h_pad=1.2)
     return fig

@@ -262,11 +262,10 @@ def _log_audit(network, meta: dict, device: torch.device, root: Path, data: str,
             stats.append({"figure": artifact, "path": paths[i], "true": classes[labels[i]],
                           "predicted": classes[all_scores[i].argmax()], "cam_mean": float(m.mean()),
                           "cam_std": float(m.std())})
-        log_figure(plots.gradcam_gallery([load_rgb(root / paths[i]) for i in idx], list(maps),
-                                         [classes[labels[i]] for i in idx], [classes[p] for p in predicted],
-                                         all_scores[idx, predicted],
-                                         f"Grad-CAM ({meta['arch']} {analysis.LAST_STAGE[meta['arch']]}, for the "
-                                         f"predicted class): {what}\n{caption}"), artifact)
+        log_figure(plots.gallery([load_rgb(root / paths[i]) for i in idx], [classes[labels[i]] for i in idx],
+                                 [classes[p] for p in predicted], all_scores[idx, predicted],
+                                 f"Grad-CAM ({meta['arch']} {analysis.LAST_STAGE[meta['arch']]}, for the predicted "
+                                 f"class): {what}\n{caption}", heatmaps=list(maps)), artifact)
 
     in_split = np.flatnonzero(np.array(split_of) == cfg.split)
     for name in chosen:
