@@ -160,7 +160,7 @@ def test_a_server_restart_while_a_run_is_mid_epoch_loses_nothing(server):
 def test_two_tune_workers_share_one_search_in_postgres(server, tmp_path):
     storage = f"{server['db']}/optuna"
     cmd = [sys.executable, str(REPO / "entrypoints" / "tune.py"), "--data", "synthetic:30", "--image-size", "32",
-           "--epochs", "1", "--weights", "none", "--n-images", "30", "--quiet", "--n-trials", "4", "--pruner", "none",
+           "--epochs", "1", "--weights", "none", "--n-images", "30", "--quiet", "--n-trials", "2", "--pruner", "none",
            "--storage", storage, "--experiment", "pg-tune"]
     env = subprocess_env(MLFLOW_TRACKING_URI=server["uri"])
     workers = [subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -174,4 +174,4 @@ def test_two_tune_workers_share_one_search_in_postgres(server, tmp_path):
     assert parents[0].data.params["storage"] == storage  # no password here to hide
     trials = sorted(int(r.data.tags["sceneml.trial"]) for r in runs if "sceneml.trial" in r.data.tags
                     and r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id)
-    assert trials == [0, 1, 2, 3]
+    assert trials == [0, 1]

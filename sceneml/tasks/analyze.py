@@ -170,10 +170,8 @@ def _analyze(cfg: AnalyzeConfig) -> dict[str, float]:
     audit = _log_audit(network, meta, device, root, data, manifest, split, scores, chosen_classes, cfg, caption)
 
     image_sets = [array_set(cfg.split, split.pixels)]
-    # the embedded scenes are compared with as many images as the split gives (n_images larger than the
-    # data is all the data): render no more than that, and at least the 3 per class it needs
-    synthetic_per_class = max(3, math.ceil(min(cfg.n_images, len(split)) / 6))
-    image_sets.append(file_set("synthetic", _synthetic_files(synthetic_per_class), image_size))
+    image_sets.append(file_set("synthetic", _synthetic_files(synthetic_per_class(cfg.n_images, len(split))),
+                               image_size))
     image_sets += [compare_set(name, path, image_size, cfg.n_images) for name, path in compare.items()]
 
     metrics: dict[str, float] = dict(audit)
@@ -277,6 +275,13 @@ def _log_audit(network, meta: dict, device: torch.device, root: Path, data: str,
         cam_figure(top, "the likely label errors", "audit/label_issues_gradcam.png")
     log_csv(stats, "galleries/gradcam_stats.csv")
     return {"audit_label_issues": float(ranked["flagged"].sum())}
+
+
+def synthetic_per_class(n_images: int, split_size: int) -> int:
+    """The embedded scenes are compared with as many images as the split gives (``n_images`` larger
+    than the data is all the data): render no more than that, and at least the 3 per class that
+    ``synthetic:N`` needs, whatever ``n_images`` says."""
+    return max(3, math.ceil(min(n_images, split_size) / 6))
 
 
 def _synthetic_files(per_class: int) -> list[Path]:
