@@ -59,7 +59,8 @@ def main() -> None:
         subprocess.run([sys.executable, "-c", render], env=env, check=True)
     common = {"epochs": "1", "weights": "none", "n_images": "60", "image_size": "64"}
     print(f"{'row':<34} {'images':>7} {'wall s':>8} {'peak RSS MiB':>13}", flush=True)
-    tiny_wall, tiny_peak = run("train", {"data": "synthetic:5", "epochs": "1", "weights": "none"}, cache)
+    tiny_wall, tiny_peak = run("train", {"data": "synthetic:5", "epochs": "1", "weights": "none", "val_fraction": "0.2",
+                                         "test_fraction": "0.2"}, cache)  # 30 images: 6 per split
     print(f"{'tiny train (30 images, 1 epoch)':<34} {30:>7} {tiny_wall:8.1f} {tiny_peak:13.0f}", flush=True)
     by_size = []
     for n in sizes:
@@ -71,7 +72,7 @@ def main() -> None:
         k = len(opts.split(","))
         wall, peak = run("main", {**common, "data": "synthetic:300", "optimizers": opts}, cache)
         by_child.append((k, wall))
-        print(f"{f'main, {k} children, 300/class':<34} {1800:>7} {wall:8.1f} {peak:13.0f}", flush=True)
+        print(f"{f'main, {k} child(ren), 300/class':<34} {1800:>7} {wall:8.1f} {peak:13.0f}", flush=True)
     x, y = np.array(by_size, dtype=float).T
     per_image, fixed = np.polyfit(x, y, 1)
     xc, yc = np.array(by_child, dtype=float).T
