@@ -38,6 +38,7 @@ def test_exact_and_near_copies_are_grouped_and_distinct_images_are_not():
     assert duplicate_counts(table) == {"dup_groups": 2.0, "dup_cross_split": 2.0, "dup_cross_class": 1.0}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not INTEL_MINI.is_dir(), reason="../shared/data/intel-mini is not present")
 def test_real_photos_copied_across_splits_are_found_logged_and_dropped_on_request(tmp_path, tracking_uri):
     folder = tmp_path / "intel"

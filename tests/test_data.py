@@ -359,6 +359,7 @@ def test_exif_orientation_is_applied_when_decoding(tmp_path):
     assert upright[:20, :, 0].mean() > 200 and upright[20:, :, 0].mean() < 60  # the red half is on top
 
 
+@pytest.mark.slow
 def test_runs_started_together_on_a_fresh_cache_see_the_same_synthetic_data(tmp_path):
     import subprocess
     import sys

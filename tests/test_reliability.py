@@ -200,6 +200,7 @@ def test_a_model_uri_that_does_not_resolve_fails_in_one_line_and_marks_the_run_f
         mlflow.set_tracking_uri(None)
 
 
+@pytest.mark.slow
 def test_four_selects_at_once_register_the_checkpoint_once(tracking_uri):
     from sceneml.config import TrainConfig
     from sceneml.tasks.train import train
@@ -215,6 +216,7 @@ def test_four_selects_at_once_register_the_checkpoint_once(tracking_uri):
     assert MlflowClient().get_model_version_by_alias("sceneml", "champion").version == versions[0].version
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_temp_file(tmp_path):
     """The write limit of the process (RLIMIT_FSIZE) fails a write mid-file exactly as a full disk does."""
     import resource
@@ -236,6 +238,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_temp_file(tmp_pat
     assert [p.name for p in cache.rglob(".*.npy")] == []  # the half-written decode cache is gone
 
 
+@pytest.mark.slow
 def test_an_error_before_the_work_is_tagged_on_mlflow_runs_run(tmp_path):
     from .conftest import mlflow_run_in_tmp
 
