@@ -40,6 +40,12 @@ def check_select_metric(metric: str) -> None:
         raise SceneMLError(f"unknown select_metric {metric!r}; choose one of {', '.join(SELECT_METRICS)}")
 
 
+def check_model_name(name: str) -> None:
+    """A registered model name that every MLflow store and URI accepts."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise SceneMLError(f"model_name {name!r} may only use letters, digits, '.', '_' and '-'")
+
+
 def _choice(what: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise SceneMLError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
@@ -164,8 +170,7 @@ class StudyConfig:
 
     def validate(self) -> StudyConfig:
         self.children()
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.model_name):
-            raise SceneMLError(f"model_name {self.model_name!r} may only use letters, digits, '.', '_' and '-'")
+        check_model_name(self.model_name)
         self.analyze.validate()
         return self
 
@@ -189,8 +194,7 @@ class TuneConfig:
         _choice("pruner", self.pruner, PRUNERS)
         if self.n_trials < 1:
             raise SceneMLError(f"n_trials must be >= 1, got {self.n_trials}")
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.model_name):
-            raise SceneMLError(f"model_name {self.model_name!r} may only use letters, digits, '.', '_' and '-'")
+        check_model_name(self.model_name)
         self.analyze.validate()
         return self
 

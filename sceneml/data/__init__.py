@@ -120,20 +120,16 @@ def prepare_data(spec: str = "synthetic", image_size: int = 0, seed: int = 42,
     rel = [_relative(p, source.root) for p, _ in all_items]
     duplicates = find_duplicates(decoded.pixels, used, [rel[i] for i in used], [split[i] for i in used],
                                  [all_items[i][1] for i in used], dup_distance)
-    duplicates["dropped"] = False
-    if len(duplicates):
-        counts = duplicate_counts(duplicates)
-        if counts["dup_cross_split"]:
-            log.warning("%d group(s) of duplicate images span train and val/test: the evaluation sees images the "
-                        "model trained on (data/duplicates.csv; dedupe=cross_split drops them)",
-                        int(counts["dup_cross_split"]))
-        if dedupe == "cross_split":
-            leaked = leaked_paths(duplicates)
-            duplicates["dropped"] = duplicates["path"].isin(leaked)
-            for i in used:
-                if rel[i] in leaked:
-                    split[i] = "dropped"
-            used = np.array([i for i in used if rel[i] not in leaked], dtype=np.int64)
+    cross_split = duplicate_counts(duplicates)["dup_cross_split"]
+    if cross_split:
+        log.warning("%d group(s) of duplicate images span train and val/test: the evaluation sees images the "
+                    "model trained on (data/duplicates.csv; dedupe=cross_split drops them)", int(cross_split))
+    leaked = leaked_paths(duplicates) if dedupe == "cross_split" else set()
+    duplicates["dropped"] = duplicates["path"].isin(leaked)
+    for i in used:
+        if rel[i] in leaked:
+            split[i] = "dropped"
+    used = np.array([i for i in used if rel[i] not in leaked], dtype=np.int64)
     manifest = manifest_csv([rel[i] for i in used], [all_items[i][1] for i in used],
                             [split[i] for i in used])
     splits = {}

@@ -31,7 +31,7 @@ from sceneml.metrics import confusion_matrix
 from sceneml.report import Image, Section, Table, key_values, render_html, render_markdown
 from sceneml.scores import scores_from_csv
 from sceneml.tracking.models import TAG_DIGEST
-from sceneml.tracking.runs import TAG_ERROR, TAG_TASK, launched_by_mlflow_run, set_tags
+from sceneml.tracking.runs import TAG_ERROR, launched_by_mlflow_run, raise_if_missing_run, set_tags, task_of
 from sceneml.tracking.store import init_store, with_retries
 
 log = logging.getLogger(__name__)
@@ -82,16 +82,10 @@ def log_report(runs: StudyRuns | str) -> dict[str, str]:
 
 def study_runs(study_run_id: str) -> StudyRuns:
     """The study run and its children; a run that is not a study is a :class:`SceneMLError`."""
-    client = MlflowClient()
-    try:
-        study = client.get_run(study_run_id)
-    except Exception:
-        raise SceneMLError(f"run {study_run_id!r} does not exist in the tracking store "
-                           f"{mlflow.get_tracking_uri()}") from None
-    # studies from before the task tag: the study is the run with the sweep's params
-    is_study = study.data.tags.get(TAG_TASK) in ("study", "tune") or {"optimizers", "lrs"} <= set(study.data.params)
-    if not is_study:
-        what = study.data.tags.get(TAG_TASK, "not a study")
+    raise_if_missing_run(study_run_id)
+    study = MlflowClient().get_run(study_run_id)
+    if task_of(study) not in ("study", "tune"):
+        what = task_of(study) or "not a study"
         raise SceneMLError(f"run {study_run_id} ({study.info.run_name}, {what}) is not a study run: pass the id of "
                            "the parent run that `main` or `tune` created")
     children = mlflow.search_runs([study.info.experiment_id], output_format="list",
@@ -99,7 +93,7 @@ def study_runs(study_run_id: str) -> StudyRuns:
                                   order_by=["attributes.start_time ASC"])
     runs = StudyRuns(study)
     for run in children:
-        task = run.data.tags.get(TAG_TASK) or _task_of_untagged(run)
+        task = task_of(run)
         if task == "train":
             runs.training.append(run)
         elif task in ("select", "evaluate", "analyze"):
@@ -107,17 +101,6 @@ def study_runs(study_run_id: str) -> StudyRuns:
     if not runs.training:
         raise SceneMLError(f"study run {study_run_id} has no training child runs")
     return runs
-
-
-def _task_of_untagged(run: Run) -> str:
-    tags, name = run.data.tags, run.info.run_name or ""
-    if TAG_DIGEST in tags or "optimizer" in run.data.params:
-        return "train"
-    if "sceneml.champion_run_id" in tags:
-        return "select"
-    if tags.get("sceneml.analysis") == "true":
-        return "analyze"
-    return "evaluate" if name.startswith("evaluate") else "other"
 
 
 # --------------------------------------------------------------------------------------- sections

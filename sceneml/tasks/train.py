@@ -49,7 +49,6 @@ from sceneml.tracking.models import (
     log_checkpoint,
 )
 from sceneml.tracking.runs import (
-    TAG_TASK,
     MetricBuffer,
     delete_run_artifacts,
     log_csv,
@@ -57,6 +56,7 @@ from sceneml.tracking.runs import (
     log_json,
     log_params_once,
     set_tags,
+    task_of,
     task_run,
 )
 from sceneml.tracking.store import init_store, with_retries
@@ -93,8 +93,7 @@ def check_resume(cfg: TrainConfig) -> None:
     except Exception:
         raise SceneMLError(f"resume={cfg.resume}: no such run in the tracking store {mlflow.get_tracking_uri()}") \
             from None
-    tags, name = run.data.tags, run.info.run_name
-    task = tags.get(TAG_TASK) or ("train" if TAG_DIGEST in tags else "")
+    name, task = run.info.run_name, task_of(run)
     if task != "train":
         raise SceneMLError(f"resume={cfg.resume}: run '{name}' is a {task or 'non-training'} run, not a training run")
     if run.info.status == "FINISHED":
@@ -275,9 +274,8 @@ class RunLog:
             log_json(data.skipped, "data/skipped_images.json")
         # duplicates and leakage across splits, always: a test score is only as good as its split
         log_csv(data.duplicates, "data/duplicates.csv")
-        counts = duplicate_counts(data.duplicates) if len(data.duplicates) else \
-            {"dup_groups": 0.0, "dup_cross_split": 0.0, "dup_cross_class": 0.0}
-        self.metrics.add_many({**counts, "dup_dropped": float(data.duplicates["dropped"].sum())}, 0)
+        self.metrics.add_many({**duplicate_counts(data.duplicates),
+                               "dup_dropped": float(data.duplicates["dropped"].sum())}, 0)
         self.metrics.flush()
         if self.trainer.cached is not None:
             self.metrics.add_many({"feature_cache_seconds": self.trainer.feature_cache_seconds,

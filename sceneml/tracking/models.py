@@ -21,13 +21,13 @@ from mlflow.models import Model
 
 from sceneml.errors import SceneMLError
 from sceneml.tracking import pyfunc
+from sceneml.tracking.runs import TAG_DIGEST  # noqa: F401  (re-exported: checkpoints carry it too)
 from sceneml.tracking.store import with_retries
 
 log = logging.getLogger(__name__)
 
 TAG_BEST = "sceneml.best"
 TAG_EPOCH = "sceneml.epoch"
-TAG_DIGEST = "sceneml.data_digest"
 CHECKPOINT_FORMAT = "pickle"  # an eager module on load; pt2 would be a fixed-shape graph without hooks
 
 

@@ -28,6 +28,24 @@ log = logging.getLogger(__name__)
 
 TAG_ERROR = "sceneml.error"
 TAG_TASK = "sceneml.task"  # which task a run is (train, study, select, evaluate, analyze, predict, tune ...)
+TAG_DIGEST = "sceneml.data_digest"  # on training runs and their checkpoints: the split manifest's digest
+
+
+def task_of(run) -> str:
+    """Which task ``run`` is: its ``sceneml.task`` tag, or for runs from before that tag, what they
+    logged (a study's sweep params, a training run's data digest ...); "" when it cannot tell."""
+    tags, params = run.data.tags, run.data.params
+    if TAG_TASK in tags:
+        return tags[TAG_TASK]
+    if {"optimizers", "lrs"} <= set(params):
+        return "study"
+    if TAG_DIGEST in tags or "optimizer" in params:
+        return "train"
+    if "sceneml.champion_run_id" in tags:
+        return "select"
+    if tags.get("sceneml.analysis") == "true":
+        return "analyze"
+    return "evaluate" if (run.info.run_name or "").startswith("evaluate") else ""
 
 
 @contextlib.contextmanager
