@@ -23,7 +23,7 @@ import pandas as pd
 from mlflow import MlflowClient
 
 from sceneml import plots
-from sceneml.config import StudyConfig
+from sceneml.config import AnalyzeConfig, StudyConfig, TrainConfig
 from sceneml.errors import SceneMLError
 from sceneml.tasks.analyze import analyze
 from sceneml.tasks.evaluate import evaluate
@@ -49,8 +49,6 @@ def study(cfg: StudyConfig) -> dict:
     choose_experiment(cfg.experiment, "main")
     configs = cfg.children()
     base = cfg.train
-    analyze_cfg = dataclasses.replace(cfg.analyze, model_uri=f"models:/{cfg.model_name}@champion", data=base.data,
-                                      split="test", device=base.device, quiet=base.quiet)
     with task_run(f"study {base.arch} {base.data}", task="study") as parent:
         parent_id = parent.info.run_id
         log_params_once(parent_id, {"optimizers": cfg.optimizers, "lrs": cfg.lrs, "model_name": cfg.model_name,
@@ -73,32 +71,45 @@ def study(cfg: StudyConfig) -> dict:
             raise SceneMLError(f"every child run failed: {failures}")
         set_tags(parent_id, {"sceneml.failed_children": ",".join(failures) or "none"})
 
-        experiment = mlflow.get_experiment(parent.info.experiment_id).name
-        chosen = select(experiment, parent_id, base.select_metric, cfg.model_name, nested=True)
-        uri = f"models:/{cfg.model_name}@champion"
-        test_metrics = evaluate(uri, base.data, "test", base.device, not base.quiet, nested=True)
-        analyze(analyze_cfg, nested=True)
-
-        _log_comparison(parent_id, children, failures, chosen["champion_run_id"], test_metrics, base.select_metric)
-        summary = {"champion_run_id": chosen["champion_run_id"], "champion_epoch": chosen["champion_epoch"],
-                   "version": chosen["champion_version"], "study_seconds": time.perf_counter() - started,
-                   **test_metrics}
+        summary = crown_champion(parent_id, base, cfg.analyze, cfg.model_name)
+        _log_comparison(parent_id, children, failures, summary["champion_run_id"], summary, base.select_metric)
+        summary["study_seconds"] = time.perf_counter() - started
         buffer = MetricBuffer(parent_id)
-        buffer.add_many({"study_seconds": summary["study_seconds"], "test_acc": test_metrics["test_acc"],
-                         "test_mAP": test_metrics["test_mAP"],
-                         "test_mean_class_acc": test_metrics["test_mean_class_acc"]}, 0)
+        buffer.add_many({k: summary[k] for k in ("study_seconds", "test_acc", "test_mAP", "test_mean_class_acc")}, 0)
         buffer.flush()
-        try:  # the write-up must not cost the study: `mlflow run . -e report` rebuilds it
-            summary["report"] = log_report(parent_id)["html"]
-        except Exception as exc:
-            log.warning("the study report failed (%s: %s); rebuild it with: mlflow run . -e report -P "
-                        "study_run_id=%s", type(exc).__name__, exc, parent_id)
-    if "report" in summary:
+        summary["report"] = try_log_report(parent_id)
+    if summary["report"]:
         print(f"report: {summary['report']}", flush=True)
     print(f"champion: {summary['champion_run_id']} epoch {summary['champion_epoch']} -> {cfg.model_name} "
-          f"v{summary['version']}; test_acc={test_metrics['test_acc']:.4f} test_mAP={test_metrics['test_mAP']:.4f}",
+          f"v{summary['version']}; test_acc={summary['test_acc']:.4f} test_mAP={summary['test_mAP']:.4f}",
           flush=True)
     return summary
+
+
+def crown_champion(parent_id: str, train_cfg: TrainConfig, analyze_cfg: AnalyzeConfig, model_name: str) -> dict:
+    """How `main` and `tune` both end, inside their active parent run: register the best epoch of the
+    parent's children as ``<model_name>@champion`` (by ``train_cfg.select_metric``), evaluate it on the
+    test split and analyze it, as nested runs. Returns the champion's run, epoch and version and the
+    test metrics."""
+    experiment = mlflow.get_experiment(mlflow.get_run(parent_id).info.experiment_id).name
+    chosen = select(experiment, parent_id, train_cfg.select_metric, model_name, nested=True)
+    uri = f"models:/{model_name}@champion"
+    test_metrics = evaluate(uri, train_cfg.data, "test", train_cfg.device, not train_cfg.quiet, nested=True)
+    analyze(dataclasses.replace(analyze_cfg, model_uri=uri, data=train_cfg.data, split="test",
+                                device=train_cfg.device, quiet=train_cfg.quiet), nested=True)
+    return {"champion_run_id": chosen["champion_run_id"], "champion_epoch": chosen["champion_epoch"],
+            "version": chosen["champion_version"], **test_metrics}
+
+
+def try_log_report(parent_id: str) -> str | None:
+    """The report of the study, logged to it; a failure is a warning, since the write-up must not cost
+    the study and `mlflow run . -e report` rebuilds it. Returns the HTML's URI, or None."""
+    try:
+        return log_report(parent_id)["html"]
+    except Exception as exc:
+        log.warning("the study report failed (%s: %s); rebuild it with: mlflow run . -e report -P study_run_id=%s",
+                    type(exc).__name__, exc, parent_id)
+        return None
 
 
 def _log_comparison(parent_id: str, children: dict[str, str], failures: dict[str, str], champion_run_id: str,

@@ -25,10 +25,7 @@ from optuna.trial import TrialState
 from sceneml.config import LOWER_IS_BETTER, TuneConfig
 from sceneml.errors import SceneMLError
 from sceneml.space import Dimension, load_space
-from sceneml.tasks.analyze import analyze
-from sceneml.tasks.evaluate import evaluate
-from sceneml.tasks.report import log_report
-from sceneml.tasks.select import select
+from sceneml.tasks.study import crown_champion, try_log_report
 from sceneml.tasks.train import train
 from sceneml.tracking.runs import (
     TAG_TASK,
@@ -260,23 +257,10 @@ def finish_search_if_last(study: optuna.Study, storage, cfg: TuneConfig, parent_
     if not any(t.state == TrialState.COMPLETE or t.state == TrialState.PRUNED for t in counted):
         MlflowClient().set_terminated(parent_id, "FAILED")
         raise SceneMLError(f"every trial of search {cfg.name()} failed")
-    metric = cfg.train.select_metric
-    uri = f"models:/{cfg.model_name}@champion"
-    analyze_cfg = dataclasses.replace(cfg.analyze, model_uri=uri, data=cfg.train.data, split="test",
-                                      device=cfg.train.device, quiet=cfg.train.quiet)
-    with task_run(run_id=parent_id) as parent:
-        experiment = mlflow.get_experiment(parent.info.experiment_id).name
-        chosen = select(experiment, parent_id, metric, cfg.model_name, nested=True)
-        test_metrics = evaluate(uri, cfg.train.data, "test", cfg.train.device, not cfg.train.quiet, nested=True)
-        analyze(analyze_cfg, nested=True)
+    with task_run(run_id=parent_id):
+        summary.update(crown_champion(parent_id, cfg.train, cfg.analyze, cfg.model_name))
         log_search(study, cfg)
-        summary.update({"champion_run_id": chosen["champion_run_id"], "champion_epoch": chosen["champion_epoch"],
-                        "version": chosen["champion_version"], **test_metrics})
-        try:
-            summary["report"] = log_report(parent_id)["html"]
-        except Exception as exc:
-            log.warning("the report failed (%s: %s); rebuild it with: mlflow run . -e report -P study_run_id=%s",
-                        type(exc).__name__, exc, parent_id)
+        summary["report"] = try_log_report(parent_id)
     return True
 
 
