@@ -174,4 +174,4 @@ def test_two_tune_workers_share_one_search_in_postgres(server, tmp_path):
     assert parents[0].data.params["storage"] == storage  # no password here to hide
     trials = sorted(int(r.data.tags["sceneml.trial"]) for r in runs if "sceneml.trial" in r.data.tags
                     and r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id)
-    assert trials == [0, 1]
+    assert trials == [0, 1], "\n".join(o[-2500:] for pair in outputs for o in pair)

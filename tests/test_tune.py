@@ -62,6 +62,31 @@ def test_int_parameters_get_int_ranges_and_json_works(tmp_path):
 
 # ------------------------------------------------------------------------------------- the search
 
+def test_a_worker_that_loses_the_race_to_create_the_experiment_still_runs_in_it(tracking_uri, monkeypatch):
+    """Two workers started together both find no experiment and both create it; MLflow 3.17 then
+    returns early in the loser without activating it, and its trials landed in "Default" (seen on
+    PostgreSQL). Triggered here exactly: the other worker creates it between this one's lookup and create."""
+    from mlflow.tracking._tracking_service.client import TrackingServiceClient
+
+    from sceneml.tracking.runs import choose_experiment
+
+    lookup = TrackingServiceClient.get_experiment_by_name
+
+    def other_worker_wins(self, name):
+        if name == "raced" and lookup(self, name) is None:
+            MlflowClient().create_experiment("raced")  # the other worker, in the gap
+            return None
+        return lookup(self, name)
+
+    monkeypatch.setattr(TrackingServiceClient, "get_experiment_by_name", other_worker_wins)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    choose_experiment("raced", "tune")
+    with mlflow.start_run() as run:
+        pass
+    assert run.info.experiment_id == MlflowClient().get_experiment_by_name("raced").experiment_id != "0"
+
+
 def _tune(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(REPO / "entrypoints" / "tune.py"), *TINY, *args], cwd=tmp_path,
                             env=subprocess_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",

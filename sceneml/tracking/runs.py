@@ -75,8 +75,12 @@ def task_run(run_name: str | None = None, nested: bool = False, run_id: str | No
         _ADOPTED.add(launched)
         if run_name:  # `mlflow run` names its runs at random; say what this one is
             set_tags(launched, {"mlflow.runName": run_name})
-    elif parent_run_id:
-        context = mlflow.start_run(run_name=run_name, tags={"mlflow.parentRunId": parent_run_id})
+    elif parent_run_id:  # a child sits in its parent's experiment, whatever this process's active one is
+        context = mlflow.start_run(run_name=run_name, experiment_id=experiment_of(parent_run_id),
+                                   tags={"mlflow.parentRunId": parent_run_id})
+    elif nested and mlflow.active_run() is not None:
+        context = mlflow.start_run(run_name=run_name, nested=True,
+                                   experiment_id=mlflow.active_run().info.experiment_id)
     else:
         context = mlflow.start_run(run_name=run_name, nested=nested)
     with context as run:
@@ -175,15 +179,31 @@ def choose_experiment(name: str, entry: str) -> None:
     launched = os.environ.get("MLFLOW_RUN_ID")
     if not launched:
         if not os.environ.get("MLFLOW_EXPERIMENT_ID"):
-            mlflow.set_experiment(name)
+            set_experiment(name)
         return
     init_store()
     if MlflowClient().get_run(launched).info.experiment_id != DEFAULT_EXPERIMENT_ID:
         return  # `mlflow run` was told where to go
     launched_by_mlflow_run()  # not adopted: the task starts its own run in `name`
-    mlflow.set_experiment(name)
+    set_experiment(name)
     set_tags(launched, {"mlflow.runName": f"{entry} -> experiment {name}",
                         "mlflow.note.content": f"This launch ran `{entry}` in experiment '{name}'."})
+
+
+def set_experiment(name: str) -> str:
+    """Make experiment ``name`` (created if missing) the active one; returns its id.
+
+    MLflow 3.17's ``set_experiment`` returns early without activating the experiment when another
+    process creates it between its lookup and its create (two `tune` workers started together): this
+    process's runs would then land in "Default". Activating by id afterwards closes that gap.
+    """
+    experiment = mlflow.set_experiment(name)
+    mlflow.set_experiment(experiment_id=experiment.experiment_id)
+    return experiment.experiment_id
+
+
+def experiment_of(run_id: str) -> str:
+    return with_retries(MlflowClient().get_run, run_id).info.experiment_id
 
 
 def raise_if_missing_run(run_id: str) -> None:
