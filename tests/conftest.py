@@ -125,6 +125,12 @@ def tracking_uri(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)  # artifacts (./mlruns) land in tmp_path too
+    # mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID for subprocesses: an id of this store must not
+    # reach the next test's (setenv first, so that teardown puts back whatever was there before)
+    for var in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
     mlflow.set_tracking_uri(uri)
     yield uri
     while mlflow.active_run():

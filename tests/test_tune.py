@@ -79,8 +79,6 @@ def test_a_worker_that_loses_the_race_to_create_the_experiment_still_runs_in_it(
         return lookup(self, name)
 
     monkeypatch.setattr(TrackingServiceClient, "get_experiment_by_name", other_worker_wins)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     choose_experiment("raced", "tune")
     with mlflow.start_run() as run:
         pass
