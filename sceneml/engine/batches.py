@@ -12,11 +12,24 @@ import torch.nn.functional as F
 
 def to_float_batch(pixels: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [0, 1] on ``device`` (converted after the copy:
-    uint8 is 4x less to move)."""
+    uint8 is 4x less to move).
+
+    On CUDA the batch is copied into pinned (page-locked) host memory first, from PyTorch's caching
+    host allocator, so that the host-to-device copy is truly asynchronous: the Python loop returns at
+    once and gathers batch i+1 while the GPU still computes batch i (from pageable memory
+    ``non_blocking=True`` would wait for the copy). Nothing in the training step synchronises the
+    device (losses are fetched every 20 batches), so the host stays ahead of the GPU.
+    """
     t = torch.as_tensor(np.asarray(pixels)) if not isinstance(pixels, torch.Tensor) else pixels
-    non_blocking = device.type == "cuda"
-    t = t.to(device, non_blocking=non_blocking).permute(0, 3, 1, 2)
-    return t.float().div_(255.0).contiguous(memory_format=torch.channels_last)
+    return to_device(t, device).permute(0, 3, 1, 2).float().div_(255.0).contiguous(memory_format=torch.channels_last)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``; on CUDA through pinned memory, without waiting for the copy (a
+    blocking copy would also wait for every kernel queued before it)."""
+    if torch.device(device).type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def random_resized_crop(x: torch.Tensor, generator: torch.Generator, scale=(0.5, 1.0)) -> torch.Tensor:
@@ -31,7 +44,7 @@ def random_resized_crop(x: torch.Tensor, generator: torch.Generator, scale=(0.5,
     cy = (torch.rand(b, generator=generator) * 2 - 1) * (1 - h)
     theta = torch.zeros(b, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w, cx, h, cy
-    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+    grid = F.affine_grid(to_device(theta, x.device), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
@@ -48,10 +61,10 @@ def iterate_batches(pixels: np.ndarray, labels: np.ndarray, batch_size: int, dev
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size].numpy()
         x = to_float_batch(pixels[idx], device)
-        y = labels_t[idx].to(device, non_blocking=device.type == "cuda")
+        y = to_device(labels_t[idx], device)
         if augment and generator is not None:
             flip = torch.rand(len(idx), generator=generator) < 0.5
-            x = torch.where(flip.to(device).view(-1, 1, 1, 1), x.flip(3), x)
+            x = torch.where(to_device(flip, device).view(-1, 1, 1, 1), x.flip(3), x)
             if crop:
                 x = random_resized_crop(x, generator)
         yield x, y
@@ -65,7 +78,6 @@ def iterate_feature_batches(features: torch.Tensor, labels: np.ndarray, batch_si
     if order is None:
         order = torch.randperm(len(labels), generator=generator)
     labels_t = torch.as_tensor(labels)
-    non_blocking = device.type == "cuda"
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        yield features[idx].to(device, non_blocking=non_blocking), labels_t[idx].to(device, non_blocking=non_blocking)
+        yield to_device(features[idx], device), to_device(labels_t[idx], device)
