@@ -252,19 +252,23 @@ def test_bf16_autocast_trains_close_to_fp32_on_the_embedded_data():
     results = {}
     for dtype in (None, torch.bfloat16):
         torch.manual_seed(0)
-        model, _ = build_model("resnet18", 6, "none")
-        optimizer = build_optimizer("adamw", model.parameters(), 0.002, 0.9, 0.0)
+        # channels_last as in train(): bf16 convolutions on this CPU are ~6x slower in the contiguous format
+        model = build_model("resnet18", 6, "none")[0].to(memory_format=torch.channels_last)
+        optimizer = build_optimizer("adamw", model.parameters(), 0.001, 0.9, 0.0)
         losses = []
-        for epoch in range(1, 4):
+        for epoch in range(1, 7):
             model.train()
             batches = iterate_batches(train_split.pixels, train_split.labels, 32, cpu,
                                       torch.Generator().manual_seed(epoch), augment=True)
             losses.append(train_one_epoch(model, optimizer, batches, len(train_split), progress=False, amp_dtype=dtype))
         scores = predict_scores(model, val.pixels, cpu)  # validation stays float32
-        results[dtype] = losses, cross_entropy_from_probs(val.labels, scores), model
-    (fp32_losses, fp32_val, _), (bf16_losses, bf16_val, bf16_model) = results[None], results[torch.bfloat16]
-    # the same trajectory to bf16's precision (rounding differences grow over the epochs, as training is chaotic)
-    np.testing.assert_allclose(bf16_losses[:2], fp32_losses[:2], rtol=0.1)
-    assert bf16_losses[-1] < 0.8 * math.log(6) and fp32_losses[-1] < 0.8 * math.log(6)  # both learn
-    assert bf16_val == pytest.approx(fp32_val, rel=0.15), (fp32_val, bf16_val)  # the val loss, within 15 %
+        acc = float(np.mean(scores.argmax(1) == val.labels))
+        results[dtype] = losses, cross_entropy_from_probs(val.labels, scores), acc, model
+    (fp32_losses, fp32_val, fp32_acc, _), (bf16_losses, bf16_val, bf16_acc, bf16_model) = results.values()
+    # the same first epoch to bf16's precision (rounding differences then grow: training is chaotic)
+    np.testing.assert_allclose(bf16_losses[0], fp32_losses[0], rtol=0.1)
+    assert bf16_losses[-1] < 0.5 * math.log(6) and fp32_losses[-1] < 0.5 * math.log(6)  # both learn
+    # on val (27 images, chance 1/6): both at least twice chance, within 4 images and 20 % in loss of each other
+    assert min(fp32_acc, bf16_acc) >= 2 / 6 and abs(bf16_acc - fp32_acc) <= 4 / len(val), (fp32_acc, bf16_acc)
+    assert bf16_val == pytest.approx(fp32_val, rel=0.2), (fp32_val, bf16_val)
     assert all(p.dtype == torch.float32 for p in bf16_model.parameters())  # the weights stay float32
