@@ -7,6 +7,9 @@
 
     python benchmarks/train_throughput.py --arch resnet18 --image-size 150 --batch-size 32
     python benchmarks/train_throughput.py --freeze-backbone --epochs 5
+    python benchmarks/train_throughput.py --precision bf16 --compile     # limit and sceneml only change
+    python benchmarks/train_throughput.py --whole-process 3   # `mlflow run -e train` vs the naive loop as
+                                                              # whole processes, alternating, 3 pairs
 
 `--data` defaults to ../shared/data/intel-mini when present, else the embedded scenes written out
 as 150 px JPEGs (so every method decodes real JPEG files). Epoch 1 of sceneml includes decoding
@@ -46,8 +49,9 @@ def jpeg_folder(data: str, size: int, per_class: int, out: Path) -> Path:
 
 
 def measure_limit(arch: str, pixels: np.ndarray, labels: np.ndarray, batch_size: int, epochs: int,
-                  device, frozen: bool) -> list[float]:
-    """img/s per epoch of the bare step on float tensors already on the device."""
+                  device, frozen: bool, amp_dtype=None, compile_model: bool = False) -> list[float]:
+    """img/s per epoch of the bare step on float tensors already on the device (under autocast to
+    ``amp_dtype`` when given; compiled with torch.compile when asked: epoch 1 then includes compiling)."""
     import torch
     import torch.nn.functional as F
 
@@ -62,13 +66,15 @@ def measure_limit(arch: str, pixels: np.ndarray, labels: np.ndarray, batch_size:
         memory_format=torch.channels_last).to(device)
     y_all = torch.from_numpy(labels).to(device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    step_model = torch.compile(model) if compile_model else model
     rates = []
     for _ in range(epochs):
         _sync(device)
         start = time.perf_counter()
         for i in range(0, len(y_all), batch_size):
-            logits, _ = split_logits(model(x_all[i:i + batch_size]))
-            loss = F.cross_entropy(logits, y_all[i:i + batch_size])
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                logits, _ = split_logits(step_model(x_all[i:i + batch_size]))
+                loss = F.cross_entropy(logits.float(), y_all[i:i + batch_size])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -119,6 +125,55 @@ def measure_naive(arch: str, folder: Path, keep: set[str], size: int, batch_size
     return rates
 
 
+def whole_process(args) -> None:
+    """Wall time of two whole processes on the same JPEG files, alternating (this VM is noisy):
+    ``mlflow run -e train`` (launcher, imports, decode, training, validation, checkpoints, figures)
+    and the naive loop (imports, ImageFolder/DataLoader, per-batch log_metric; no validation)."""
+    import subprocess
+    import sys
+
+    work = Path(tempfile.mkdtemp(prefix="sceneml-whole-"))
+    folder = jpeg_folder(args.data, args.image_size, args.per_class, work / "jpeg")
+    from sceneml.config import TrainConfig
+    from sceneml.data import prepare_data
+
+    cfg = TrainConfig()  # the naive loop trains on the images of sceneml's train split, decoded by itself
+    data = prepare_data(str(folder), args.image_size, cfg.seed, cfg.val_fraction, cfg.test_fraction, 0,
+                        cfg.decode_workers(), progress=False, cache=work / "split-cache")
+    keep_file = work / "train_files.txt"
+    keep_file.write_text("\n".join(str((data.source.root / p).resolve()) for p in data.splits["train"].paths))
+    env = {**os.environ, "SCENEML_OFFLINE": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    sceneml_cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "train", "--env-manager", "local",
+                   "-P", f"data={folder}", "-P", f"epochs={args.epochs}", "-P", f"image_size={args.image_size}",
+                   "-P", f"batch_size={args.batch_size}", "-P", f"arch={args.arch}", "-P", "weights=none",
+                   "-P", f"precision={args.precision}", "-P", f"compile={str(args.compile).lower()}"]
+    # ImageFolder needs the folder whose subfolders are the classes (Kaggle: seg_train/seg_train)
+    naive_cmd = [sys.executable, __file__, "--naive-only", str(keep_file), "--data", str(data.source.train_dir),
+                 "--epochs", str(args.epochs), "--image-size", str(args.image_size),
+                 "--batch-size", str(args.batch_size), "--arch", args.arch,
+                 "--naive-workers", str(args.naive_workers)]
+    times: dict[str, list[float]] = {"sceneml": [], "naive": []}
+    for i in range(args.whole_process):
+        for name, cmd in (("sceneml", sceneml_cmd), ("naive", naive_cmd)):
+            run_dir = work / f"{name}-{i}"
+            run_dir.mkdir()
+            # each process starts with a cold decode cache and a fresh store, as a first run would
+            run_env = {**env, "SCENEML_CACHE": str(run_dir / "cache"),
+                       "MLFLOW_TRACKING_URI": f"sqlite:///{run_dir / 'mlflow.db'}"}
+            started = time.perf_counter()
+            subprocess.run(cmd, cwd=run_dir, env=run_env, check=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+            times[name].append(time.perf_counter() - started)
+            print(f"pair {i + 1} {name:<8} {times[name][-1]:7.1f} s", flush=True)
+    s, n = np.array(times["sceneml"]), np.array(times["naive"])
+    print(f"\nwhole process, {args.epochs} epochs, {args.image_size} px, {folder}:")
+    print(f"  sceneml (mlflow run -e train): min {s.min():.1f} s, median {np.median(s):.1f} s")
+    print(f"  naive loop:                    min {n.min():.1f} s, median {np.median(n):.1f} s")
+    print(f"  naive/sceneml: min-to-min {n.min() / s.min():.2f}, median-to-median {np.median(n) / np.median(s):.2f}"
+          f" (target >= 1.3)")
+
+
 def _sync(device) -> None:
     import torch
 
@@ -137,7 +192,14 @@ def main() -> None:
     ap.add_argument("--freeze-backbone", action="store_true")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--naive-workers", type=int, default=min(os.cpu_count() or 1, 4))
+    ap.add_argument("--precision", default="fp32", help="of limit and sceneml: fp32, auto, bf16, fp16")
+    ap.add_argument("--compile", action="store_true", help="torch.compile in limit and sceneml")
+    ap.add_argument("--whole-process", type=int, default=0, metavar="PAIRS",
+                    help="time whole processes instead: `mlflow run -e train` and the naive loop, alternating")
+    ap.add_argument("--naive-only", default="", help=argparse.SUPPRESS)  # file of train images: one naive process
     args = ap.parse_args()
+    if args.whole_process:
+        return whole_process(args)
 
     work = Path(tempfile.mkdtemp(prefix="sceneml-bench-"))
     os.environ["SCENEML_CACHE"] = str(work / "cache")  # cold decode cache: epoch 1 pays for decoding
@@ -156,7 +218,12 @@ def main() -> None:
     folder = jpeg_folder(args.data, args.image_size, args.per_class, work / "jpeg")
     cfg = TrainConfig(data=str(folder), arch=args.arch, weights="none", epochs=args.epochs,
                       batch_size=args.batch_size, image_size=args.image_size, freeze_backbone=args.freeze_backbone,
-                      device=args.device, quiet=True)
+                      device=args.device, quiet=True, precision=args.precision, compile=args.compile).validate()
+    if args.naive_only:  # one whole naive process (for --whole-process): sceneml's train split, given
+        keep = set(Path(args.naive_only).read_text().splitlines())
+        measure_naive(args.arch, folder, keep, args.image_size, args.batch_size, args.epochs, device,
+                      args.freeze_backbone, args.naive_workers)
+        return
 
     started = time.perf_counter()
     data = prepare_data(cfg.data, cfg.image_size, cfg.seed, cfg.val_fraction, cfg.test_fraction, 0,
@@ -169,8 +236,13 @@ def main() -> None:
           f"{args.batch_size}, {len(train)} train JPEGs of {n_all} ({folder}), freeze_backbone={args.freeze_backbone}")
     print(f"decode of all {n_all} images into the cache: {decode_seconds:.1f} s")
 
+    from sceneml.engine.loop import resolve_precision
+
+    amp = resolve_precision(args.precision, device)
+    print(f"precision {args.precision} -> {amp or torch.float32}, compile={args.compile} (limit and sceneml; "
+          "naive is fp32 eager)")
     limit = measure_limit(args.arch, train.pixels, train.labels, args.batch_size, args.epochs, device,
-                          args.freeze_backbone)
+                          args.freeze_backbone, amp, args.compile)
     run_id = run_train(cfg)  # the cache is warm now; its decode time is added to epoch 1 below
     client = mlflow.MlflowClient()
 
@@ -182,7 +254,7 @@ def main() -> None:
     # sceneml's epoch 1 pays for decoding every split and (frozen) for the feature cache
     sceneml = [len(train) / (t + (decode_seconds + cache_s if e == 0 else 0.0)) for e, t in enumerate(train_s)]
     sceneml_full = [len(train) / (t + (decode_seconds + cache_s if e == 0 else 0.0)) for e, t in enumerate(epoch_s)]
-    naive = measure_naive(args.arch, folder, keep, args.image_size, args.batch_size, args.epochs, device,
+    naive = measure_naive(args.arch, data.source.train_dir, keep, args.image_size, args.batch_size, args.epochs, device,
                           args.freeze_backbone, args.naive_workers)
 
     print(f"\n{'epoch':>5} {'limit':>8} {'sceneml':>8} {'+val+ckpt':>9} {'naive':>8} {'log s':>6}"
