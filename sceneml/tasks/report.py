@@ -31,7 +31,7 @@ from sceneml.metrics import confusion_matrix
 from sceneml.report import Image, Section, Table, key_values, render_html, render_markdown
 from sceneml.scores import scores_from_csv
 from sceneml.tracking.models import TAG_DIGEST
-from sceneml.tracking.runs import TAG_ERROR, launched_by_mlflow_run, raise_if_missing_run, set_tags, task_of
+from sceneml.tracking.runs import TAG_ERROR, existing_run, launched_by_mlflow_run, set_tags, task_of
 from sceneml.tracking.store import init_store, with_retries
 
 log = logging.getLogger(__name__)
@@ -82,10 +82,10 @@ def log_report(runs: StudyRuns | str) -> dict[str, str]:
 
 def study_runs(study_run_id: str) -> StudyRuns:
     """The study run and its children; a run that is not a study is a :class:`SceneMLError`."""
-    raise_if_missing_run(study_run_id)
-    study = MlflowClient().get_run(study_run_id)
-    if task_of(study) not in ("study", "tune"):
-        what = task_of(study) or "not a study"
+    study = existing_run(study_run_id)
+    task = task_of(study)
+    if task not in ("study", "tune"):
+        what = task or "not a study"
         raise SceneMLError(f"run {study_run_id} ({study.info.run_name}, {what}) is not a study run: pass the id of "
                            "the parent run that `main` or `tune` created")
     children = mlflow.search_runs([study.info.experiment_id], output_format="list",

@@ -64,7 +64,7 @@ def task_run(run_name: str | None = None, nested: bool = False, run_id: str | No
     init_store()
     launched = launched_by_mlflow_run()
     if run_id:
-        raise_if_missing_run(run_id)
+        existing_run(run_id)
         if launched and launched != run_id:
             # `mlflow run -P resume=X` created a fresh run for this launch; say where the work went
             set_tags(launched, {"sceneml.resumed_into": run_id,
@@ -206,9 +206,10 @@ def experiment_of(run_id: str) -> str:
     return with_retries(MlflowClient().get_run, run_id).info.experiment_id
 
 
-def raise_if_missing_run(run_id: str) -> None:
+def existing_run(run_id: str) -> mlflow.entities.Run:
+    """The run ``run_id``, or a one-line error naming the store when there is no such run."""
     try:
-        MlflowClient().get_run(run_id)
+        return MlflowClient().get_run(run_id)
     except Exception:
         raise SceneMLError(f"run {run_id!r} does not exist in the tracking store {mlflow.get_tracking_uri()}") from None
 
