@@ -256,9 +256,9 @@ def _log_audit(network, meta: dict, device: torch.device, root: Path, data: str,
         predicted = all_scores[idx].argmax(1)
         x = to_float_batch(pixels[idx], device)
         maps = analysis.grad_cam(network, layer, x, torch.as_tensor(predicted, device=device)).cpu().numpy()
-        for i, m in zip(idx, maps):
+        for i, p, m in zip(idx, predicted, maps):
             stats.append({"figure": artifact, "path": paths[i], "true": classes[labels[i]],
-                          "predicted": classes[all_scores[i].argmax()], "cam_mean": float(m.mean()),
+                          "predicted": classes[p], "cam_mean": float(m.mean()),
                           "cam_std": float(m.std())})
         log_figure(plots.gallery([load_rgb(root / paths[i]) for i in idx], [classes[labels[i]] for i in idx],
                                  [classes[p] for p in predicted], all_scores[idx, predicted],
