@@ -174,6 +174,20 @@ def whole_process(args) -> None:
           f" (target >= 1.3)")
 
 
+def naive_process(args) -> None:
+    """One whole naive process for --whole-process: it imports only what a plain script would (torch,
+    torchvision, MLflow), trains on the images of sceneml's train split (listed in ``args.naive_only``)
+    and logs to the store ``MLFLOW_TRACKING_URI`` names."""
+    import mlflow
+
+    from sceneml.models import pick_device
+
+    mlflow.set_experiment("throughput")
+    keep = set(Path(args.naive_only).read_text().splitlines())
+    measure_naive(args.arch, Path(args.data), keep, args.image_size, args.batch_size, args.epochs,
+                  pick_device(args.device), args.freeze_backbone, args.naive_workers)
+
+
 def _sync(device) -> None:
     import torch
 
@@ -200,6 +214,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.whole_process:
         return whole_process(args)
+    if args.naive_only:
+        return naive_process(args)
 
     work = Path(tempfile.mkdtemp(prefix="sceneml-bench-"))
     os.environ["SCENEML_CACHE"] = str(work / "cache")  # cold decode cache: epoch 1 pays for decoding
@@ -219,11 +235,6 @@ def main() -> None:
     cfg = TrainConfig(data=str(folder), arch=args.arch, weights="none", epochs=args.epochs,
                       batch_size=args.batch_size, image_size=args.image_size, freeze_backbone=args.freeze_backbone,
                       device=args.device, quiet=True, precision=args.precision, compile=args.compile).validate()
-    if args.naive_only:  # one whole naive process (for --whole-process): sceneml's train split, given
-        keep = set(Path(args.naive_only).read_text().splitlines())
-        measure_naive(args.arch, folder, keep, args.image_size, args.batch_size, args.epochs, device,
-                      args.freeze_backbone, args.naive_workers)
-        return
 
     started = time.perf_counter()
     data = prepare_data(cfg.data, cfg.image_size, cfg.seed, cfg.val_fraction, cfg.test_fraction, 0,
