@@ -23,8 +23,11 @@ demo: install
 check: install
 	$(PY) -m pytest -m "not slow" --durations=10
 
+# two workers: most of a test's time is one process importing torch and MLflow, which leaves the
+# other core idle; the tests that share a costly fixture stay together (tests/conftest.py)
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest --durations=10
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=10
 
 lint: install
 	$(VENV)/bin/ruff check sceneml entrypoints tests benchmarks

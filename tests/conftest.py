@@ -5,8 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import mlflow
-import pytest
+# Under pytest-xdist (`make test`: two workers on a 2-core machine) each worker and the processes it
+# starts use one torch thread: two workers of two threads each oversubscribe the cores, which made the
+# suite slower than one worker. Set before anything imports torch.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import mlflow  # noqa: E402
+import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -136,6 +142,20 @@ def tracking_uri(tmp_path, monkeypatch):
     while mlflow.active_run():
         mlflow.end_run()
     mlflow.set_tracking_uri(None)
+
+
+# Costly fixtures that several tests share. `make test` runs two pytest-xdist workers with
+# `--dist loadgroup`: the tests of one fixture go to the same worker, so each is built once (and no two
+# workers write into the session's study store at the same time).
+SHARED_FIXTURES = {"study_store": "study", "real_study": "real-photos", "cli_run": "cli-run", "postgres": "postgres"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the group marks
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        group = next((g for name, g in SHARED_FIXTURES.items() if name in item.fixturenames), None)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -188,17 +188,6 @@ def test_freeze_backbone_trains_the_head_on_cached_features(tracking_uri):
     assert other["features_from_disk"] == 1.0
 
 
-@pytest.mark.slow
-def test_weights_auto_warns_on_the_console_under_mlflow_run(tmp_path, monkeypatch):
-    # importing mlflow.pytorch configures the root logger at ERROR: sceneml's warning must still show
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
-    proc = mlflow_run_in_tmp(tmp_path, "auto-weights", "train", {"data": "synthetic:10", "epochs": "1",
-                                                                  "image_size": "32", "weights": "auto"})[2]
-    assert "resnet18-f37072fd.pth" in proc.stderr and "weights_resolved=none" in proc.stderr
-    assert "RANDOM" in proc.stderr
-    mlflow.set_tracking_uri(None)
-
-
 def test_keep_checkpoints_drops_what_it_does_not_keep():
     history = [{"epoch": e, "val_mean_class_acc": v, "val_loss": 1 - v} for e, v in
                [(1, 0.5), (2, 0.7), (3, 0.6), (4, 0.7)]]
@@ -211,17 +200,22 @@ def test_keep_checkpoints_drops_what_it_does_not_keep():
 
 
 @pytest.mark.slow
-def test_venv_mlflow_runs_the_project_with_its_own_python_without_activation(tmp_path):
+def test_venv_mlflow_runs_the_project_without_activation_and_weights_auto_warns_on_the_console(tmp_path):
     """`.venv/bin/mlflow run .` with the venv not on PATH: the MLproject command must still run with the
-    venv's Python (a bare `python` would be the system's, without mlflow or torch)."""
+    venv's Python (a bare `python` would be the system's, without mlflow or torch). With no ImageNet
+    file, `weights=auto` falls back to random weights and says so on the console, although importing
+    mlflow.pytorch configures the root logger at ERROR."""
     mlflow_script = Path(sys.executable).parent / "mlflow"
     env = {k: v for k, v in subprocess_env().items() if k != "VIRTUAL_ENV"}
-    env.update(PATH="/usr/bin:/bin", MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    env.update(PATH="/usr/bin:/bin", MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
+               TORCH_HOME=str(tmp_path / "empty-torch-home"))
     proc = subprocess.run([str(mlflow_script), "run", str(REPO), "-e", "train", "--env-manager", "local",
-                           "-P", "data=synthetic:10", "-P", "image_size=32", "-P", "epochs=1", "-P", "weights=none"],
+                           "-P", "data=synthetic:10", "-P", "image_size=32", "-P", "epochs=1", "-P", "weights=auto"],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "finished" in proc.stdout
+    assert "resnet18-f37072fd.pth" in proc.stderr and "weights_resolved=none" in proc.stderr
+    assert "RANDOM" in proc.stderr
 
 
 def test_precision_choices_are_checked_before_any_work():
