@@ -32,6 +32,16 @@ REPO = Path(__file__).resolve().parents[1]
 MEASURE = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, "
            "stderr=subprocess.DEVNULL).returncode; "
            "print(rc, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)")
+# the tiny run: 5 embedded images per class, 30 in all, 6 per split
+TINY = {"data": "synthetic:5", "epochs": "1", "weights": "none", "val_fraction": "0.2", "test_fraction": "0.2"}
+
+
+def render_scenes(cache: Path, per_class: list[int]) -> None:
+    """Render the embedded scenes into ``cache`` before any timing: rendering is the embedded data's
+    cost, not a study's."""
+    for n in per_class:
+        render = f"from sceneml.data import resolve_source; resolve_source('synthetic:{n}')"
+        subprocess.run([sys.executable, "-c", render], env={**os.environ, "SCENEML_CACHE": str(cache)}, check=True)
 
 
 def run(entry: str, params: dict[str, str], cache: Path) -> tuple[float, float]:
@@ -87,22 +97,17 @@ def main() -> None:
     args = ap.parse_args()
     if args.tiny:
         cache = Path(tempfile.mkdtemp(prefix="sceneml-scaling-cache-"))
-        subprocess.run([sys.executable, "-c", "from sceneml.data import resolve_source; "
-                        "resolve_source('synthetic:5')"], env={**os.environ, "SCENEML_CACHE": str(cache)}, check=True)
+        render_scenes(cache, [5])
         return tiny_parts(cache)
     if args.default_study:
         return default_study(args.warm, args.mlflow_args)
     sizes = [300, 1200] if args.quick else [300, 1200, 4800]
     children = ["adamw", "adamw,sgd"] if args.quick else ["adamw", "adamw,sgd", "adamw,sgd,rmsprop,adam"]
     cache = Path(tempfile.mkdtemp(prefix="sceneml-scaling-cache-"))
-    env = {**os.environ, "SCENEML_CACHE": str(cache)}
-    for n in sorted({*sizes, 5}):  # render before timing
-        render = f"from sceneml.data import resolve_source; resolve_source('synthetic:{n}')"
-        subprocess.run([sys.executable, "-c", render], env=env, check=True)
+    render_scenes(cache, sorted({*sizes, 5}))
     common = {"epochs": "1", "weights": "none", "n_images": "60", "image_size": "64"}
     print(f"{'row':<34} {'images':>7} {'wall s':>8} {'peak RSS MiB':>13}", flush=True)
-    tiny_wall, tiny_peak = run("train", {"data": "synthetic:5", "epochs": "1", "weights": "none", "val_fraction": "0.2",
-                                         "test_fraction": "0.2"}, cache)  # 30 images: 6 per split
+    tiny_wall, tiny_peak = run("train", TINY, cache)
     print(f"{'tiny train (30 images, 1 epoch)':<34} {30:>7} {tiny_wall:8.1f} {tiny_peak:13.0f}", flush=True)
     by_size = []
     for n in sizes:
@@ -129,7 +134,6 @@ def tiny_parts(cache: Path, repeats: int = 3) -> None:
     """Where the tiny run's time goes (min of ``repeats``): `import sceneml.tasks.train` alone (torch,
     torchvision, MLflow, sklearn), the entry point run directly (imports + the run itself), and
     `mlflow run` of it (+ MLflow's launcher process: its imports, the project, the run it creates)."""
-    params = {"data": "synthetic:5", "epochs": "1", "weights": "none", "val_fraction": "0.2", "test_fraction": "0.2"}
     times: dict[str, list[float]] = {"imports": [], "entry point": [], "mlflow run": []}
     for _ in range(repeats):
         work = Path(tempfile.mkdtemp(prefix="sceneml-tiny-"))
@@ -139,10 +143,10 @@ def tiny_parts(cache: Path, repeats: int = 3) -> None:
                        cwd=work, env=env, check=True, capture_output=True)  # the store exists, as for a user
         for name, cmd in (("imports", [sys.executable, "-c", "import sceneml.tasks.train"]),
                           ("entry point", [sys.executable, str(REPO / "entrypoints" / "train.py"), "--quiet",
-                                           *[a for k, v in params.items() for a in (f"--{k.replace('_', '-')}", v)]]),
+                                           *[a for k, v in TINY.items() for a in (f"--{k.replace('_', '-')}", v)]]),
                           ("mlflow run", [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "train",
                                           "--env-manager", "local",
-                                          *[a for k, v in params.items() for a in ("-P", f"{k}={v}")]])):
+                                          *[a for k, v in TINY.items() for a in ("-P", f"{k}={v}")]])):
             started = time.perf_counter()
             subprocess.run(cmd, cwd=work, env=env, check=True, capture_output=True)
             times[name].append(time.perf_counter() - started)

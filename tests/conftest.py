@@ -145,8 +145,8 @@ def tracking_uri(tmp_path, monkeypatch):
 
 
 # Costly fixtures that several tests share. `make test` runs two pytest-xdist workers with
-# `--dist loadgroup`: the tests of one fixture go to the same worker, so each is built once (and no two
-# workers write into the session's study store at the same time).
+# `--dist loadgroup`: the tests of one fixture go to the same worker, so each is built once (ungrouped,
+# each worker would build its own copy: correct, only slower).
 SHARED_FIXTURES = {"study_store": "study", "real_study": "real-photos", "cli_run": "cli-run", "postgres": "postgres"}
 
 
