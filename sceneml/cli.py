@@ -1,97 +1,135 @@
-"""What the entry-point scripts share: click options read from the config dataclasses, logging that
-reaches the console, and one-line errors instead of tracebacks.
+"""One command line: ``python -m sceneml <task>`` (and the ``sceneml`` script), a click group whose
+subcommands are the MLflow entry points, their options read from the declarations in
+:mod:`sceneml.config`. Also what every task shares when run from a shell: logging that reaches the
+console, and one-line errors instead of tracebacks.
 
-Torch-free, like :mod:`sceneml.config`: the scripts import the task they run only once the options
-are parsed, so ``--help`` and a bad value answer at once.
+Torch-free: a task's module is imported only once its options are parsed, so ``--help`` and a bad
+value answer at once.
 """
 
 from __future__ import annotations
 
 import errno
 import functools
+import importlib
 import logging
 import os
 import signal
+import subprocess
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import click
 
-from sceneml.config import AnalyzeConfig, TrainConfig, parse_bool
+from sceneml.config import ENTRY_POINTS, EntryPoint
 from sceneml.errors import SceneMLError
+from sceneml.params import Param, build
+
+_CLICK_TYPES = {str: str, int: int, float: float, bool: click.BOOL}
 
 
-def none_is_empty(_ctx, _param, value: str) -> str:
+def none_is_empty(_ctx, _param, value):
     """MLproject writes "nothing" as ``none`` (an empty default would be logged as the literal '')."""
-    return "" if value is None or value.strip().lower() == "none" else value
+    if isinstance(value, str) and value.strip().lower() == "none":
+        return ""
+    return value
 
 
-_D = TrainConfig()
-# The training options of `train` and `main` (names are the MLproject parameters, dashed).
-_TRAIN_OPTIONS = [
-    click.option("--data", default=_D.data, help="synthetic[:N], a folder, a Kaggle Intel folder or a .zip"),
-    click.option("--arch", default=_D.arch),
-    click.option("--weights", default=_D.weights, help="auto | imagenet | none | path to a state dict"),
-    click.option("--momentum", type=float, default=_D.momentum),
-    click.option("--weight-decay", type=float, default=_D.weight_decay),
-    click.option("--scheduler", default=_D.scheduler),
-    click.option("--epochs", type=int, default=_D.epochs),
-    click.option("--batch-size", type=int, default=_D.batch_size),
-    click.option("--image-size", type=int, default=_D.image_size),
-    click.option("--seed", type=int, default=_D.seed),
-    click.option("--val-fraction", type=float, default=_D.val_fraction),
-    click.option("--test-fraction", type=float, default=_D.test_fraction),
-    click.option("--limit-per-class", type=int, default=_D.limit_per_class),
-    click.option("--freeze-backbone", default="false"),
-    click.option("--random-crop", default="false"),
-    click.option("--device", default=_D.device),
-    click.option("--num-workers", default=_D.num_workers, help="decode threads"),
-    click.option("--select-metric", default=_D.select_metric,
-                 help="what 'best epoch' means: val_mean_class_acc, val_mAP, val_acc or val_loss"),
-    click.option("--keep-checkpoints", default=_D.keep_checkpoints,
-                 help="checkpoints a finished run keeps: best, improved or all"),
-    click.option("--precision", default=_D.precision, help="auto, fp32, bf16 or fp16 (CUDA only)"),
-    click.option("--compile", "compile_", default="false", help="torch.compile the model for training"),
-    click.option("--dedupe", default=_D.dedupe, help="none, or cross_split: drop val/test copies of train images"),
-    click.option("--dup-distance", type=int, default=_D.dup_distance,
-                 help="near duplicates: perceptual hashes at most this many bits apart"),
-    click.option("--quiet", is_flag=True, help="no progress bars"),
-]
-
-_A = AnalyzeConfig()
-# The analysis options of `analyze`; `main` takes n_images and compare of them.
-ANALYZE_OPTIONS = {
-    "model_uri": click.option("--model-uri", default=_A.model_uri),
-    "data": click.option("--data", default=_A.data, callback=none_is_empty,
-                         help="default: the data the model was trained on"),
-    "split": click.option("--split", default=_A.split),
-    "classes": click.option("--classes", default=_A.classes, callback=none_is_empty, help="comma list; default all"),
-    "k": click.option("--k", type=int, default=_A.k),
-    "modules": click.option("--modules", default=_A.modules, callback=none_is_empty,
-                            help="comma list of module names"),
-    "n_images": click.option("--n-images", type=int, default=_A.n_images, help="images per data set"),
-    "compare": click.option("--compare", default=_A.compare, callback=none_is_empty,
-                            help="comma list of name=path data sets"),
-    "top_eigen": click.option("--top-eigen", type=int, default=_A.top_eigen),
-    "device": click.option("--device", default=_A.device),
-}
+def option(p: Param) -> Callable:
+    """The click option of a declared parameter: its default shown as MLproject spells it, its choices
+    in the help. The values are checked by the config's ``validate``, the same check an in-process
+    call gets, so a bad value reads the same wherever it comes from."""
+    if p.required:
+        return click.option(p.option, p.name, required=True, type=_CLICK_TYPES[p.type], help=p.help)
+    help_text = p.help + (f" (one of: {', '.join(p.choices)})" if p.choices else "")
+    # the default as MLproject spells it (none, true/false): click converts it through the type. A
+    # boolean takes a value (MLproject passes `--quiet false`) or stands alone as a flag (`--quiet`).
+    flag = {"is_flag": False, "flag_value": "true"} if p.type is bool else {}
+    return click.option(p.option, p.name, type=_CLICK_TYPES[p.type], default=p.text(), show_default=True,
+                        help=help_text, callback=none_is_empty if p.type is str else None, **flag)
 
 
-def options(decorators: list[Callable]) -> Callable[[Callable], Callable]:
-    def apply(fn: Callable) -> Callable:
-        for option in reversed(decorators):
-            fn = option(fn)
-        return fn
-    return apply
+def command(entry: EntryPoint) -> click.Command:
+    def run(**values) -> None:
+        run_task(entry, values)
+
+    for p in reversed(entry.params):
+        run = option(p)(run)
+    return click.command(name=entry.name, help=entry.doc, short_help=entry.doc)(run)
 
 
-train_options = options(_TRAIN_OPTIONS)
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """sceneml: train, compare and inspect scene classifiers, tracked in MLflow.
+
+    Each command is the MLflow entry point of the same name (`mlflow run . -e <command>`); the store
+    is MLFLOW_TRACKING_URI, by default sqlite:///mlflow.db in the current folder."""
 
 
-def train_config(freeze_backbone: str, random_crop: str, compile_: str, **params) -> TrainConfig:
-    return TrainConfig(**params, freeze_backbone=parse_bool(freeze_backbone), random_crop=parse_bool(random_crop),
-                       compile=parse_bool(compile_)).validate()
+for _entry in ENTRY_POINTS.values():
+    cli.add_command(command(_entry))
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """``python -m sceneml``: click's own usage errors are one line too, like sceneml's."""
+    try:
+        cli.main(args=list(args) if args is not None else None, prog_name="sceneml", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.NoArgsIsHelpError as exc:  # a bare group or command prints its help
+        click.echo(exc.ctx.get_help() if exc.ctx else "", err=False)
+        sys.exit(0)
+    except click.ClickException as exc:
+        print(f"error: {exc.format_message()}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)
+
+
+def entry_point(name: str) -> None:
+    """What ``entrypoints/<name>.py`` (the scripts MLproject calls) run."""
+    main([name, *sys.argv[1:]])
+
+
+def run_task(entry: EntryPoint, values: dict) -> None:
+    """The one wrapper of every task: build and check its config, import the task, run it, and turn
+    user errors and signals into one line and an exit status (:func:`user_errors_as_one_line`)."""
+    user_errors_as_one_line(_run_task)(entry, values)
+
+
+def _run_task(entry: EntryPoint, values: dict) -> None:
+    cfg = build(entry.config, values).validate()
+    if entry.name == "train" and cfg.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        sys.exit(torchrun(entry, values, cfg.nproc))
+    setup_logging(bool(values.get("quiet", False)))
+    module, _, function = entry.task.partition(":")
+    result = getattr(importlib.import_module(module), function)(cfg)  # torch and mlflow load only now
+    print_summary(entry.name, result)
+
+
+def torchrun(entry: EntryPoint, values: dict, nproc: int) -> int:
+    """``train`` again under ``torchrun --standalone`` with ``nproc`` processes, same parameters."""
+    args = [f"{p.option}={p.text(values[p.name]) if p.name != 'nproc' else 1}" for p in entry.params]
+    return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                            f"--nproc_per_node={nproc}", "-m", "sceneml", entry.name, *args])
+
+
+_HEADLINE = ("acc", "mAP", "mean_class_acc", "ece", "loss")
+
+
+def print_summary(task: str, result: object) -> None:
+    """What a task prints last, for a person and for scripts that read it."""
+    if task == "train" and result:  # "" on the other ranks of a torchrun launch
+        print(f"run {result} finished")
+    elif task == "evaluate":
+        split = next(k for k in result if k.endswith("_mAP")).removesuffix("_mAP")
+        print("  ".join(f"{split}_{k} = {result[f'{split}_{k}']:.4f}" for k in _HEADLINE), flush=True)
+    elif task == "analyze":
+        for key, value in sorted(result.items()):
+            print(f"{key} = {value:.4f}")
+    elif task == "report":
+        print(f"report: {result['html']}\nmarkdown: {result['markdown']}")
 
 
 def setup_logging(quiet: bool = False) -> None:

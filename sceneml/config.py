@@ -1,7 +1,12 @@
-"""What a run is asked to do: the choice lists and plain dataclasses, validated before any work starts.
+"""What each task is asked to do: every parameter of every entry point, declared once, as a field of a
+plain config dataclass (:func:`sceneml.params.param`), and validated before any work starts.
 
-This module imports neither torch nor torchvision nor mlflow: the click options of every entry point
-read their defaults here, so ``python entrypoints/train.py --help`` answers at once.
+``ENTRY_POINTS`` says which parameters each MLflow entry point takes. From these declarations come
+the click options of ``python -m sceneml`` (:mod:`sceneml.cli`), ``MLproject`` and
+``docs/parameters.md`` (:mod:`sceneml.mlproject`, checked by a test), the resume guard
+(``resume=True``) and tune's searchable set (``search=True``). Adding a parameter is one field here.
+
+This module imports neither torch nor torchvision nor mlflow, so ``--help`` answers at once.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import re
 from dataclasses import dataclass
 
 from sceneml.errors import SceneMLError
+from sceneml.params import REQUIRED, Param, check_choices, param, params_of
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "googlenet", "mobilenet_v3_small", "efficientnet_b0")
 OPTIMIZERS = ("adamw", "adam", "rmsprop", "sgd")
@@ -26,7 +32,45 @@ KEEP_CHECKPOINTS = ("best", "improved", "all")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PRUNERS = ("median", "hyperband", "none")
 DEDUPE = ("none", "cross_split")  # cross_split: drop val/test copies of training images
+SPLITS = ("train", "val", "test")
 FP16_NEEDS_CUDA = "precision=fp16 needs a CUDA device; on the CPU use bf16 or fp32"
+
+
+# ------------------------------------------------------------- parameters several tasks share
+
+def _data(default: str = "synthetic"):
+    return param(default, "synthetic[:N], an image folder, a Kaggle Intel folder or a .zip"
+                 + ("" if default else "; none = the data the model was trained on"), resume=True)
+
+
+def _device():
+    return param("auto", "auto, cpu, cuda or cuda:<index>")
+
+
+def _model_uri():
+    return param("models:/sceneml@champion", "the model: models:/<name>@<alias>, models:/<name>/<version>, "
+                 "models:/<model_id> or runs:/<run_id>/<path>")
+
+
+def _select_metric():
+    return param("val_mean_class_acc", "what 'best epoch' and the champion mean (val_loss: lowest wins)",
+                 choices=SELECT_METRICS, resume=True)
+
+
+def _model_name():
+    return param("sceneml", "registered model that holds the champion")
+
+
+def _experiment(default: str = "sceneml"):
+    return param(default, "MLflow experiment (an explicit --experiment-name of mlflow run wins)")
+
+
+def _n_images():
+    return param(200, "images per data set for activation statistics and spectra")
+
+
+def _compare():
+    return param("", "comma list of name=path data sets whose feature spectra are compared")
 
 
 def check_device_name(name: str) -> None:
@@ -35,61 +79,56 @@ def check_device_name(name: str) -> None:
         raise SceneMLError(f"unknown device {name!r}; choose auto, cpu or cuda")
 
 
-def check_select_metric(metric: str) -> None:
-    if metric not in SELECT_METRICS:
-        raise SceneMLError(f"unknown select_metric {metric!r}; choose one of {', '.join(SELECT_METRICS)}")
-
-
 def check_model_name(name: str) -> None:
     """A registered model name that every MLflow store and URI accepts."""
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise SceneMLError(f"model_name {name!r} may only use letters, digits, '.', '_' and '-'")
 
 
-def _choice(what: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise SceneMLError(f"unknown {what} {value!r}; choose one of {', '.join(choices)}")
-
+# ------------------------------------------------------------------------------------- train
 
 @dataclass
 class TrainConfig:
-    data: str = "synthetic"
-    arch: str = "resnet18"
-    weights: str = "auto"
-    optimizer: str = "adamw"
-    lr: float = 0.001
-    momentum: float = 0.9
-    weight_decay: float = 0.0001
-    scheduler: str = "none"
-    epochs: int = 3
-    batch_size: int = 32
-    image_size: int = 0  # 0 = the data's native size (64 synthetic, 150 folder data)
-    seed: int = 42
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    limit_per_class: int = 0
-    freeze_backbone: bool = False
-    random_crop: bool = False
-    device: str = "auto"
-    num_workers: str = "auto"  # decode threads; "auto" = number of CPU cores, at most 8
-    select_metric: str = "val_mean_class_acc"  # what "best epoch" means; the study passes its own
-    keep_checkpoints: str = "best"  # best | improved | all
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    compile: bool = False  # torch.compile the trained module (the checkpoint is the uncompiled one)
-    dedupe: str = "none"  # none | cross_split
-    dup_distance: int = 6  # near duplicates: pHashes at most this many bits apart (sceneml.data.duplicates)
-    resume: str = ""
-    quiet: bool = False
+    """`train`: one torchvision CNN trained as one MLflow run."""
+
+    optimizer: str = param("adamw", "adamw, adam, rmsprop, or sgd (Nesterov momentum)", choices=OPTIMIZERS,
+                           resume=True, search=True)
+    lr: float = param(0.001, "learning rate", resume=True, search=True)
+    data: str = _data()
+    arch: str = param("resnet18", "torchvision architecture", choices=ARCHS, resume=True, search=True)
+    weights: str = param("auto", "auto (ImageNet if the file is there), imagenet, none, or a state-dict path",
+                         resume=True)
+    momentum: float = param(0.9, "momentum of sgd and rmsprop", resume=True, search=True)
+    weight_decay: float = param(0.0001, "decoupled for adamw, L2 for the others", resume=True, search=True)
+    scheduler: str = param("none", "learning-rate schedule over the epochs", choices=SCHEDULERS, resume=True,
+                           search=True)
+    epochs: int = param(3, "training epochs", resume=True, search=True)
+    batch_size: int = param(32, "images per optimizer step (over all processes)", resume=True, search=True)
+    image_size: int = param(0, "pixels per side; 0 = native (64 synthetic, 150 folder data)", resume=True,
+                            search=True)
+    seed: int = param(42, "seeds the split, the initialisation, the batch order and the augmentation", resume=True)
+    val_fraction: float = param(0.15, "share of each class held out for validation", resume=True)
+    test_fraction: float = param(0.15, "share held out for test (unused when the data bring seg_test)", resume=True)
+    limit_per_class: int = param(0, "a seeded subset of at most this many images per class and pool; 0 = all",
+                                 resume=True)
+    freeze_backbone: bool = param(False, "train the classifier head only (features computed once)", resume=True,
+                                  search=True)
+    random_crop: bool = param(False, "random-resized crops on top of flips", resume=True, search=True)
+    device: str = _device()
+    num_workers: str = param("auto", "image-decode threads: auto (CPU cores, at most 8) or a number")
+    select_metric: str = _select_metric()
+    keep_checkpoints: str = param("best", "checkpoints a finished run keeps", choices=KEEP_CHECKPOINTS)
+    precision: str = param("auto", "training arithmetic; fp16 needs CUDA", choices=PRECISIONS)
+    compile: bool = param(False, "torch.compile the model for training")
+    dedupe: str = param("none", "cross_split: drop val/test copies of training images", choices=DEDUPE, resume=True)
+    dup_distance: int = param(6, "near duplicates: perceptual hashes at most this many bits apart", resume=True)
+    resume: str = param("", "run id of an interrupted training run to continue", logged=False)
+    nproc: int = param(1, "processes under torchrun (one per GPU; gloo on CPU); 1 = no torchrun", logged=False)
+    quiet: bool = param(False, "no progress bars or per-epoch lines", logged=False)
 
     def validate(self) -> TrainConfig:
         """Check every value; one clear line naming the valid choices on the first bad one."""
-        _choice("arch", self.arch, ARCHS)
-        _choice("optimizer", self.optimizer, OPTIMIZERS)
-        _choice("scheduler", self.scheduler, SCHEDULERS)
-        check_select_metric(self.select_metric)
-        _choice("keep_checkpoints", self.keep_checkpoints, KEEP_CHECKPOINTS)
-        _choice("precision", self.precision, PRECISIONS)
-        _choice("dedupe", self.dedupe, DEDUPE)
+        check_choices(self)
         if not 0 <= self.dup_distance <= 64:
             raise SceneMLError(f"dup_distance must be in 0..64 (bits of a 64-bit pHash), got {self.dup_distance}")
         if self.precision == "fp16" and self.device == "cpu":
@@ -110,6 +149,8 @@ class TrainConfig:
             raise SceneMLError(f"limit_per_class must be >= 0, got {self.limit_per_class}")
         if self.num_workers != "auto" and (not str(self.num_workers).isdigit() or int(self.num_workers) < 1):
             raise SceneMLError(f"num_workers must be 'auto' or a positive integer, got {self.num_workers!r}")
+        if self.nproc < 1:
+            raise SceneMLError(f"nproc must be >= 1, got {self.nproc}")
         check_device_name(self.device)
         return self
 
@@ -118,27 +159,93 @@ class TrainConfig:
 
     def as_params(self) -> dict[str, object]:
         """What a run logs as params: everything that defines the run (not how it was launched)."""
-        skip = {"quiet", "resume"}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        return {p.name: getattr(self, p.name) for p in params_of(TrainConfig) if p.logged}
+
+
+# what a resume must keep and what a `tune` space may vary: read from the declarations above
+RESUME_MUST_MATCH = tuple(p.name for p in params_of(TrainConfig) if p.resume)
+SEARCHABLE = tuple(p.name for p in params_of(TrainConfig) if p.search)
+
+
+# ----------------------------------------------------------------------- evaluate, predict ...
+
+@dataclass
+class EvaluateConfig:
+    """`evaluate`: score a model on a split its training run recorded."""
+
+    model_uri: str = _model_uri()
+    data: str = _data("")
+    split: str = param("test", "which split of the training run's manifest", choices=SPLITS)
+    device: str = _device()
+    quiet: bool = False
+
+    def validate(self) -> EvaluateConfig:
+        check_choices(self)
+        check_device_name(self.device)
+        return self
+
+
+@dataclass
+class PredictConfig:
+    """`predict`: class and probabilities of each image of a file or folder, as CSV."""
+
+    model_uri: str = _model_uri()
+    input: str = param(REQUIRED, "an image file or a folder of images")
+    output: str = param("predictions.csv", "CSV path (relative paths: to the current folder)")
+    device: str = _device()
+    quiet: bool = False
+
+    def validate(self) -> PredictConfig:
+        check_device_name(self.device)
+        return self
+
+
+@dataclass
+class SelectConfig:
+    """`select`: register the best epoch checkpoint of a study's runs and point an alias at it."""
+
+    experiment: str = _experiment("")
+    parent_run_id: str = param("", "only the children of this study run")
+    select_metric: str = _select_metric()
+    model_name: str = _model_name()
+    alias: str = param("champion", "the alias moved to the new champion")
+
+    def validate(self) -> SelectConfig:
+        check_choices(self)
+        check_model_name(self.model_name)
+        return self
+
+
+@dataclass
+class ReportConfig:
+    """`report`: rebuild the HTML and Markdown write-up of a study run."""
+
+    study_run_id: str = param(REQUIRED, "the parent run that `main` or `tune` created")
+
+    def validate(self) -> ReportConfig:
+        return self
 
 
 @dataclass
 class AnalyzeConfig:
-    model_uri: str = "models:/sceneml@champion"
-    data: str = ""  # default: the data the model was trained on
-    split: str = "test"
-    classes: str = ""  # comma list; default all
-    k: int = 10
-    modules: str = ""  # comma list; default: five modules spread over the depth of the arch
-    n_images: int = 200
-    compare: str = ""  # comma list of name=path
-    top_eigen: int = 15
-    device: str = "auto"
+    """`analyze`: galleries, activation statistics and eigen-spectra of one model."""
+
+    model_uri: str = _model_uri()
+    data: str = _data("")
+    split: str = param("test", "which split of the training run's manifest", choices=SPLITS)
+    classes: str = param("", "comma list of classes for the galleries; none = all")
+    k: int = param(10, "images per gallery")
+    modules: str = param("", "comma list of module names; none = five spread over the depth of the network")
+    n_images: int = _n_images()
+    compare: str = _compare()
+    top_eigen: int = param(15, "eigenvalues shown per spectrum")
+    device: str = _device()
     batch_size: int = 64
     seed: int = 0
     quiet: bool = False
 
     def validate(self) -> AnalyzeConfig:
+        check_choices(self)
         if self.k < 1:
             raise SceneMLError(f"k must be >= 1, got {self.k}")
         if self.n_images < 2:
@@ -152,16 +259,18 @@ class AnalyzeConfig:
         return self
 
 
+# --------------------------------------------------------------------------- main and tune
+
 @dataclass
 class StudyConfig:
     """`main`: one training run per optimizer x learning rate, then select, evaluate and analyze."""
 
+    optimizers: str = param("adamw,rmsprop,sgd", "comma list of optimizers, one child each")
+    lrs: str = param("0.001", "comma list of learning rates, crossed with the optimizers")
+    model_name: str = _model_name()
+    experiment: str = _experiment()
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    optimizers: str = "adamw,rmsprop,sgd"
-    lrs: str = "0.001"
-    model_name: str = "sceneml"
     analyze: AnalyzeConfig = dataclasses.field(default_factory=AnalyzeConfig)
-    experiment: str = "sceneml"  # where the study goes unless --experiment-name / MLFLOW_EXPERIMENT_* say
 
     def children(self) -> list[TrainConfig]:
         """Every child's config, each validated before the first one trains."""
@@ -179,19 +288,20 @@ class StudyConfig:
 class TuneConfig:
     """`tune`: an Optuna search over `train` parameters, trials shared by any number of workers."""
 
+    n_trials: int = param(20, "trials over all workers of the search")
+    space: str = param("", "YAML/JSON search space file; none = the default space (docs/search.md)")
+    pruner: str = param("median", "stops trials that fall behind, per epoch", choices=PRUNERS)
+    storage: str = param("", "Optuna storage: an SQLAlchemy URL or a journal file; none = optuna.journal "
+                             "beside the MLflow store")
+    study_name: str = param("", "the search's name, shared by its workers; none = tune-<arch>-<data>")
+    model_name: str = _model_name()
+    experiment: str = _experiment()
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    n_trials: int = 20  # over all workers
-    space: str = ""  # a YAML/JSON file; "" = sceneml.space.DEFAULT_SPACE
-    pruner: str = "median"
-    storage: str = ""  # "" = an Optuna journal file beside the MLflow store; or an SQLAlchemy URL
-    study_name: str = ""  # "" = tune-<arch>-<data>
-    model_name: str = "sceneml"
     analyze: AnalyzeConfig = dataclasses.field(default_factory=AnalyzeConfig)
-    experiment: str = "sceneml"
 
     def validate(self) -> TuneConfig:
         self.train.validate()
-        _choice("pruner", self.pruner, PRUNERS)
+        check_choices(self)
         if self.n_trials < 1:
             raise SceneMLError(f"n_trials must be >= 1, got {self.n_trials}")
         check_model_name(self.model_name)
@@ -202,14 +312,46 @@ class TuneConfig:
         return self.study_name or re.sub(r"[^A-Za-z0-9_.-]+", "_", f"tune-{self.train.arch}-{self.train.data}")
 
 
-def param_text(value: object) -> str:
-    """One spelling per value in logged params: true/false, and "none" for nothing."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None or value == "":
-        return "none"
-    return str(value)
+# ------------------------------------------------------------------------------ entry points
 
+@dataclass(frozen=True)
+class EntryPoint:
+    """An MLflow entry point and the ``python -m sceneml`` subcommand of the same name."""
+
+    name: str
+    config: type  # what the task takes, built from the parameters (sceneml.params.build)
+    params: tuple[Param, ...]
+    task: str  # "module:function" of the task, imported only once the options are parsed
+    script: str  # the script MLproject calls, in entrypoints/
+    doc: str
+
+
+_RUN_ONLY = ("optimizer", "lr", "resume", "nproc")  # what a sweep sets per child, or a single run alone
+_STUDY_ANALYSIS = ("n_images", "compare")
+
+
+def _entry(name: str, config: type, params: list[Param], task: str, script: str = "") -> EntryPoint:
+    doc = (config.__doc__ or "").strip().removeprefix(f"`{name}`: ")
+    return EntryPoint(name, config, tuple(params), task, script or f"{name}.py", doc[:1].upper() + doc[1:])
+
+
+ENTRY_POINTS: dict[str, EntryPoint] = {e.name: e for e in (
+    _entry("train", TrainConfig, params_of(TrainConfig), "sceneml.tasks.train:train"),
+    _entry("main", StudyConfig, params_of(StudyConfig) + params_of(AnalyzeConfig, only=_STUDY_ANALYSIS)
+           + params_of(TrainConfig, exclude=_RUN_ONLY), "sceneml.tasks.study:study"),
+    _entry("tune", TuneConfig, params_of(TuneConfig) + params_of(AnalyzeConfig, only=_STUDY_ANALYSIS)
+           + params_of(TrainConfig, exclude=("resume", "nproc")), "sceneml.tasks.tune:tune"),
+    _entry("select", SelectConfig, params_of(SelectConfig), "sceneml.tasks.select:select", "select_champion.py"),
+    _entry("evaluate", EvaluateConfig, params_of(EvaluateConfig), "sceneml.tasks.evaluate:evaluate"),
+    _entry("predict", PredictConfig, params_of(PredictConfig), "sceneml.tasks.predict:predict"),
+    _entry("analyze", AnalyzeConfig, params_of(AnalyzeConfig), "sceneml.tasks.analyze:analyze"),
+    _entry("report", ReportConfig, params_of(ReportConfig), "sceneml.tasks.report:report"),
+)}
+# `train` under torchrun: the same parameters, two processes by default (MLproject only)
+TRAIN_DDP_DEFAULTS = {"nproc": 2}
+
+
+# --------------------------------------------------------------------------------- parsing
 
 def parse_bool(value: str | bool) -> bool:
     if isinstance(value, bool):

@@ -236,3 +236,21 @@ def eigen_spectra(spectra: dict[str, np.ndarray], module: str, top: int, title: 
 
 def close(fig: Figure) -> None:
     plt.close(fig)
+
+
+def class_figures(split: str, metrics: dict[str, float], cm, classes: list[str], caption: str,
+                  what: str = "") -> dict[str, object]:
+    """The figures of one split's scores, by artifact name: confusion matrix, per-class average
+    precision and per-class accuracy (``what`` says which epoch or model, e.g. "best epoch 3")."""
+    where = f"{split}, {what}" if what else split
+    n = int(cm.sum())
+    return {
+        f"figures/{split}_confusion_matrix.png": confusion_matrix_figure(
+            cm, classes, f"Confusion matrix ({where}, n={n})\n{caption}"),
+        f"figures/{split}_per_class_ap.png": per_class_bars(
+            {c: metrics[f"{split}_ap_{c}"] for c in classes}, f"Per-class average precision ({where})\n{caption}",
+            "average precision", "mAP"),
+        f"figures/{split}_per_class_acc.png": per_class_bars(
+            {c: metrics[f"{split}_acc_{c}"] for c in classes}, f"Per-class accuracy ({where})\n{caption}",
+            "accuracy (recall)", "mean class acc"),
+    }

@@ -19,12 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from sceneml.config import TrainConfig
+from sceneml.config import SEARCHABLE, TrainConfig
 from sceneml.errors import SceneMLError
-
-# what a trial may vary; the rest defines the data and the run itself and stays fixed for a search
-SEARCHABLE = ("optimizer", "lr", "weight_decay", "momentum", "scheduler", "batch_size", "arch", "image_size",
-              "freeze_backbone", "random_crop", "epochs")
 
 DEFAULT_SPACE = {
     "optimizer": ["adamw", "rmsprop", "sgd"],

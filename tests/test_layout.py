@@ -1,12 +1,12 @@
 """The folder tree is the architecture: read every import with `ast` and check the layers hold.
 
-    cli                 entry-point plumbing (torch-free)
+    __main__ cli        the command line, `python -m sceneml` (torch-free)
     tasks/              one module per MLflow entry point
     tracking/           the MLflow I/O layer
     engine/             torch only: the epoch loop, inference, checkpoints, feature cache, DDP
     models              torchvision networks and their weights
     data/ metrics scores plots analysis/ report space    pure
-    config errors       torch-free
+    config mlproject params errors    torch-free: the declarations of every parameter
 A module may import its own layer and the layers below, never one above; there is no import cycle.
 """
 
@@ -20,9 +20,11 @@ from pathlib import Path
 from .conftest import REPO
 
 PACKAGE = REPO / "sceneml"
-RANK = {"sceneml": 0, "errors": 0, "config": 0, "data": 1, "metrics": 1, "scores": 1, "plots": 1, "analysis": 1,
-        "report": 1, "space": 1, "models": 2, "engine": 3, "tracking": 4, "tasks": 5, "cli": 6}
-TORCH_FREE = {"sceneml", "errors", "config", "cli", "metrics", "scores", "data", "report", "space"}
+RANK = {"sceneml": 0, "errors": 0, "params": 0, "config": 0, "mlproject": 0,
+        "data": 1, "metrics": 1, "scores": 1, "plots": 1, "analysis": 1, "report": 1, "space": 1,
+        "models": 2, "engine": 3, "tracking": 4, "tasks": 5, "cli": 6, "__main__": 7}
+TORCH_FREE = {"sceneml", "errors", "params", "config", "mlproject", "cli", "__main__", "metrics", "scores", "data",
+              "report", "space"}
 MLFLOW_ALLOWED = {"tracking", "tasks"}
 
 

@@ -251,6 +251,7 @@ def test_an_error_before_the_work_is_tagged_on_mlflow_runs_run(tmp_path):
 
 
 def test_predict_refuses_an_unwritable_output_before_predicting(tmp_path):
+    from sceneml.config import PredictConfig
     from sceneml.errors import SceneMLError
     from sceneml.tasks.predict import predict
 
@@ -258,4 +259,4 @@ def test_predict_refuses_an_unwritable_output_before_predicting(tmp_path):
     (tmp_path / "a-file").write_text("x")
     for output, message in ((tmp_path, "is a folder"), (tmp_path / "a-file" / "out.csv", "cannot be written")):
         with pytest.raises(SceneMLError, match=message):
-            predict("models:/does-not-matter/1", str(tmp_path / "photo.png"), str(output), "cpu")
+            predict(PredictConfig("models:/does-not-matter/1", str(tmp_path / "photo.png"), str(output), "cpu"))

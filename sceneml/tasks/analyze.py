@@ -34,7 +34,7 @@ from sceneml.engine.loop import predict_scores
 from sceneml.errors import SceneMLError
 from sceneml.models import pick_device
 from sceneml.scores import scores_from_csv
-from sceneml.tracking.models import model_caption, model_label, model_metadata
+from sceneml.tracking.models import resolve_model
 from sceneml.tracking.runs import MetricBuffer, log_csv, log_figure, log_params_once, rename_run, set_tags, task_run
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,8 @@ def analyze(cfg: AnalyzeConfig, nested: bool = False) -> dict[str, float]:
 
 def _analyze(cfg: AnalyzeConfig) -> dict[str, float]:
     progress = not cfg.quiet
-    meta = model_metadata(cfg.model_uri)
+    model = resolve_model(cfg.model_uri)
+    meta = model.meta
     classes, image_size = list(meta["classes"]), int(meta["image_size"])
     chosen_classes = [c.strip() for c in cfg.classes.split(",") if c.strip()] or classes
     unknown = [c for c in chosen_classes if c not in classes]
@@ -146,25 +147,25 @@ def _analyze(cfg: AnalyzeConfig) -> dict[str, float]:
     data = cfg.data or meta["data"]
     device = pick_device(cfg.device)
     # the logged checkpoint is the eager torchvision module: hooks go straight onto its named modules
-    network = mlflow.pytorch.load_model(cfg.model_uri).to(device)
+    network = model.load_network(device)
     modules = [m.strip() for m in cfg.modules.split(",") if m.strip()] or \
         analysis.default_modules(meta["arch"], network)
     hooked = analysis.resolve_modules(network, modules)
 
     run_id = mlflow.active_run().info.run_id
-    rename_run(run_id, f"analyze {model_label(meta)}")
-    log_params_once(run_id, {"model_uri": cfg.model_uri, "model_id": meta["model_id"], "split": cfg.split,
-                                      "data_used": data, "modules_used": ",".join(modules),
-                                      "training_run_id": meta["training_run_id"]})
-    set_tags(run_id, {"sceneml.model_id": meta["model_id"], "sceneml.analysis": "true"})
+    rename_run(run_id, f"analyze {model.label}")
+    log_params_once(run_id, {"model_uri": cfg.model_uri, "model_id": model.model_id, "split": cfg.split,
+                             "data_used": data, "modules_used": ",".join(modules),
+                             "training_run_id": model.training_run_id})
+    set_tags(run_id, {**model.tags(), "sceneml.analysis": "true"})
 
-    manifest = mlflow.artifacts.load_text(f"runs:/{meta['training_run_id']}/data/split_manifest.csv")
-    split = load_split_from_manifest(data, manifest, classes, image_size, cfg.split, progress=progress)
-    scores = _scores_from_evaluation(meta["model_id"], cfg.split, split.paths)
+    manifest = model.manifest()
+    split = model.load_split(data, cfg.split, progress=progress, manifest=manifest)
+    scores = _scores_from_evaluation(model.model_id, cfg.split, split.paths)
     if scores is None:
         log.info("no evaluation scores for this model and split: scoring the %d images now", len(split))
         scores = predict_scores(network, split.pixels, device, progress=progress, desc=f"score {cfg.split}")
-    caption = model_caption(meta)
+    caption = model.caption()
     root = resolve_source(data).root
     _log_galleries(root, split, scores, classes, chosen_classes, cfg.k, cfg.split, caption)
     audit = _log_audit(network, meta, device, root, data, manifest, split, scores, chosen_classes, cfg, caption)

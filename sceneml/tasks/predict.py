@@ -1,39 +1,37 @@
 """`predict`: a CSV of class and probabilities for an image file or a folder of images.
 
 It loads the model as the same pyfunc that `mlflow models serve` runs (:mod:`sceneml.tracking.pyfunc`),
-so a served request and a `predict` row for the same image give the same numbers. Launched by
-`mlflow run`, it records the CSV and the model version it resolved in that run; as a plain script
-it opens no run.
+so a served request and a `predict` row for the same image give the same numbers. Like every task it
+is one run: the CSV, the counts and the model version it resolved are kept with it.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
-import os
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 from tqdm.auto import tqdm
 
+from sceneml.config import PredictConfig
 from sceneml.data.sources import image_files
 from sceneml.errors import SceneMLError
 from sceneml.models import pick_device
-from sceneml.tracking.models import model_metadata
+from sceneml.tracking.models import ResolvedModel, resolve_model
 from sceneml.tracking.pyfunc import ERROR_COLUMN, IMAGE_COLUMN, PRED_COLUMN, output_columns
 from sceneml.tracking.runs import log_params_once, set_tags, task_run
 from sceneml.tracking.store import with_retries
 
 
-def predict(model_uri: str, input_path: str, output: str = "predictions.csv", device: str = "auto",
-            progress: bool = True) -> dict[str, float]:
-    """The `predict` task: writes ``output``; returns the image and unreadable-image counts."""
-    pick_device(device)
-    files = image_files(input_path)
-    out = Path(output).expanduser().resolve()
+def predict(cfg: PredictConfig) -> dict[str, float]:
+    """The `predict` task: writes ``cfg.output``; returns the image and unreadable-image counts."""
+    cfg.validate()
+    pick_device(cfg.device)
+    files = image_files(cfg.input)
+    out = Path(cfg.output).expanduser().resolve()
     if out.is_dir():
-        raise SceneMLError(f"output {output!r} is a folder; give a CSV file path")
+        raise SceneMLError(f"output {cfg.output!r} is a folder; give a CSV file path")
     try:  # before the work, not after every prediction is made
         out.parent.mkdir(parents=True, exist_ok=True)
         existed = out.exists()
@@ -42,32 +40,26 @@ def predict(model_uri: str, input_path: str, output: str = "predictions.csv", de
         if not existed:
             out.unlink()
     except OSError as exc:
-        raise SceneMLError(f"output {output!r} cannot be written ({exc.strerror or exc}); give a writable CSV path") \
-            from None
-    launched = bool(os.environ.get("MLFLOW_RUN_ID"))
-    with task_run(f"predict {Path(input_path).name}", task="predict") if launched else contextlib.nullcontext() as run:
-        table = predict_files(model_uri, files, device, progress=progress)
-        out.parent.mkdir(parents=True, exist_ok=True)
+        raise SceneMLError(f"output {cfg.output!r} cannot be written ({exc.strerror or exc}); give a writable "
+                           "CSV path") from None
+    with task_run(f"predict {Path(cfg.input).name}", task="predict") as run:
+        model = resolve_model(cfg.model_uri)
+        table = predict_files(model, files, cfg.device, progress=not cfg.quiet)
         table.to_csv(out, index=False, float_format="%.17g")
         counts = {"predicted_images": len(table), "unreadable_images": int((table["error"] != "").sum())}
-        if run is not None:  # `mlflow run` opened a run for us: keep the predictions and their source with it
-            meta = model_metadata(model_uri)
-            log_params_once(run.info.run_id, {"model_uri": model_uri, "input": input_path})
-            set_tags(run.info.run_id, {"sceneml.model_id": meta["model_id"],
-                                       "sceneml.training_run_id": meta["training_run_id"],
-                                       "sceneml.model_version": meta["version"] or "none",
-                                       **{f"sceneml.{k}": v for k, v in counts.items()}})
-            with_retries(mlflow.log_artifact, str(out))
+        log_params_once(run.info.run_id, {"model_uri": cfg.model_uri, "input": cfg.input})
+        set_tags(run.info.run_id, {**model.tags(), **{f"sceneml.{k}": v for k, v in counts.items()}})
+        with_retries(mlflow.log_artifact, str(out))
     n_bad = counts["unreadable_images"]
     print(f"{len(table)} images -> {out}" + (f" ({n_bad} unreadable: see the error column)" if n_bad else ""))
     return counts
 
 
-def predict_files(model_uri: str, files: list[Path], device: str = "auto", batch_size: int = 64,
+def predict_files(resolved: ResolvedModel, files: list[Path], device: str = "auto", batch_size: int = 64,
                   progress: bool = True) -> pd.DataFrame:
     """One row per file: path, predicted class, ``prob_<class>`` columns, and an error (empty when fine)."""
-    classes = model_metadata(model_uri)["classes"]  # a clear error for a URI that does not resolve
-    model = mlflow.pyfunc.load_model(model_uri, model_config={"device": device})
+    classes = resolved.meta["classes"]
+    model = resolved.load_pyfunc(device)
     frames = []
     for start in tqdm(range(0, len(files), batch_size), desc="predict", disable=not progress, leave=False):
         chunk = files[start:start + batch_size]

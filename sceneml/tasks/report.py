@@ -26,12 +26,13 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from sceneml import plots
+from sceneml.config import ReportConfig
 from sceneml.errors import SceneMLError
 from sceneml.metrics import confusion_matrix
 from sceneml.report import Image, Section, Table, key_values, render_html, render_markdown
 from sceneml.scores import scores_from_csv
 from sceneml.tracking.models import TAG_DIGEST
-from sceneml.tracking.runs import TAG_ERROR, existing_run, launched_by_mlflow_run, set_tags, task_of
+from sceneml.tracking.runs import TAG_ERROR, existing_run, set_tags, task_of, task_run
 from sceneml.tracking.store import init_store, with_retries
 
 log = logging.getLogger(__name__)
@@ -52,18 +53,17 @@ class StudyRuns:
     analyze: Run | None = None
 
 
-def report(study_run_id: str) -> dict[str, str]:
-    """The `report` task: (re)build the report of study ``study_run_id``; returns the artifact URIs.
-
-    Under ``mlflow run`` the launch's own run only points at the study: the report belongs to it.
-    """
+def report(cfg: ReportConfig) -> dict[str, str]:
+    """The `report` task: (re)build the report of study ``cfg.study_run_id`` and log it to that study;
+    returns the artifact URIs. Its own run (nested under the study, or the one `mlflow run` made)
+    only records that the report was rebuilt."""
+    study_run_id = cfg.validate().study_run_id.strip()
     init_store()
-    launched = launched_by_mlflow_run()
     runs = study_runs(study_run_id)
-    uris = log_report(runs)
-    if launched:
-        set_tags(launched, {"mlflow.runName": f"report -> {runs.study.info.run_name}",
-                            "mlflow.note.content": f"This launch rebuilt the report of study run {study_run_id}."})
+    with task_run(f"report {runs.study.info.run_name}", task="report", parent_run_id=study_run_id) as run:
+        uris = log_report(runs)
+        set_tags(run.info.run_id, {"sceneml.study_run_id": study_run_id,
+                                   "mlflow.note.content": f"Rebuilt the report of study run {study_run_id}."})
     return uris
 
 

@@ -14,7 +14,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from sceneml.config import check_select_metric
+from sceneml.config import SelectConfig
 from sceneml.errors import SceneMLError
 from sceneml.metrics import best_index
 from sceneml.tracking.models import TAG_DIGEST, epoch_checkpoints
@@ -65,7 +65,6 @@ def select_champion(experiment_ids: list[str], metric: str = "val_mean_class_acc
 
     Idempotent: when that checkpoint is already registered, its version is reused.
     """
-    check_select_metric(metric)
     cands = candidates(experiment_ids, metric, parent_run_id)
     if not cands:
         raise SceneMLError(f"no finished training run with {metric} checkpoints found"
@@ -73,7 +72,7 @@ def select_champion(experiment_ids: list[str], metric: str = "val_mean_class_acc
     best = best_candidate(cands, metric)
     client = MlflowClient()
     try:
-        client.create_registered_model(model_name)
+        with_retries(client.create_registered_model, model_name)
     except MlflowException:
         pass  # exists
     existing = _versions_of(client, model_name, best.model_id)
@@ -90,17 +89,17 @@ def select_champion(experiment_ids: list[str], metric: str = "val_mean_class_acc
         # deletes its own newer one (version numbers follow commit order, so the oldest is visible)
         oldest = _versions_of(client, model_name, best.model_id)[0]
         if oldest.version != version.version:
-            client.delete_model_version(model_name, version.version)
+            with_retries(client.delete_model_version, model_name, version.version)
             version = oldest
     try:
-        current = client.get_model_version_by_alias(model_name, alias)
+        current = with_retries(client.get_model_version_by_alias, model_name, alias)
     except MlflowException:
         current = None
     if current is None or current.version != version.version:
         if current is not None:
-            client.set_registered_model_alias(model_name, "previous", current.version)
+            with_retries(client.set_registered_model_alias, model_name, "previous", current.version)
             set_tags(current.run_id, {"sceneml.champion": "false"})
-        client.set_registered_model_alias(model_name, alias, version.version)
+        with_retries(client.set_registered_model_alias, model_name, alias, version.version)
     set_tags(best.run_id, {"sceneml.champion": "true"})
     log.info("%s@%s = version %s (run %s, epoch %d, %s=%.4f)", model_name, alias, version.version,
              best.run_id, best.epoch, metric, best.value)
@@ -113,25 +112,27 @@ def _versions_of(client: MlflowClient, model_name: str, model_id: str) -> list:
                    if v.tags.get("sceneml.model_id") == model_id), key=lambda v: int(v.version))
 
 
-def select(experiment: str = "", parent_run_id: str = "", metric: str = "val_mean_class_acc",
-           model_name: str = "sceneml", alias: str = "champion", nested: bool = False) -> dict[str, float]:
-    """The `select` task: one run that registers the champion; returns its metrics."""
-    check_select_metric(metric)
+def select(cfg: SelectConfig, nested: bool = False) -> dict[str, float]:
+    """The `select` task: one run that registers the champion; returns its metrics, the champion's
+    run id and its version (the version, not the alias, is what the study evaluates: the alias may
+    move under it)."""
+    cfg.validate()
+    metric = cfg.select_metric
     with task_run("select", nested=nested, task="select") as run:
-        if experiment:
-            exp = mlflow.get_experiment_by_name(experiment)
+        if cfg.experiment:
+            exp = mlflow.get_experiment_by_name(cfg.experiment)
             if exp is None:
-                raise SceneMLError(f"experiment {experiment!r} does not exist")
+                raise SceneMLError(f"experiment {cfg.experiment!r} does not exist")
             ids = [exp.experiment_id]
         else:
             ids = [run.info.experiment_id]
-        version, best = select_champion(ids, metric, model_name, alias, parent_run_id or None)
-        log_params_once(run.info.run_id, {"select_metric": metric, "model_name": model_name, "alias": alias})
+        version, best = select_champion(ids, metric, cfg.model_name, cfg.alias, cfg.parent_run_id or None)
+        log_params_once(run.info.run_id, {"select_metric": metric, "model_name": cfg.model_name, "alias": cfg.alias})
         set_tags(run.info.run_id, {"sceneml.champion_run_id": best.run_id, "sceneml.model_id": best.model_id})
         out = {f"champion_{metric}": best.value, "champion_epoch": best.epoch, "champion_version": int(version.version)}
         buffer = MetricBuffer(run.info.run_id)
         buffer.add_many(out, 0)
         buffer.flush()
-    print(f"{model_name}@{alias} -> version {version.version} (run {best.run_id}, epoch {best.epoch}, "
+    print(f"{cfg.model_name}@{cfg.alias} -> version {version.version} (run {best.run_id}, epoch {best.epoch}, "
           f"{metric}={best.value:.4f})", flush=True)
     return {**out, "champion_run_id": best.run_id}

@@ -23,7 +23,7 @@ import pandas as pd
 from mlflow import MlflowClient
 
 from sceneml import plots
-from sceneml.config import AnalyzeConfig, StudyConfig, TrainConfig
+from sceneml.config import AnalyzeConfig, EvaluateConfig, SelectConfig, StudyConfig, TrainConfig
 from sceneml.errors import SceneMLError
 from sceneml.tasks.analyze import analyze
 from sceneml.tasks.evaluate import evaluate
@@ -89,12 +89,14 @@ def study(cfg: StudyConfig) -> dict:
 def crown_champion(parent_id: str, train_cfg: TrainConfig, analyze_cfg: AnalyzeConfig, model_name: str) -> dict:
     """How `main` and `tune` both end, inside their active parent run: register the best epoch of the
     parent's children as ``<model_name>@champion`` (by ``train_cfg.select_metric``), evaluate it on the
-    test split and analyze it, as nested runs. Returns the champion's run, epoch and version and the
-    test metrics."""
+    test split and analyze it, as nested runs. Evaluate and analyze read the *version* select
+    registered, not the alias: another study with the same model name may move the alias meanwhile.
+    Returns the champion's run, epoch and version and the test metrics."""
     experiment = mlflow.get_experiment(mlflow.get_run(parent_id).info.experiment_id).name
-    chosen = select(experiment, parent_id, train_cfg.select_metric, model_name, nested=True)
-    uri = f"models:/{model_name}@champion"
-    test_metrics = evaluate(uri, train_cfg.data, "test", train_cfg.device, not train_cfg.quiet, nested=True)
+    chosen = select(SelectConfig(experiment, parent_id, train_cfg.select_metric, model_name), nested=True)
+    uri = f"models:/{model_name}/{chosen['champion_version']}"
+    test_metrics = evaluate(EvaluateConfig(uri, train_cfg.data, "test", train_cfg.device, train_cfg.quiet),
+                            nested=True)
     analyze(dataclasses.replace(analyze_cfg, model_uri=uri, data=train_cfg.data, split="test",
                                 device=train_cfg.device, quiet=train_cfg.quiet), nested=True)
     return {"champion_run_id": chosen["champion_run_id"], "champion_epoch": chosen["champion_epoch"],

@@ -29,7 +29,7 @@ import torch
 from mlflow import MlflowClient
 
 from sceneml import plots
-from sceneml.config import TrainConfig, param_text
+from sceneml.config import RESUME_MUST_MATCH, TrainConfig
 from sceneml.data import PreparedData, prepare_data
 from sceneml.data.duplicates import duplicate_counts
 from sceneml.data.sources import cache_dir
@@ -39,6 +39,7 @@ from sceneml.engine.loop import EpochTrainer, build_optimizer, build_scheduler, 
 from sceneml.errors import SceneMLError
 from sceneml.metrics import best_row, classification_metrics, confusion_matrix
 from sceneml.models import build_model, describe_device, freeze_backbone, pick_device
+from sceneml.params import param_text
 from sceneml.scores import scores_from_csv, scores_to_csv
 from sceneml.tracking.models import (
     TAG_BEST,
@@ -78,10 +79,6 @@ def checkpoint_name(run_name: str, epoch: int) -> str:
 
 
 OnEpoch = Callable[[int, dict], bool]
-# what defines the data and the model: a resume that changed one would silently train something else
-RESUME_MUST_MATCH = ("data", "arch", "weights", "optimizer", "lr", "momentum", "weight_decay", "scheduler", "epochs",
-                     "batch_size", "image_size", "seed", "val_fraction", "test_fraction", "limit_per_class",
-                     "freeze_backbone", "random_crop", "select_metric", "dedupe", "dup_distance")
 
 
 def check_resume(cfg: TrainConfig) -> None:
@@ -371,23 +368,17 @@ class RunLog:
         set_tags(self.run_id, {"sceneml.best_model_id": self.models[epoch], "sceneml.best_epoch": epoch,
                                "sceneml.select_metric": metric})
 
-        classes, val = data.classes, data.splits["val"]
+        classes = data.classes
         # the best epoch's predictions, read back from the file it logged (a resumed run has no others)
         _, y_true, scores, _ = scores_from_csv(
             mlflow.artifacts.load_text(f"runs:/{self.run_id}/val_scores/epoch_{epoch:03d}.csv"))
         cm = confusion_matrix(y_true, np.asarray(scores).argmax(1), len(classes))
         label = f"{self.run_name} ({cfg.arch}, {cfg.optimizer}, lr {cfg.lr:g})"
         log_figure(plots.loss_curves(history, self.batch_losses, label), "figures/loss_curves.png")
-        log_figure(plots.per_class_bars({c: best[f"val_ap_{c}"] for c in classes},
-                                        f"Per-class average precision (val, best epoch {epoch})\n{label}",
-                                        "average precision", "mAP"), "figures/val_per_class_ap.png")
-        log_figure(plots.per_class_bars({c: best[f"val_acc_{c}"] for c in classes},
-                                        f"Per-class accuracy (val, best epoch {epoch})\n{label}",
-                                        "accuracy (recall)", "mean class acc"), "figures/val_per_class_acc.png")
         log_figure(plots.metric_curves(history, ["val_mAP", "val_mean_class_acc", "val_acc"],
                                        f"Validation scores per epoch\n{label}"), "figures/val_scores_per_epoch.png")
-        title = f"Confusion matrix (val, epoch {epoch}, n={len(val)})\n{label}"
-        log_figure(plots.confusion_matrix_figure(cm, classes, title), "figures/val_confusion_matrix.png")
+        for path, fig in plots.class_figures("val", best, cm, classes, label, f"best epoch {epoch}").items():
+            log_figure(fig, path)
         # finished: the resumable state has done its job (resuming a FINISHED run is refused anyway)
         delete_run_artifacts(self.run_id, Path(CHECKPOINT_ARTIFACT).parent.as_posix())
         shutil.rmtree(local_checkpoint_path(self.run_id).parent, ignore_errors=True)

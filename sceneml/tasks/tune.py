@@ -28,7 +28,6 @@ from sceneml.space import Dimension, load_space
 from sceneml.tasks.study import crown_champion, try_log_report
 from sceneml.tasks.train import train
 from sceneml.tracking.runs import (
-    TAG_TASK,
     choose_experiment,
     launched_by_mlflow_run,
     log_csv,
@@ -37,7 +36,7 @@ from sceneml.tracking.runs import (
     set_tags,
     task_run,
 )
-from sceneml.tracking.store import init_store
+from sceneml.tracking.store import init_store, schema_race, with_retries
 
 log = logging.getLogger(__name__)
 PARENT_ATTR = "mlflow_parent_run_id"
@@ -78,15 +77,7 @@ def open_storage(text: str) -> optuna.storages.BaseStorage:
     """An SQLAlchemy URL (``postgresql://...``, ``sqlite:///...``) or a journal file path; by default
     ``optuna.journal`` beside a local MLflow store (``mlflow.db`` or ``mlruns``), else in the cwd."""
     if "://" in text:
-        # workers started together race to create Optuna's tables (PostgreSQL: "duplicate type
-        # studydirection"); the loser finds them made on its next try
-        for attempt in range(5):
-            try:
-                return optuna.storages.RDBStorage(text)
-            except Exception:
-                if attempt == 4:
-                    raise
-                time.sleep(0.5 * (attempt + 1))
+        return with_retries(optuna.storages.RDBStorage, text, transient=schema_race, attempts=5)
     path = Path(text).expanduser() if text else default_journal()
     path.parent.mkdir(parents=True, exist_ok=True)
     from optuna.storages.journal import JournalFileBackend
@@ -131,7 +122,7 @@ def open_search(cfg: TuneConfig, storage, space: list[Dimension]) -> tuple[optun
                                f"select_metric={metric} wants {direction}: use another study_name") from None
         return study, wait_for_parent(study)
     # this worker created the search: it creates the parent run, then tells the others where it is
-    with mlflow.start_run(run_name=f"tune {cfg.name()}", tags={TAG_TASK: "tune", "sceneml.search": cfg.name()}) as run:
+    with task_run(f"tune {cfg.name()}", task="tune", tags={"sceneml.search": cfg.name()}, keep_running=True) as run:
         parent_id = run.info.run_id
         log_params_once(parent_id, {"n_trials": cfg.n_trials, "space": cfg.space or "default",
                                     "pruner": cfg.pruner, "storage": describe_storage(cfg.storage),
@@ -143,8 +134,7 @@ def open_search(cfg: TuneConfig, storage, space: list[Dimension]) -> tuple[optun
                                        if k not in {d.name for d in space}}})
         set_tags(parent_id, {"mlflow.note.content": "Trials of this search nest here; the worker that ends the last "
                                                     "trial selects, evaluates and analyzes the champion."})
-        study.set_user_attr(PARENT_ATTR, parent_id)
-        mlflow.end_run("RUNNING")  # stays open for every worker's trials until the search ends
+        study.set_user_attr(PARENT_ATTR, parent_id)  # the run stays RUNNING for every worker's trials
     return study, parent_id
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import dataclass
 
 import mlflow
 import torch
@@ -20,7 +21,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 
 from sceneml.errors import SceneMLError
-from sceneml.tracking import pyfunc
+from sceneml.tracking import compat, pyfunc
 from sceneml.tracking.runs import TAG_DIGEST  # noqa: F401  (re-exported: checkpoints carry it too)
 from sceneml.tracking.store import with_retries
 
@@ -45,24 +46,12 @@ def pip_requirements() -> list[str]:
     return [f"{name}=={versions[name].split('+')[0]}" if name in versions else name for name in _REQUIREMENT_MODULES]
 
 
-def _skip_the_scan_of_every_installed_package() -> None:
-    """Before it logs a model, MLflow checks the requirements against the environment, and to do so
-    first maps the import names of *every* installed distribution (``packages_distributions()``:
-    0.6 s of a 10 s tiny run on the 2-core VM, once per process). Ours are pinned to what runs, so
-    the map of our seven packages is all the check needs; the versions are still checked. The name is
-    MLflow 3.17's private cache: if it goes away, this sets an unused attribute and MLflow scans."""
-    from mlflow.utils import requirements_utils
-
-    if getattr(requirements_utils, "_MODULES_TO_PACKAGES", ()) is None:
-        requirements_utils._MODULES_TO_PACKAGES = {module: [dist] for dist, module in _REQUIREMENT_MODULES.items()}
-
-
 def log_checkpoint(model: torch.nn.Module, name: str, step: int, params: dict[str, object],
                    tags: dict[str, object], metadata: dict) -> str:
     """Log ``model`` (a CPU copy in eval mode) as an MLflow 3 LoggedModel, servable on images.
     Returns its ``model_id``."""
     cpu_model = copy.deepcopy(model).to("cpu", memory_format=torch.contiguous_format).eval()
-    _skip_the_scan_of_every_installed_package()
+    compat.skip_the_scan_of_every_installed_package(_REQUIREMENT_MODULES)
     # Model.log with tracking.pyfunc as the flavor: the pytorch flavor plus an image pyfunc
     info = with_retries(
         Model.log, artifact_path=None, flavor=pyfunc, pytorch_model=cpu_model, name=name, step=step,
@@ -96,34 +85,82 @@ def epoch_checkpoints(experiment_ids: list[str], run_id: str | None = None) -> d
     return {(m.source_run_id, int(m.tags[TAG_EPOCH])): m.model_id for m in found if TAG_EPOCH in m.tags}
 
 
-def model_metadata(model_uri: str) -> dict:
-    """What sceneml wrote into a logged model (classes, image size, arch, data, training run), plus its
-    id and, for a registry URI, the version it resolved to (``registered_name``/``version``, else None)."""
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model URI resolved once, to one LoggedModel: every read after this one (metadata, manifest,
+    split, weights) goes through ``pinned_uri`` = ``models:/<model_id>``, so an alias that moves
+    meanwhile (another study crowning its champion) cannot pair one version's metadata with
+    another's weights."""
+
+    uri: str  # what was asked for
+    model_id: str
+    meta: dict  # what sceneml wrote into the model: classes, image_size, arch, data, training_run_id, epoch
+    registered_name: str | None = None  # the registered model and version a models:/name@alias or /N named
+    version: str | None = None
+
+    @property
+    def pinned_uri(self) -> str:
+        return f"models:/{self.model_id}"
+
+    @property
+    def training_run_id(self) -> str:
+        return self.meta["training_run_id"]
+
+    @property
+    def label(self) -> str:
+        """A short name: ``v3`` for a registered version, else the model's id."""
+        return f"v{self.version}" if self.version is not None else self.model_id[:12]
+
+    def caption(self) -> str:
+        """What a figure's title says of the model: ``sceneml v1: adamw-lr0.001, epoch 2``."""
+        head = f"{self.registered_name} v{self.version}" if self.version is not None else self.model_id[:12]
+        try:
+            run_name = MlflowClient().get_run(self.training_run_id).info.run_name
+        except MlflowException:
+            run_name = self.training_run_id[:12]
+        return f"{head}: {run_name}" + (f", epoch {self.meta['epoch']}" if "epoch" in self.meta else "")
+
+    def tags(self) -> dict[str, str]:
+        """What a run that used this model says of it, even after the alias moves on."""
+        return {"sceneml.model_id": self.model_id, "sceneml.training_run_id": self.training_run_id,
+                "sceneml.model_version": self.version or "none"}
+
+    def manifest(self) -> str:
+        """The training run's split manifest (path, label, split)."""
+        return with_retries(mlflow.artifacts.load_text, f"runs:/{self.training_run_id}/data/split_manifest.csv")
+
+    def load_split(self, data: str, split: str, progress: bool = True, manifest: str | None = None):
+        """The images of ``split`` exactly as the training run divided them (never a re-split), read
+        from ``data`` (default: where the model was trained)."""
+        from sceneml.data import load_split_from_manifest
+
+        return load_split_from_manifest(data or self.meta["data"], manifest or self.manifest(), self.meta["classes"],
+                                        int(self.meta["image_size"]), split, progress=progress)
+
+    def load_network(self, device: torch.device) -> torch.nn.Module:
+        return mlflow.pytorch.load_model(self.pinned_uri).to(device)
+
+    def load_pyfunc(self, device: str):
+        return mlflow.pyfunc.load_model(self.pinned_uri, model_config={"device": device})
+
+
+def resolve_model(model_uri: str) -> ResolvedModel:
+    """Resolve ``model_uri`` once (an alias is read here and never again), or a one-line error."""
+    version = None
     try:
-        info = mlflow.models.get_model_info(model_uri)
+        version = registered_version(model_uri)
+        # a version registered from a LoggedModel names it; else (runs:/, a path) MLflow resolves the URI
+        target = f"models:/{version.model_id}" if version is not None and version.model_id else model_uri
+        info = with_retries(mlflow.models.get_model_info, target)
+    except SceneMLError:
+        raise
     except Exception as exc:
         raise SceneMLError(f"model_uri {model_uri!r} does not resolve: {str(exc).splitlines()[0]}") from None
     meta = (info.metadata or {}).get("sceneml")
     if not meta:
         raise SceneMLError(f"{model_uri} was not logged by sceneml (no sceneml metadata)")
-    version = registered_version(model_uri)
-    return {**meta, "model_id": info.model_id, "registered_name": version.name if version is not None else None,
-            "version": version.version if version is not None else None}
-
-
-def model_label(meta: dict) -> str:
-    """A short name for what a URI resolved to: ``v3`` for a registered version, else the model's id."""
-    return f"v{meta['version']}" if meta["version"] is not None else meta["model_id"][:12]
-
-
-def model_caption(meta: dict) -> str:
-    """What a figure's title says of the model: ``sceneml v1: adamw-lr0.001, epoch 2``."""
-    head = f"{meta['registered_name']} v{meta['version']}" if meta["version"] is not None else meta["model_id"][:12]
-    try:
-        run_name = MlflowClient().get_run(meta["training_run_id"]).info.run_name
-    except Exception:
-        run_name = meta["training_run_id"][:12]
-    return f"{head}: {run_name}" + (f", epoch {meta['epoch']}" if "epoch" in meta else "")
+    return ResolvedModel(model_uri, info.model_id, meta, version.name if version is not None else None,
+                         version.version if version is not None else None)
 
 
 def registered_version(model_uri: str):
@@ -135,10 +172,10 @@ def registered_version(model_uri: str):
     try:
         if "@" in ref:
             name, alias = ref.split("@", 1)
-            return client.get_model_version_by_alias(name, alias)
+            return with_retries(client.get_model_version_by_alias, name, alias)
         if "/" in ref:
             name, version = ref.split("/", 1)
-            return client.get_model_version(name, version)
-    except MlflowException:
-        return None
+            return with_retries(client.get_model_version, name, version)
+    except MlflowException as exc:
+        raise SceneMLError(f"model_uri {model_uri!r} does not resolve: {str(exc).splitlines()[0]}") from None
     return None

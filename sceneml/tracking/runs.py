@@ -20,8 +20,9 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
-from sceneml.config import param_text
 from sceneml.errors import SceneMLError
+from sceneml.params import param_text
+from sceneml.tracking import compat
 from sceneml.tracking.store import init_store, with_retries
 
 log = logging.getLogger(__name__)
@@ -32,26 +33,14 @@ TAG_DIGEST = "sceneml.data_digest"  # on training runs and their checkpoints: th
 
 
 def task_of(run) -> str:
-    """Which task ``run`` is: its ``sceneml.task`` tag, or for runs from before that tag, what they
-    logged (a study's sweep params, a training run's data digest ...); "" when it cannot tell."""
-    tags, params = run.data.tags, run.data.params
-    if TAG_TASK in tags:
-        return tags[TAG_TASK]
-    if {"optimizers", "lrs"} <= set(params):
-        return "study"
-    if TAG_DIGEST in tags or "optimizer" in params:
-        return "train"
-    if "sceneml.champion_run_id" in tags:
-        return "select"
-    if tags.get("sceneml.analysis") == "true":
-        return "analyze"
-    return "evaluate" if (run.info.run_name or "").startswith("evaluate") else ""
+    """Which task ``run`` is (its ``sceneml.task`` tag); "" for a run sceneml did not open."""
+    return run.data.tags.get(TAG_TASK, "")
 
 
 @contextlib.contextmanager
 def task_run(run_name: str | None = None, nested: bool = False, run_id: str | None = None,
              task: str | None = None, parent_run_id: str | None = None, tags: dict | None = None,
-             ) -> Iterator[mlflow.ActiveRun]:
+             keep_running: bool = False) -> Iterator[mlflow.ActiveRun]:
     """The one run lifecycle of every task.
 
     Sets up the store, then continues ``run_id`` (resume), adopts the run ``mlflow run`` started for
@@ -59,7 +48,8 @@ def task_run(run_name: str | None = None, nested: bool = False, run_id: str | No
     ``sceneml.task`` (how the report tells a study's runs apart). ``parent_run_id`` nests a new run
     under a run that is not active here (MLflow nests by the tag ``mlflow.parentRunId``). If the body
     raises, the run ends FAILED with the error in tag ``sceneml.error`` (KILLED for Ctrl-C or an exception that says
-    ``marks_run_killed``), never RUNNING; the exception goes on to the caller.
+    ``marks_run_killed``), never RUNNING; the exception goes on to the caller. ``keep_running``: a body that
+    ends normally leaves the run RUNNING, for other processes to add to (a search's parent run).
     """
     init_store()
     launched = launched_by_mlflow_run()
@@ -88,11 +78,13 @@ def task_run(run_name: str | None = None, nested: bool = False, run_id: str | No
             if task or tags:
                 set_tags(run.info.run_id, {**({TAG_TASK: task} if task else {}), **(tags or {})})
             yield run
+            if keep_running:
+                mlflow.end_run("RUNNING")
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (sceneml.cli.Terminated)
             # ended here, so MLflow's own __exit__ cannot overwrite KILLED with FAILED
             end_run_as(run.info.run_id, "KILLED", f"interrupted ({type(exc).__name__}{f': {exc}' if str(exc) else ''})")
             if run.info.run_id in _ADOPTED:
-                keep_status_after_mlflow_run(run.info.run_id, "KILLED")
+                compat.keep_status_after_mlflow_run(run.info.run_id, "KILLED")
             raise
         except BaseException as exc:
             killed = getattr(exc, "marks_run_killed", False)
@@ -101,49 +93,6 @@ def task_run(run_name: str | None = None, nested: bool = False, run_id: str | No
 
 
 _ADOPTED: set[str] = set()  # runs this process took over from `mlflow run`
-
-# `mlflow run` marks its run FAILED after an interrupted child exits: MLflow 3.17's
-# projects._maybe_set_run_terminated asks RunStatus.is_terminated(<a status string>), which is always
-# False for a string, so it overwrites the KILLED the child wrote. This detached helper waits for the
-# `mlflow run` process to exit, then writes the status back.
-_RESTORE_STATUS = """
-import os, sys, time
-from mlflow import MlflowClient
-run_id, status, pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
-deadline = time.monotonic() + 300
-while time.monotonic() < deadline:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        break
-    time.sleep(0.2)
-MlflowClient().set_terminated(run_id, status)
-"""
-
-
-def keep_status_after_mlflow_run(run_id: str, status: str) -> None:
-    """Have ``run_id`` end as ``status`` even after the `mlflow run` process that launched this one has
-    marked it (see ``_RESTORE_STATUS``)."""
-    import subprocess
-    import sys
-
-    import psutil
-
-    launcher = next((p for p in psutil.Process().parents()
-                     if "run" in (cmd := " ".join(_cmdline(p))) and "mlflow" in cmd), None)
-    if launcher is None:
-        return
-    with contextlib.suppress(OSError):
-        subprocess.Popen([sys.executable, "-c", _RESTORE_STATUS, run_id, status, str(launcher.pid)],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)  # out of the process group that Ctrl-C and SIGTERM reach
-
-
-def _cmdline(process) -> list[str]:
-    try:
-        return process.cmdline()
-    except Exception:  # gone, or not ours to read
-        return []
 
 
 def end_run_as(run_id: str, status: str, error: str | None = None) -> None:

@@ -1,40 +1,58 @@
-"""The tracking store: created once under a lock, and every write retried while the store is busy."""
+"""The tracking store: created once under a lock, and one retry policy for every write to it.
+
+The policy retries what a store answers while it is busy and that MLflow does not retry itself: a
+SQL store's ``OperationalError`` (sqlite's "database is locked" while several runs write, a
+PostgreSQL server restarting), which MLflow wraps in an ``MlflowException``. A tracking server that
+does not answer is *not* retried here: MLflow's HTTP client already retried the request
+(``MLFLOW_HTTP_REQUEST_MAX_RETRIES``), and retrying on top of that would multiply the wait.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Callable
 from typing import TypeVar
 
 import mlflow
-import numpy as np
+import sqlalchemy.exc
+import tenacity
 from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+ATTEMPTS = 8  # 0.2 s doubling: about 50 s of waiting in all before the error goes to the caller
 
 
-def with_retries(fn: Callable[..., T], *args, attempts: int = 8, base_delay: float = 0.2, **kwargs) -> T:
-    """Call ``fn``, retrying with exponential backoff on transient store errors.
+def _causes(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
 
-    SQLite answers "database is locked" when several runs write at once; a restarting tracking
-    server answers connection errors. Both pass if we wait.
-    """
-    for attempt in range(attempts):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:
-            text = str(exc).lower()
-            transient = any(s in text for s in ("database is locked", "connection", "timed out", "503",
-                                                "502", "temporarily", "max retries"))
-            if not transient or attempt == attempts - 1:
-                raise
-            delay = base_delay * 2**attempt * (1 + 0.25 * np.random.default_rng().random())
-            log.warning("tracking store busy (%s); retry %d/%d in %.1fs", text[:80], attempt + 1, attempts, delay)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
+
+def store_busy(exc: BaseException) -> bool:
+    """A SQL store's OperationalError, raw or wrapped by MLflow (its ``__cause__``)."""
+    return any(isinstance(e, sqlalchemy.exc.OperationalError) for e in _causes(exc))
+
+
+def schema_race(exc: BaseException) -> bool:
+    """Workers started together race to create a database's tables (PostgreSQL: "duplicate type
+    studydirection"); the loser finds them made on its next try."""
+    return any(isinstance(e, sqlalchemy.exc.DBAPIError) for e in _causes(exc))
+
+
+def with_retries(fn: Callable[..., T], *args, transient: Callable[[BaseException], bool] = store_busy,
+                 attempts: int = ATTEMPTS, **kwargs) -> T:
+    """Call ``fn(*args, **kwargs)``, retrying with jittered exponential backoff while ``transient``
+    says the error passes if we wait; any other error, or the last attempt's, goes to the caller."""
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception(transient), stop=tenacity.stop_after_attempt(attempts),
+        wait=tenacity.wait_exponential_jitter(initial=0.2, exp_base=2, jitter=0.05), reraise=True,
+        before_sleep=lambda state: log.warning("tracking store busy (%s); retry %d/%d", str(
+            state.outcome.exception()).splitlines()[0][:80], state.attempt_number, attempts))
+    return retrying(fn, *args, **kwargs)
 
 
 def init_store() -> None:

@@ -1,0 +1,97 @@
+"""How a parameter is declared: a field of a config dataclass made with :func:`param`.
+
+The field *is* the declaration: its name, type and default are the dataclass's, and :func:`param`
+adds the help text, the choices, and two rules (whether ``resume`` must match it, whether ``tune``
+may search it). The click options, MLproject, ``docs/parameters.md``, the resume guard and tune's
+searchable set are all read from these fields (:mod:`sceneml.config` lists which entry point takes
+which, :mod:`sceneml.mlproject` writes the files). Pure and torch-free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from sceneml.errors import SceneMLError
+
+REQUIRED = "<required>"  # the default of a parameter that has none (MLproject: no default; click: required)
+_TYPES = {"str": str, "int": int, "float": float, "bool": bool}
+
+
+def param(default: Any, help: str, *, choices: tuple[str, ...] = (), resume: bool = False,
+          search: bool = False, logged: bool = True) -> Any:
+    """A declared parameter. ``resume``: a resume must use the run's own value (it defines the data
+    or the model); ``search``: a `tune` space may sample it; ``logged``: a training run logs it as a
+    param (False for how a run is launched, e.g. ``resume`` itself)."""
+    return dataclasses.field(default=default, metadata={
+        "help": help, "choices": tuple(choices), "resume": resume, "search": search, "logged": logged})
+
+
+@dataclass(frozen=True)
+class Param:
+    """One declared parameter, as the generators and checks read it."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    choices: tuple[str, ...] = ()
+    resume: bool = False
+    search: bool = False
+    logged: bool = True
+
+    @property
+    def required(self) -> bool:
+        return self.default == REQUIRED
+
+    @property
+    def option(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def text(self, value: Any = None) -> str:
+        """A value as MLproject and logged params spell it: true/false, and ``none`` for nothing."""
+        return param_text(self.default if value is None else value)
+
+
+def params_of(cls: type, only: tuple[str, ...] = (), exclude: tuple[str, ...] = ()) -> list[Param]:
+    """The declared parameters of a config dataclass, in field order (plain fields are not parameters)."""
+    out = []
+    for f in dataclasses.fields(cls):
+        if "help" not in f.metadata or (only and f.name not in only) or f.name in exclude:
+            continue
+        kind = f.type if isinstance(f.type, type) else _TYPES[str(f.type)]
+        out.append(Param(f.name, kind, f.default, **f.metadata))
+    missing = set(only) - {p.name for p in out}
+    if missing:
+        raise AssertionError(f"{cls.__name__} declares no parameter {sorted(missing)}")
+    return out
+
+
+def check_choices(cfg: object) -> None:
+    """Every declared choice list of ``cfg`` holds: one line naming the valid choices otherwise."""
+    for p in params_of(type(cfg)):
+        value = getattr(cfg, p.name)
+        if p.choices and value not in p.choices:
+            raise SceneMLError(f"unknown {p.name} {value!r}; choose one of {', '.join(p.choices)}")
+
+
+def build(cls: type, values: dict[str, Any]) -> Any:
+    """``cls`` from a flat mapping of parameter values (a command line's): each field takes the value
+    of its name, and a field that is itself a config dataclass is built from the same mapping."""
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            kwargs[f.name] = build(f.default_factory, values)
+        elif f.name in values:
+            kwargs[f.name] = values[f.name]
+    return cls(**kwargs)
+
+
+def param_text(value: object) -> str:
+    """One spelling per value in logged params: true/false, and "none" for nothing."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None or value == "":
+        return "none"
+    return str(value)
