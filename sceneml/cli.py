@@ -47,7 +47,7 @@ def option(p: Param) -> Callable:
     # boolean takes a value (MLproject passes `--quiet false`) or stands alone as a flag (`--quiet`).
     flag = {"is_flag": False, "flag_value": "true"} if p.type is bool else {}
     return click.option(p.option, p.name, type=_CLICK_TYPES[p.type], default=p.text(), show_default=True,
-                        help=help_text, callback=none_is_empty if p.type is str else None, **flag)
+                        help=help_text, callback=none_is_empty if p.none_is_empty else None, **flag)
 
 
 def command(entry: EntryPoint) -> click.Command:
@@ -99,7 +99,7 @@ def run_task(entry: EntryPoint, values: dict) -> None:
 
 
 def _run_task(entry: EntryPoint, values: dict) -> None:
-    cfg = build(entry.config, values).validate()
+    cfg = build(entry.config, values, entry.params).validate()
     if entry.name == "train" and cfg.nproc > 1 and "LOCAL_RANK" not in os.environ:
         sys.exit(torchrun(entry, values, cfg.nproc))
     setup_logging(bool(values.get("quiet", False)))

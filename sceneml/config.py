@@ -62,7 +62,8 @@ def _model_name():
 
 
 def _experiment(default: str = "sceneml"):
-    return param(default, "MLflow experiment (an explicit --experiment-name of mlflow run wins)")
+    return param(default, "MLflow experiment; none = the launch's (an explicit --experiment-name of mlflow run wins)",
+                 none_is_empty=True)
 
 
 def _n_images():

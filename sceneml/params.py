@@ -10,6 +10,7 @@ which, :mod:`sceneml.mlproject` writes the files). Pure and torch-free.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,12 +21,15 @@ _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
 
 
 def param(default: Any, help: str, *, choices: tuple[str, ...] = (), resume: bool = False,
-          search: bool = False, logged: bool = True) -> Any:
+          search: bool = False, logged: bool = True, none_is_empty: bool | None = None) -> Any:
     """A declared parameter. ``resume``: a resume must use the run's own value (it defines the data
     or the model); ``search``: a `tune` space may sample it; ``logged``: a training run logs it as a
-    param (False for how a run is launched, e.g. ``resume`` itself)."""
+    param (False for how a run is launched, e.g. ``resume`` itself); ``none_is_empty``: the value
+    ``none`` means nothing (the default for a parameter whose default is empty; ``scheduler=none`` or
+    ``weights=none`` are values of their own)."""
     return dataclasses.field(default=default, metadata={
-        "help": help, "choices": tuple(choices), "resume": resume, "search": search, "logged": logged})
+        "help": help, "choices": tuple(choices), "resume": resume, "search": search, "logged": logged,
+        "none_is_empty": default == "" if none_is_empty is None else none_is_empty})
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,8 @@ class Param:
     resume: bool = False
     search: bool = False
     logged: bool = True
+    none_is_empty: bool = False
+    owner: type | None = dataclasses.field(default=None, compare=False)  # the config class that declares it
 
     @property
     def required(self) -> bool:
@@ -61,7 +67,7 @@ def params_of(cls: type, only: tuple[str, ...] = (), exclude: tuple[str, ...] = 
         if "help" not in f.metadata or (only and f.name not in only) or f.name in exclude:
             continue
         kind = f.type if isinstance(f.type, type) else _TYPES[str(f.type)]
-        out.append(Param(f.name, kind, f.default, **f.metadata))
+        out.append(Param(f.name, kind, f.default, **f.metadata, owner=cls))
     missing = set(only) - {p.name for p in out}
     if missing:
         raise AssertionError(f"{cls.__name__} declares no parameter {sorted(missing)}")
@@ -76,15 +82,14 @@ def check_choices(cfg: object) -> None:
             raise SceneMLError(f"unknown {p.name} {value!r}; choose one of {', '.join(p.choices)}")
 
 
-def build(cls: type, values: dict[str, Any]) -> Any:
-    """``cls`` from a flat mapping of parameter values (a command line's): each field takes the value
-    of its name, and a field that is itself a config dataclass is built from the same mapping."""
-    kwargs = {}
+def build(cls: type, values: dict[str, Any], params: Sequence[Param]) -> Any:
+    """``cls`` from a flat mapping of parameter values (a command line's): each of ``params`` goes to
+    the config class that declares it, ``cls`` or a config dataclass nested in it (`main`'s
+    ``batch_size`` is its training runs', not its analysis's)."""
+    kwargs = {p.name: values[p.name] for p in params if p.owner is cls and p.name in values}
     for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
-            kwargs[f.name] = build(f.default_factory, values)
-        elif f.name in values:
-            kwargs[f.name] = values[f.name]
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+            kwargs[f.name] = build(f.default_factory, values, params)
     return cls(**kwargs)
 
 

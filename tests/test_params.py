@@ -3,6 +3,7 @@ line, the resume guard and tune's searchable set must all say what the declarati
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ import yaml
 from sceneml import mlproject
 from sceneml.cli import cli
 from sceneml.config import ENTRY_POINTS, RESUME_MUST_MATCH, SEARCHABLE, TRAIN_DDP_DEFAULTS, TrainConfig
-from sceneml.params import params_of
+from sceneml.params import build, params_of
 
 from .conftest import REPO
 
@@ -63,10 +64,12 @@ def test_each_subcommand_has_every_mlproject_parameter_with_its_default_and_noth
     def opt(key: str) -> str:
         return "--" + key.replace("_", "-")
 
-    required = [f"{opt(k)}=x" for k, spec in in_file.items() if "default" not in spec]
+    required = {k: "x" for k, spec in in_file.items() if "default" not in spec}
     as_mlflow_passes = [f"{opt(k)}={spec['default']}" for k, spec in in_file.items() if "default" in spec]
-    assert command.make_context(name, as_mlflow_passes + required).params == \
-        command.make_context(name, list(required)).params
+    parsed = command.make_context(name, as_mlflow_passes + [f"{opt(k)}={v}" for k, v in required.items()]).params
+    # ... and builds the declared defaults (scheduler=none stays "none"; resume=none is empty)
+    entry = ENTRY_POINTS[name]
+    assert build(entry.config, parsed, entry.params) == dataclasses.replace(entry.config(), **required)
 
 
 def test_the_resume_guard_and_the_search_space_come_from_the_declarations():

@@ -244,3 +244,44 @@ def test_plain_mlflow_run_puts_the_study_in_its_own_experiment_with_named_runs_a
         assert not any((hermetic_env / "checkpoints" / r.info.run_id).exists() for r in children)
     finally:
         mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.slow
+def test_two_studies_with_one_model_name_each_evaluate_their_own_champion(tracking_uri, monkeypatch):
+    """Study B crowns its champion while study A is between its select and its evaluate: the alias
+    `sceneml@champion` moves to B's version under A. A's evaluate and analyze must still score the
+    version A's select registered, trained by A's own child."""
+    from sceneml.config import AnalyzeConfig, SelectConfig, StudyConfig
+    from sceneml.tasks import study as study_task
+    from sceneml.tasks.select import select
+
+    def tiny(seed: int) -> StudyConfig:
+        train_cfg = TrainConfig(data="synthetic:12", epochs=1, batch_size=8, image_size=32, weights="none",
+                                seed=seed, quiet=True)
+        return StudyConfig("adamw", "0.001", "sceneml", "two-studies", train_cfg, AnalyzeConfig(n_images=10))
+
+    b = study_task.study(tiny(seed=1))
+    b_parent = MlflowClient().get_run(b["champion_run_id"]).data.tags["mlflow.parentRunId"]
+    real_evaluate = study_task.evaluate
+
+    def b_crowns_meanwhile(cfg, nested=False):
+        select(SelectConfig("two-studies", b_parent), nested=True)  # B's select moves the alias back to B
+        return real_evaluate(cfg, nested)
+
+    monkeypatch.setattr(study_task, "evaluate", b_crowns_meanwhile)
+    a = study_task.study(tiny(seed=2))
+    client = MlflowClient()
+    assert client.get_model_version_by_alias("sceneml", "champion").version == str(b["version"])  # it did move
+    a_parent = client.get_run(a["champion_run_id"]).data.tags["mlflow.parentRunId"]
+    assert a_parent != b_parent and a["version"] != b["version"]
+    a_runs = client.search_runs([client.get_run(a_parent).info.experiment_id],
+                                f"tags.mlflow.parentRunId = '{a_parent}'")
+    used = {r.data.tags["sceneml.task"]: r for r in a_runs
+            if r.data.tags.get("sceneml.task") in ("evaluate", "analyze")}
+    assert set(used) == {"evaluate", "analyze"}
+    a_version = client.get_model_version("sceneml", str(a["version"]))
+    for task, run in used.items():
+        trained_by = client.get_run(run.data.tags["sceneml.training_run_id"])
+        assert trained_by.data.tags["mlflow.parentRunId"] == a_parent, task
+        assert run.data.tags["sceneml.model_id"] == a_version.model_id, task
+        assert run.data.tags["sceneml.model_version"] == str(a["version"]), task
