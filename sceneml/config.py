@@ -274,9 +274,14 @@ class StudyConfig:
     analyze: AnalyzeConfig = dataclasses.field(default_factory=AnalyzeConfig)
 
     def children(self) -> list[TrainConfig]:
-        """Every child's config, each validated before the first one trains."""
-        return [dataclasses.replace(self.train, optimizer=o, lr=lr).validate()
-                for o in parse_list(self.optimizers) for lr in parse_list(self.lrs, float)]
+        """Every child's config, each validated before the first one trains. A configuration named
+        twice (``lrs=0.001,1e-3``) would train two children of one name: refused."""
+        optimizers, lrs = parse_list(self.optimizers), parse_list(self.lrs, float)
+        for what, values, given in (("optimizers", optimizers, self.optimizers), ("lrs", lrs, self.lrs)):
+            twice = sorted({f"{v:g}" if isinstance(v, float) else v for v in values if values.count(v) > 1})
+            if twice:
+                raise SceneMLError(f"{what}={given!r} names {', '.join(twice)} twice; give each value once")
+        return [dataclasses.replace(self.train, optimizer=o, lr=lr).validate() for o in optimizers for lr in lrs]
 
     def validate(self) -> StudyConfig:
         self.children()
@@ -353,17 +358,6 @@ TRAIN_DDP_DEFAULTS = {"nproc": 2}
 
 
 # --------------------------------------------------------------------------------- parsing
-
-def parse_bool(value: str | bool) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off", ""):
-        return False
-    raise SceneMLError(f"expected true or false, got {value!r}")
-
 
 def parse_list(text: str, kind=str) -> list:
     items = [t.strip() for t in str(text).split(",") if t.strip()]

@@ -196,11 +196,6 @@ def build_model(arch: str, num_classes: int, weights: str = "auto",
     return with_normalisation(net, mean, std), resolved
 
 
-def head_parameters(arch: str, model: nn.Module) -> list[nn.Parameter]:
-    heads = head_prefixes(arch)
-    return [p for name, p in model.named_parameters() if name.startswith(heads)]
-
-
 def freeze_backbone(arch: str, model: nn.Module) -> None:
     """Train only the head: every other parameter stops receiving gradients."""
     heads = head_prefixes(arch)

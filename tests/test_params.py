@@ -112,3 +112,17 @@ def test_a_bad_value_is_one_line_from_sceneml_or_from_click_and_starts_nothing(t
         assert proc.returncode == 2, (args, proc.stderr)
         assert proc.stderr.strip().splitlines() == [line]
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_sweep_that_names_one_configuration_twice_is_refused_before_training(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "sceneml", "main", "--lrs", "0.001,1e-3", "--optimizers", "adamw"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: lrs='0.001,1e-3' names 0.001 twice; give each value once"]
+    assert not (tmp_path / "mlflow.db").exists()
+    from sceneml.config import StudyConfig
+    from sceneml.errors import SceneMLError
+
+    with pytest.raises(SceneMLError, match="optimizers='sgd,adamw,sgd' names sgd twice"):
+        StudyConfig("sgd,adamw,sgd").validate()
+    assert len(StudyConfig("sgd,adamw", "0.01,0.001").validate().children()) == 4

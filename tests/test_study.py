@@ -285,3 +285,17 @@ def test_two_studies_with_one_model_name_each_evaluate_their_own_champion(tracki
         assert trained_by.data.tags["mlflow.parentRunId"] == a_parent, task
         assert run.data.tags["sceneml.model_id"] == a_version.model_id, task
         assert run.data.tags["sceneml.model_version"] == str(a["version"]), task
+
+
+@pytest.mark.slow
+def test_evaluate_entry_point_prints_the_headline_numbers_of_its_run(study, tmp_path):
+    """`mlflow run . -e evaluate` prints test_acc, test_mAP, test_mean_class_acc, test_ece and test_loss,
+    and they are what the study's own evaluation of the same version logged."""
+    uri, exp_id = study
+    proc = mlflow_run(uri, exp_id, "evaluate", {"model_uri": "models:/sceneml/1"}, tmp_path)
+    printed = dict(item.split(" = ") for item in proc.stdout.strip().splitlines()[-1].split("  "))
+    assert list(printed) == ["test_acc", "test_mAP", "test_mean_class_acc", "test_ece", "test_loss"]
+    _, children = _runs(exp_id)
+    logged = children["evaluate v1 test"].data.metrics
+    for key, text in printed.items():
+        assert float(text) == pytest.approx(logged[key], abs=5e-5), key
