@@ -110,7 +110,8 @@ def _run_task(entry: EntryPoint, values: dict) -> None:
 
 def torchrun(entry: EntryPoint, values: dict, nproc: int) -> int:
     """``train`` again under ``torchrun --standalone`` with ``nproc`` processes, same parameters."""
-    args = [f"{p.option}={p.text(values[p.name]) if p.name != 'nproc' else 1}" for p in entry.params]
+    # every parameter but nproc (torchrun's argparse would read --nproc as its own --nproc-per-node)
+    args = [f"{p.option}={p.text(values[p.name])}" for p in entry.params if p.name != "nproc"]
     return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
                             f"--nproc_per_node={nproc}", "-m", "sceneml", entry.name, *args])
 

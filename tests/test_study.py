@@ -271,7 +271,7 @@ def test_two_studies_with_one_model_name_each_evaluate_their_own_champion(tracki
     monkeypatch.setattr(study_task, "evaluate", b_crowns_meanwhile)
     a = study_task.study(tiny(seed=2))
     client = MlflowClient()
-    assert client.get_model_version_by_alias("sceneml", "champion").version == str(b["version"])  # it did move
+    assert str(client.get_model_version_by_alias("sceneml", "champion").version) == str(b["version"])  # it moved
     a_parent = client.get_run(a["champion_run_id"]).data.tags["mlflow.parentRunId"]
     assert a_parent != b_parent and a["version"] != b["version"]
     a_runs = client.search_runs([client.get_run(a_parent).info.experiment_id],
@@ -283,7 +283,7 @@ def test_two_studies_with_one_model_name_each_evaluate_their_own_champion(tracki
     for task, run in used.items():
         trained_by = client.get_run(run.data.tags["sceneml.training_run_id"])
         assert trained_by.data.tags["mlflow.parentRunId"] == a_parent, task
-        assert run.data.tags["sceneml.model_id"] == a_version.model_id, task
+        assert run.data.tags["sceneml.model_id"] == a_version.tags["sceneml.model_id"], task
         assert run.data.tags["sceneml.model_version"] == str(a["version"]), task
 
 

@@ -149,8 +149,10 @@ def resolve_model(model_uri: str) -> ResolvedModel:
     version = None
     try:
         version = registered_version(model_uri)
-        # a version registered from a LoggedModel names it; else (runs:/, a path) MLflow resolves the URI
-        target = f"models:/{version.model_id}" if version is not None and version.model_id else model_uri
+        # the alias is read once, above: from here on the version (its model id, else its number, which
+        # never moves) is what is resolved; a URI without a version (runs:/, models:/<id>) is fixed already
+        target = model_uri if version is None else \
+            f"models:/{version.model_id}" if version.model_id else f"models:/{version.name}/{version.version}"
         info = with_retries(mlflow.models.get_model_info, target)
     except SceneMLError:
         raise
