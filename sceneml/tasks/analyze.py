@@ -25,7 +25,6 @@ from tqdm.auto import tqdm
 
 from sceneml import analysis, plots
 from sceneml.config import AnalyzeConfig, parse_compare
-from sceneml.data import load_split_from_manifest
 from sceneml.data.cifar import is_cifar10_folder, read_cifar10
 from sceneml.data.decode import load_rgb
 from sceneml.data.sources import image_files, resolve_source
@@ -34,7 +33,7 @@ from sceneml.engine.loop import predict_scores
 from sceneml.errors import SceneMLError
 from sceneml.models import pick_device
 from sceneml.scores import scores_from_csv
-from sceneml.tracking.models import resolve_model
+from sceneml.tracking.models import ResolvedModel, resolve_model
 from sceneml.tracking.runs import MetricBuffer, log_csv, log_figure, log_params_once, rename_run, set_tags, task_run
 
 log = logging.getLogger(__name__)
@@ -168,7 +167,7 @@ def _analyze(cfg: AnalyzeConfig) -> dict[str, float]:
     caption = model.caption()
     root = resolve_source(data).root
     _log_galleries(root, split, scores, classes, chosen_classes, cfg.k, cfg.split, caption)
-    audit = _log_audit(network, meta, device, root, data, manifest, split, scores, chosen_classes, cfg, caption)
+    audit = _log_audit(network, model, device, root, data, manifest, split, scores, chosen_classes, cfg, caption)
 
     image_sets = [array_set(cfg.split, split.pixels)]
     image_sets.append(file_set("synthetic", _synthetic_files(synthetic_per_class(cfg.n_images, len(split))),
@@ -216,20 +215,21 @@ def _analyze(cfg: AnalyzeConfig) -> dict[str, float]:
     return metrics
 
 
-def _log_audit(network, meta: dict, device: torch.device, root: Path, data: str, manifest: str, split,
+def _log_audit(network, model: ResolvedModel, device: torch.device, root: Path, data: str, manifest: str, split,
                scores: np.ndarray, chosen: list[str], cfg: AnalyzeConfig, caption: str) -> dict[str, float]:
     """Likely label errors among the out-of-sample images (the training run's val scores of this
     checkpoint's epoch, and this split's scores), and Grad-CAM on the bottom-k of each class and on the
     label-issue gallery. Logs ``audit/label_issues.{csv,png}``, ``audit/label_issues_gradcam.png``,
     ``galleries/gradcam_<class>_bottom.png`` and ``galleries/gradcam_stats.csv``."""
-    classes, image_size = list(meta["classes"]), int(meta["image_size"])
+    meta = model.meta
+    classes = list(meta["classes"])
     sets = {cfg.split: (split.paths, split.labels, scores, split.pixels)}
     epoch = meta.get("epoch")
     if epoch is not None and cfg.split != "val":
         try:
             text = mlflow.artifacts.load_text(f"runs:/{meta['training_run_id']}/val_scores/epoch_{int(epoch):03d}.csv")
             paths, labels, val_scores, _ = scores_from_csv(text)
-            val = load_split_from_manifest(data, manifest, classes, image_size, "val", progress=not cfg.quiet)
+            val = model.load_split(data, "val", progress=not cfg.quiet, manifest=manifest)
             order = {p: i for i, p in enumerate(val.paths)}
             sets["val"] = (paths, np.asarray(labels), np.asarray(val_scores), val.pixels[[order[p] for p in paths]])
         except Exception as exc:  # an older run without per-epoch val scores: this split alone
