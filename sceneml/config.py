@@ -125,6 +125,8 @@ class TrainConfig:
     dup_distance: int = param(6, "near duplicates: perceptual hashes at most this many bits apart", resume=True)
     resume: str = param("", "run id of an interrupted training run to continue", logged=False)
     nproc: int = param(1, "processes under torchrun (one per GPU; gloo on CPU); 1 = no torchrun", logged=False)
+    dist_timeout: int = param(1800, "seconds a torchrun rank waits for the others (rank 0 decodes, validates and "
+                                    "logs meanwhile) before it stops with an error")
     quiet: bool = param(False, "no progress bars or per-epoch lines", logged=False)
 
     def validate(self) -> TrainConfig:
@@ -152,6 +154,8 @@ class TrainConfig:
             raise SceneMLError(f"num_workers must be 'auto' or a positive integer, got {self.num_workers!r}")
         if self.nproc < 1:
             raise SceneMLError(f"nproc must be >= 1, got {self.nproc}")
+        if self.dist_timeout < 1:
+            raise SceneMLError(f"dist_timeout must be >= 1 second, got {self.dist_timeout}")
         check_device_name(self.device)
         return self
 
@@ -332,7 +336,8 @@ class EntryPoint:
     doc: str
 
 
-_RUN_ONLY = ("optimizer", "lr", "resume", "nproc")  # what a sweep sets per child, or a single run alone
+# what a sweep sets per child, or a single run alone
+_RUN_ONLY = ("optimizer", "lr", "resume", "nproc", "dist_timeout")
 _STUDY_ANALYSIS = ("n_images", "compare")
 
 
@@ -346,7 +351,7 @@ ENTRY_POINTS: dict[str, EntryPoint] = {e.name: e for e in (
     _entry("main", StudyConfig, params_of(StudyConfig) + params_of(AnalyzeConfig, only=_STUDY_ANALYSIS)
            + params_of(TrainConfig, exclude=_RUN_ONLY), "sceneml.tasks.study:study"),
     _entry("tune", TuneConfig, params_of(TuneConfig) + params_of(AnalyzeConfig, only=_STUDY_ANALYSIS)
-           + params_of(TrainConfig, exclude=("resume", "nproc")), "sceneml.tasks.tune:tune"),
+           + params_of(TrainConfig, exclude=("resume", "nproc", "dist_timeout")), "sceneml.tasks.tune:tune"),
     _entry("select", SelectConfig, params_of(SelectConfig), "sceneml.tasks.select:select", "select_champion.py"),
     _entry("evaluate", EvaluateConfig, params_of(EvaluateConfig), "sceneml.tasks.evaluate:evaluate"),
     _entry("predict", PredictConfig, params_of(PredictConfig), "sceneml.tasks.predict:predict"),

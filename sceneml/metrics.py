@@ -85,10 +85,11 @@ def expected_calibration_error(y_true: np.ndarray, scores: np.ndarray, n_bins: i
 
 
 def classification_metrics(y_true: np.ndarray, scores: np.ndarray, class_names: list[str],
-                           prefix: str) -> dict[str, float]:
+                           prefix: str, log_p_label: np.ndarray | None = None) -> dict[str, float]:
     """Every logged metric of one split, keyed as in the MLflow contract (``{prefix}_ap_<class>`` ...).
 
-    Everything, the loss included, derives from ``scores``, so a saved scores file reproduces it.
+    The loss is the mean of ``-log_p_label`` (the true class's log-probability, from a log-softmax)
+    when given, else it is taken from ``scores``. A scores file holds both, so it reproduces every value.
     """
     y_true = np.asarray(y_true)
     scores = np.asarray(scores, dtype=np.float64)
@@ -96,7 +97,8 @@ def classification_metrics(y_true: np.ndarray, scores: np.ndarray, class_names: 
     ap = per_class_average_precision(y_true, scores)
     acc = per_class_accuracy(y_true, y_pred, len(class_names))
     out = {
-        f"{prefix}_loss": cross_entropy_from_probs(y_true, scores),
+        f"{prefix}_loss": (float(-np.mean(log_p_label)) if log_p_label is not None
+                           else cross_entropy_from_probs(y_true, scores)),
         f"{prefix}_acc": float(np.mean(y_pred == y_true)),
         f"{prefix}_mAP": nanmean_or_nan(ap),
         f"{prefix}_mean_class_acc": nanmean_or_nan(acc),

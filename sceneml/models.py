@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 AUX_LOSS_WEIGHT = 0.3  # GoogLeNet paper: auxiliary losses weighted 0.3
+AUX_ARCHS = ("googlenet",)  # architectures whose training output carries auxiliary logits
 
 
 class _NormalisedInput:

@@ -180,7 +180,7 @@ def _artifact_csv(run_id: str, path: str) -> list[dict]:
 
 
 def _check_galleries(run_id: str, scores_text: str, k: int) -> None:
-    paths, labels, scores, classes = scores_from_csv(scores_text)
+    paths, labels, scores, classes, _ = scores_from_csv(scores_text)
     rows = _artifact_csv(run_id, "galleries/gallery_index.csv")
     for c, name in enumerate(classes):
         members = [i for i in range(len(paths)) if labels[i] == c]

@@ -67,3 +67,23 @@ def test_logged_checkpoint_loads_as_the_eager_torchvision_module(tracking_uri, a
         for size in SIZES:
             expected = model(torch.rand(3, 3, size, size, generator=g)).numpy()
             np.testing.assert_allclose(np.array(loaded[str(size)]), expected, rtol=0, atol=1e-5)
+
+
+def test_the_resumable_checkpoint_restores_the_fp16_loss_scale(tmp_path):
+    """A scale shrunk by overflows during the run comes back on resume, not the initial 65536."""
+    from sceneml.engine.checkpoint import load_checkpoint, restore_checkpoint, save_checkpoint
+
+    def fresh():
+        model = torch.nn.Linear(3, 2)
+        return model, torch.optim.SGD(model.parameters(), lr=0.1), torch.amp.GradScaler("cpu")
+
+    model, optimizer, scaler = fresh()
+    scaler.scale(torch.tensor(1.0))  # the scale exists once used
+    scaler.update(new_scale=512.0)
+    save_checkpoint(tmp_path / "last.pt", model, optimizer, None, 3, {}, scaler)
+    model2, optimizer2, scaler2 = fresh()
+    assert scaler2.get_scale() != 512.0
+    epoch = restore_checkpoint(load_checkpoint(tmp_path / "last.pt"), model2, optimizer2, None, scaler2)
+    assert epoch == 3 and scaler2.get_scale() == 512.0
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)

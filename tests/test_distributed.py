@@ -47,7 +47,7 @@ def test_two_process_ddp_logs_one_run_with_all_reduced_losses_and_whole_split_va
     classes = params["classes"].split(",")
     val = load_split_from_manifest("synthetic:30", manifest, classes, 64, "val", progress=False)
     for epoch in (1, 2):
-        paths, labels, logged_scores, _ = scores_from_csv(
+        paths, labels, logged_scores, _, _ = scores_from_csv(
             mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/val_scores/epoch_{epoch:03d}.csv"))
         assert len(paths) == n_val == len(val)
         model = mlflow.pytorch.load_model(f"models:/{models[epoch]}")
@@ -58,3 +58,47 @@ def test_two_process_ddp_logs_one_run_with_all_reduced_losses_and_whole_split_va
             logged = next(h.value for h in client.get_metric_history(run.info.run_id, key) if h.step == epoch)
             assert logged == pytest.approx(again[key], abs=1e-6)
     mlflow.set_tracking_uri(None)
+
+
+RANK_SCRIPT = """
+import sys
+from sceneml.cli import user_errors_as_one_line
+from sceneml.engine import distributed
+
+def main():
+    distributed.setup("cpu", timeout_s=3)
+    if distributed.is_main_process():
+        distributed.barrier()
+    else:
+        sys.stdin.read()  # rank 1 never reaches the barrier: blocked until the test closes its stdin
+
+user_errors_as_one_line(main)()
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_that_never_arrives_ends_the_other_after_dist_timeout_in_one_line():
+    """Rank 1 joins, then blocks; rank 0's barrier gives up after dist_timeout=3 s with one line
+    naming the parameter, instead of a gloo traceback (or a wait of the default half hour)."""
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import free_port, subprocess_env
+
+    env = subprocess_env(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    ranks = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    started = time.monotonic()
+    try:
+        _, err = ranks[0].communicate(timeout=60)
+        waited = time.monotonic() - started
+    finally:
+        ranks[1].kill()
+        ranks[1].communicate()
+    assert ranks[0].returncode != 0
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("error: rank 0 of 2: the barrier failed after waiting up to dist_timeout=3s"), err
+    assert "Traceback" not in err
+    assert waited < 30

@@ -69,6 +69,32 @@ def test_loss_matches_cross_entropy_of_logits():
     assert cross_entropy_from_probs(y, softmax(logits, axis=1)) == pytest.approx(expected)
 
 
+def test_a_confidently_wrong_image_counts_its_true_loss_not_a_clipping_floor():
+    """Logits 900 apart: float32 and float64 softmax both give the true class p = 0. The loss of that
+    image is 900 (by hand: log-softmax = -(900 + log(1 + e^-900)) = -900), not -log(tiny) = 708,
+    through the engine and through a scores file read back."""
+    import torch
+
+    from sceneml.engine.loop import predict_log_probs
+    from sceneml.scores import scores_from_csv, scores_to_csv
+
+    class Fixed(torch.nn.Module):
+        def forward(self, x):
+            return torch.tensor([[0.0, 900.0, 0.0], [5.0, 0.0, 0.0]]).expand(len(x) // 2, 2, 3).reshape(-1, 3)
+
+    y = np.array([0, 0])
+    log_probs = predict_log_probs(Fixed(), np.zeros((2, 8, 8, 3), np.uint8), torch.device("cpu"))
+    scores, log_p = np.exp(log_probs), log_probs[np.arange(2), y]
+    assert scores[0, 0] == 0.0  # underflowed
+    expected = (900.0 + np.log(1 + 2 * np.exp(-5.0))) / 2
+    m = classification_metrics(y, scores, CLASSES, "val", log_p)
+    assert m["val_loss"] == pytest.approx(expected, rel=1e-12)
+    assert cross_entropy_from_probs(y, scores) < 360  # what the probabilities alone would say
+    _, y_back, s_back, classes, log_p_back = scores_from_csv(scores_to_csv(["a", "b"], y, scores, CLASSES, log_p))
+    assert classes == CLASSES
+    assert classification_metrics(y_back, s_back, classes, "val", log_p_back)["val_loss"] == m["val_loss"]
+
+
 def test_is_better_knows_the_direction():
     assert is_better(0.9, 0.8, "val_mean_class_acc") and not is_better(0.7, 0.8, "val_mAP")
     assert is_better(0.3, 0.5, "val_loss") and not is_better(0.6, 0.5, "val_loss")

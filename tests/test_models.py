@@ -100,8 +100,28 @@ def test_googlenet_with_aux_heads_trains_one_epoch():
     model.train()
     batches = iterate_batches(pixels, labels, 8, torch.device("cpu"), torch.Generator().manual_seed(0), augment=True)
     loss = train_one_epoch(model, opt, batches, len(labels), progress=False)
-    assert np.isfinite(loss)
+    assert np.isfinite(loss.main) and loss.total > loss.main
     assert not torch.equal(before, model.aux1.fc2.weight), "aux heads must receive gradients"
+
+
+def test_googlenet_train_loss_is_the_main_head_and_the_total_adds_the_aux_heads():
+    """lr = 0 keeps the weights, so a second forward pass under the same seed (dropout) recomputes
+    both losses by hand: main = CE(logits), total = main + 0.3 * (CE(aux1) + CE(aux2))."""
+    model, _ = build_model("googlenet", 3, "none")
+    pixels = np.random.default_rng(1).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)
+    labels = np.array([0, 1, 2, 0, 1, 2, 0, 1])
+    x, y = next(iter(iterate_batches(pixels, labels, 8, torch.device("cpu"))))
+    model.train()
+    torch.manual_seed(0)
+    loss = train_one_epoch(model, build_optimizer("sgd", model.parameters(), 0.0, 0.0, 0.0), [(x, y)], 8,
+                           progress=False)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model(x)
+    ce = torch.nn.functional.cross_entropy
+    main = ce(out.logits, y).item()
+    assert loss.main == pytest.approx(main, rel=1e-5)
+    assert loss.total == pytest.approx(main + 0.3 * (ce(out.aux_logits1, y) + ce(out.aux_logits2, y)).item(), rel=1e-5)
 
 
 def test_freeze_backbone_leaves_only_the_head_trainable():
@@ -138,7 +158,7 @@ def test_cached_features_train_the_head_like_the_frozen_network(arch):
         cached.eval()
         loss_cached = train_one_epoch(head_of(arch, cached), opt_cached, iterate_feature_batches(
             features, labels, 8, cpu, torch.Generator().manual_seed(epoch)), len(labels), progress=False)
-        assert loss_cached == pytest.approx(loss_direct, rel=1e-4)
+        assert loss_cached.main == pytest.approx(loss_direct.main, rel=1e-4)
     for (name, a), b in zip(direct.state_dict().items(), cached.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
     for name, before in backbone_before.items():

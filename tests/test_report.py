@@ -88,7 +88,7 @@ def test_test_ece_is_logged_and_equals_a_recomputation_from_the_scores_file(stud
     _, children = _study(exp_id)
     evaluation = children["evaluate v1 test"]
     ece = evaluation.data.metrics["test_ece"]
-    _, y, scores, _ = scores_from_csv(mlflow.artifacts.load_text(f"runs:/{evaluation.info.run_id}/scores_test.csv"))
+    _, y, scores, _, _ = scores_from_csv(mlflow.artifacts.load_text(f"runs:/{evaluation.info.run_id}/scores_test.csv"))
     # independently: 15 equal-width bins (lo, hi] of the top-1 probability
     confidence, correct = scores.max(1), scores.argmax(1) == y
     edges = np.linspace(0, 1, 16)

@@ -94,7 +94,7 @@ def test_logged_ap_equals_recomputation_from_saved_val_scores(cli_run):
     client = MlflowClient()
     for epoch in (1, 2, 3):
         text = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/val_scores/epoch_{epoch:03d}.csv")
-        _, y_true, scores, classes = scores_from_csv(text)
+        _, y_true, scores, classes, _ = scores_from_csv(text)
         assert len(y_true) == int(run.data.params["n_val"])
         ap = per_class_average_precision(y_true, scores)
         for c, value in zip(classes, ap):
@@ -254,7 +254,8 @@ def test_bf16_autocast_trains_close_to_fp32_on_the_embedded_data():
             model.train()
             batches = iterate_batches(train_split.pixels, train_split.labels, 32, cpu,
                                       torch.Generator().manual_seed(epoch), augment=True)
-            losses.append(train_one_epoch(model, optimizer, batches, len(train_split), progress=False, amp_dtype=dtype))
+            losses.append(train_one_epoch(model, optimizer, batches, len(train_split), progress=False,
+                                          amp_dtype=dtype).main)
         scores = predict_scores(model, val.pixels, cpu)  # validation stays float32
         acc = float(np.mean(scores.argmax(1) == val.labels))
         results[dtype] = losses, cross_entropy_from_probs(val.labels, scores), acc, model

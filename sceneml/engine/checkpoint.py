@@ -1,4 +1,5 @@
-"""The resumable checkpoint: model, optimizer, scheduler, epoch and every RNG state, written atomically.
+"""The resumable checkpoint: model, optimizer, scheduler, fp16 loss scaler, epoch and every RNG state,
+written atomically.
 
 It holds tensors and plain Python values only, so it loads with ``torch.load(weights_only=True)``.
 """
@@ -37,13 +38,17 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, epoch: int, extra: dict) -> None:
+def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, epoch: int, extra: dict,
+                    scaler: torch.amp.GradScaler | None = None) -> None:
     """Write the resumable state atomically: a kill mid-write leaves the previous checkpoint intact."""
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        # fp16's loss scale, grown and shrunk over the run: a resume that restarted it at 65536 would
+        # skip steps on overflow until it had shrunk again, and differ from a run that never stopped
+        "scaler": scaler.state_dict() if scaler is not None else None,
         "epoch": epoch,
         "rng": rng_state(),
         **extra,
@@ -60,3 +65,16 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, epoch: i
 
 def load_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def restore_checkpoint(state: dict, model: nn.Module, optimizer, scheduler,
+                       scaler: torch.amp.GradScaler | None = None) -> int:
+    """Put a loaded checkpoint's states back (RNGs included); returns the epoch it was saved after."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    return int(state["epoch"])

@@ -1,15 +1,17 @@
-"""The epoch loop: ``train_one_epoch`` and its sibling ``predict_scores`` (as in torchvision's
+"""The epoch loop: ``train_one_epoch`` and its sibling ``predict_log_probs`` (as in torchvision's
 references/classification), the optimizers we sweep, and :class:`EpochTrainer`, what every rank does
 per epoch. Nothing here talks to MLflow: callers pass callbacks for batch losses and steps.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -75,24 +77,33 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if name == "bf16" else torch.float16
 
 
+class EpochLoss(NamedTuple):
+    """An epoch's mean training loss: ``main`` of the classifier's own output (what ``val_loss``
+    measures too), ``total`` the optimised one, GoogLeNet's auxiliary losses included (= main elsewhere)."""
+
+    main: float
+    total: float
+
+
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
                     batches: Iterable[tuple[torch.Tensor, torch.Tensor]], n_images: int,
                     on_losses: Callable[[list[float]], None] | None = None, flush_every: int = 20,
                     progress: bool = True, desc: str = "train",
                     reduce_losses: Callable[[torch.Tensor], torch.Tensor] | None = None,
                     on_step: Callable[[], None] | None = None, amp_dtype: torch.dtype | None = None,
-                    scaler: torch.amp.GradScaler | None = None) -> float:
-    """One pass over ``batches``. Returns the mean training loss (weighted by batch size). The caller
+                    scaler: torch.amp.GradScaler | None = None) -> EpochLoss:
+    """One pass over ``batches``. Returns the mean training losses (weighted by batch size). The caller
     sets the training mode.
 
-    Batch losses stay on the device and are fetched every ``flush_every`` batches (one sync instead of
-    one per batch), then handed to ``on_losses`` for logging; ``reduce_losses`` (data-parallel runs:
-    the mean over ranks) is applied to them first. ``on_step`` is called after every optimizer step.
+    Batch losses (of the main head) stay on the device and are fetched every ``flush_every`` batches
+    (one sync instead of one per batch), then handed to ``on_losses`` for logging; ``reduce_losses``
+    (data-parallel runs: the mean over ranks) is applied to them first.
+    ``on_step`` is called after every optimizer step.
     A batch of a single image is skipped (BatchNorm cannot train on it).
     ``amp_dtype`` runs the forward pass under autocast; ``scaler`` (fp16) scales the loss.
     """
     pending: list[torch.Tensor] = []
-    total, seen = None, 0
+    sums, seen = None, 0  # (main, total) loss sums, on the device
     start = time.perf_counter()
     bar = tqdm(total=n_images, desc=desc, unit="img", disable=not progress, leave=False)
 
@@ -113,7 +124,8 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
             continue
         with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits, aux = split_logits(model(x))
-            loss = F.cross_entropy(logits.float(), y)
+            main = F.cross_entropy(logits.float(), y)
+            loss = main
             for aux_logits in aux:
                 loss = loss + AUX_LOSS_WEIGHT * F.cross_entropy(aux_logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
@@ -124,9 +136,9 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
         else:
             loss.backward()
             optimizer.step()
-        detached = loss.detach()
-        pending.append(detached)
-        total = detached * len(y) if total is None else total + detached * len(y)
+        detached = torch.stack([main.detach(), loss.detach()])
+        pending.append(detached[0])
+        sums = detached * len(y) if sums is None else sums + detached * len(y)
         seen += len(y)
         bar.update(len(y))
         if len(pending) >= flush_every:
@@ -135,38 +147,48 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
             on_step()
     flush()
     bar.close()
-    mean_loss = float(total) / max(seen, 1) if total is not None else float("nan")
-    if not np.isfinite(mean_loss):
-        raise SceneMLError(f"training diverged (loss={mean_loss}); lower the learning rate")
-    return mean_loss
+    main_mean, total_mean = (sums / max(seen, 1)).tolist() if sums is not None else (float("nan"),) * 2
+    if not np.isfinite(total_mean):
+        raise SceneMLError(f"training diverged (loss={total_mean}); lower the learning rate")
+    return EpochLoss(main_mean, total_mean)
 
 
 @torch.inference_mode()
-def predict_scores(model: nn.Module, pixels: np.ndarray, device: torch.device, batch_size: int = 256,
-                   progress: bool = False, desc: str = "eval") -> np.ndarray:
-    """Softmax probabilities (n, C) as float64, in the order of ``pixels`` (the model is put in eval mode)."""
+def predict_log_probs(model: nn.Module, pixels: np.ndarray, device: torch.device, batch_size: int = 256,
+                      progress: bool = False, desc: str = "eval") -> np.ndarray:
+    """Log-softmax (n, C) in float64, in the order of ``pixels`` (the model is put in eval mode).
+
+    Taken from the logits in float64: a probability that would underflow to 0 in a softmax still has
+    its exact log here, so a loss computed from these never hits a clipping floor.
+    """
     model.eval()
     dummy = np.zeros(len(pixels), dtype=np.int64)
     out = []
     for x, _ in tqdm(iterate_batches(pixels, dummy, batch_size, device), desc=desc, disable=not progress,
                      leave=False, total=(len(pixels) + batch_size - 1) // batch_size):
         logits, _ = split_logits(model(x))
-        out.append(torch.softmax(logits.float(), dim=1).cpu())
-    return torch.cat(out).double().numpy() if out else np.zeros((0, 0))
+        out.append(torch.log_softmax(logits.double(), dim=1).cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, 0))
+
+
+def predict_scores(model: nn.Module, pixels: np.ndarray, device: torch.device, batch_size: int = 256,
+                   progress: bool = False, desc: str = "eval") -> np.ndarray:
+    """Softmax probabilities (n, C) as float64, in the order of ``pixels``."""
+    return np.exp(predict_log_probs(model, pixels, device, batch_size, progress, desc))
 
 
 @torch.inference_mode()
-def predict_scores_from_features(head: nn.Module, features: torch.Tensor, device: torch.device,
-                                 batch_size: int = 4096) -> np.ndarray:
-    """Softmax probabilities (n, C) as float64 from cached backbone features."""
+def log_probs_from_features(head: nn.Module, features: torch.Tensor, device: torch.device,
+                            batch_size: int = 4096) -> np.ndarray:
+    """Log-softmax (n, C) in float64 from cached backbone features."""
     was_training = head.training
     head.eval()
     try:
-        out = [torch.softmax(head(features[i:i + batch_size].to(device)).float(), dim=1).cpu()
+        out = [torch.log_softmax(head(features[i:i + batch_size].to(device)).double(), dim=1).cpu()
                for i in range(0, len(features), batch_size)]
     finally:
         head.train(was_training)
-    return torch.cat(out).double().numpy()
+    return torch.cat(out).numpy()
 
 
 @dataclass
@@ -207,8 +229,8 @@ class EpochTrainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
 
     def train_pass(self, epoch: int, on_losses: Callable[[list[float]], None] | None = None,
-                   on_step: Callable[[], None] | None = None, progress: bool = False) -> tuple[float, float]:
-        """One epoch of training; returns the mean loss over every rank's images and the seconds."""
+                   on_step: Callable[[], None] | None = None, progress: bool = False) -> tuple[EpochLoss, float]:
+        """One epoch of training; returns the mean losses over every rank's images and the seconds."""
         cfg, ctx, train = self.cfg, self.ctx, self.data.splits["train"]
         # one generator per epoch (and rank): order and augmentation do not depend on where we resumed
         generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch + (7919 * ctx.rank if ctx else 0))
@@ -224,16 +246,19 @@ class EpochTrainer:
                                       augment=True, crop=cfg.random_crop, order=order)
         n = len(order) if order is not None else len(train)
         started = time.perf_counter()
-        loss = train_one_epoch(self.trained, self.optimizer, batches, n, on_losses=on_losses, progress=progress,
-                               desc=f"epoch {epoch}/{cfg.epochs}", on_step=on_step, amp_dtype=self.amp_dtype,
-                               scaler=self.scaler,
-                               reduce_losses=distributed.mean_over_ranks if ctx is not None else None)
+        # DDP all-reduces the gradients inside backward(): a rank that stopped shows up there
+        with distributed.waiting_for_ranks(f"epoch {epoch}'s gradient all-reduce") if ctx is not None \
+                else contextlib.nullcontext():
+            loss = train_one_epoch(self.trained, self.optimizer, batches, n, on_losses=on_losses,
+                                   progress=progress, desc=f"epoch {epoch}/{cfg.epochs}", on_step=on_step,
+                                   amp_dtype=self.amp_dtype, scaler=self.scaler,
+                                   reduce_losses=distributed.mean_over_ranks if ctx is not None else None)
         if ctx is not None:
-            loss = distributed.weighted_mean_over_ranks(loss, n, self.device)
+            loss = EpochLoss(*(distributed.weighted_mean_over_ranks(v, n, self.device) for v in loss))
         return loss, time.perf_counter() - started
 
-    def val_scores(self) -> np.ndarray:
-        """Softmax scores on the whole val split (rank 0 only: no collective inside)."""
+    def val_log_probs(self) -> np.ndarray:
+        """Log-softmax on the whole val split (rank 0 only: no collective inside)."""
         if self.cached is not None:
-            return predict_scores_from_features(self.head, self.cached["val"], self.device)
-        return predict_scores(self.model, self.data.splits["val"].pixels, self.device)
+            return log_probs_from_features(self.head, self.cached["val"], self.device)
+        return predict_log_probs(self.model, self.data.splits["val"].pixels, self.device)

@@ -116,7 +116,7 @@ def _scores_from_evaluation(model_id: str, split: str, paths: list[str]) -> np.n
             text = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/scores_{split}.csv")
         except Exception:
             continue
-        file_paths, _, scores, _ = scores_from_csv(text)
+        file_paths, _, scores, _, _ = scores_from_csv(text)
         row = {p: i for i, p in enumerate(file_paths)}
         if set(row) == set(paths):
             log.info("galleries from the scores of evaluation run %s", run.info.run_id)
@@ -228,7 +228,7 @@ def _log_audit(network, model: ResolvedModel, device: torch.device, root: Path, 
     if epoch is not None and cfg.split != "val":
         try:
             text = mlflow.artifacts.load_text(f"runs:/{meta['training_run_id']}/val_scores/epoch_{int(epoch):03d}.csv")
-            paths, labels, val_scores, _ = scores_from_csv(text)
+            paths, labels, val_scores, _, _ = scores_from_csv(text)
             val = model.load_split(data, "val", progress=not cfg.quiet, manifest=manifest)
             order = {p: i for i, p in enumerate(val.paths)}
             sets["val"] = (paths, np.asarray(labels), np.asarray(val_scores), val.pixels[[order[p] for p in paths]])

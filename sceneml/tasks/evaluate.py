@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 
 from sceneml import plots
 from sceneml.config import EvaluateConfig
-from sceneml.engine.loop import predict_scores
+from sceneml.engine.loop import predict_log_probs
 from sceneml.metrics import classification_metrics, confusion_matrix, reliability_bins
 from sceneml.models import pick_device
 from sceneml.scores import scores_from_csv, scores_to_csv
@@ -35,19 +35,20 @@ def evaluate(cfg: EvaluateConfig, nested: bool = False) -> dict[str, float]:
         model = resolve_model(cfg.model_uri)
         split = cfg.split
         data = model.load_split(cfg.data, split, progress=not cfg.quiet)
-        scores = predict_scores(model.load_network(dev), data.pixels, dev, progress=not cfg.quiet,
-                                desc=f"evaluate {split}")
+        log_probs = predict_log_probs(model.load_network(dev), data.pixels, dev, progress=not cfg.quiet,
+                                      desc=f"evaluate {split}")
+        scores, log_p = np.exp(log_probs), log_probs[np.arange(len(data)), data.labels]
         classes = model.meta["classes"]
-        metrics = classification_metrics(data.labels, scores, classes, split)
+        metrics = classification_metrics(data.labels, scores, classes, split, log_p)
         run_id = run.info.run_id
         log_params_once(run_id, {"model_uri": cfg.model_uri, "model_id": model.model_id, "split": split,
                                  "data_used": cfg.data or model.meta["data"],
                                  "training_run_id": model.training_run_id})
         artifact = f"scores_{split}.csv"
-        with_retries(mlflow.log_text, scores_to_csv(data.paths, data.labels, scores, classes), artifact)
+        with_retries(mlflow.log_text, scores_to_csv(data.paths, data.labels, scores, classes, log_p), artifact)
         # read the file back from the artifact store and recompute everything from it
-        _, y_back, s_back, _ = scores_from_csv(mlflow.artifacts.load_text(f"runs:/{run_id}/{artifact}"))
-        again = classification_metrics(y_back, s_back, classes, split)
+        _, y_back, s_back, _, log_p_back = scores_from_csv(mlflow.artifacts.load_text(f"runs:/{run_id}/{artifact}"))
+        again = classification_metrics(y_back, s_back, classes, split, log_p_back)
         diffs = [abs(metrics[k] - again[k]) for k in metrics if not (np.isnan(metrics[k]) and np.isnan(again[k]))]
         metrics["scores_reload_max_abs_diff"] = float(max(diffs))
         buffer = MetricBuffer(run_id)

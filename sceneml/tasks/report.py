@@ -217,7 +217,7 @@ def _test_section(runs: StudyRuns) -> Section:
     scores_text = _text(run_id, f"scores_{split}.csv")
     classes = [k.removeprefix(f"{split}_ap_") for k in m if k.startswith(f"{split}_ap_")]
     if scores_text is not None:
-        paths, y_true, scores, classes = scores_from_csv(scores_text)
+        paths, y_true, scores, classes, _ = scores_from_csv(scores_text)
     summary = {"images": len(paths) if scores_text is not None else "n/a",
                "accuracy": m.get(f"{split}_acc"), "mAP": m.get(f"{split}_mAP"),
                "mean class accuracy": m.get(f"{split}_mean_class_acc"), "loss": m.get(f"{split}_loss"),

@@ -34,11 +34,11 @@ from sceneml.data import PreparedData, prepare_data
 from sceneml.data.duplicates import duplicate_counts
 from sceneml.data.sources import cache_dir
 from sceneml.engine import distributed
-from sceneml.engine.checkpoint import load_checkpoint, save_checkpoint, set_rng_state
-from sceneml.engine.loop import EpochTrainer, build_optimizer, build_scheduler, seed_everything
+from sceneml.engine.checkpoint import load_checkpoint, restore_checkpoint, save_checkpoint
+from sceneml.engine.loop import EpochLoss, EpochTrainer, build_optimizer, build_scheduler, seed_everything
 from sceneml.errors import SceneMLError
 from sceneml.metrics import best_row, classification_metrics, confusion_matrix
-from sceneml.models import build_model, describe_device, freeze_backbone, pick_device
+from sceneml.models import AUX_ARCHS, build_model, describe_device, freeze_backbone, pick_device
 from sceneml.params import param_text
 from sceneml.scores import scores_from_csv, scores_to_csv
 from sceneml.tracking.models import (
@@ -129,7 +129,7 @@ def train(cfg: TrainConfig, run_name: str | None = None, nested: bool = False, o
     if cfg.resume:
         init_store()
         check_resume(cfg)
-    ctx, device_name = distributed.setup(cfg.device)
+    ctx, device_name = distributed.setup(cfg.device, cfg.dist_timeout)
     if ctx is not None and (cfg.resume or on_epoch is not None):
         raise SceneMLError("resume and tune under torchrun are not supported: run them in a single process")
     try:
@@ -288,12 +288,9 @@ class RunLog:
             except Exception:
                 raise SceneMLError(f"run {self.run_id} has no resumable checkpoint (no finished epoch?)") from None
         state = load_checkpoint(path)
-        self.trainer.model.load_state_dict(state["model"])
-        self.trainer.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state["scheduler"] is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        self.next_epoch = state["epoch"] + 1
+        trainer = self.trainer
+        self.next_epoch = restore_checkpoint(state, trainer.model, trainer.optimizer, self.scheduler,
+                                             trainer.scaler) + 1
         self.history = json.loads(state["history"])
         # the checkpoints still there (a crash may have come between a deletion and this state's save)
         experiment_id = mlflow.get_run(self.run_id).info.experiment_id
@@ -314,12 +311,13 @@ class RunLog:
         self.metrics.flush()
         self.log_seconds += time.perf_counter() - started
 
-    def end_epoch(self, epoch: int, lr: float, train_loss: float, train_seconds: float) -> None:
+    def end_epoch(self, epoch: int, lr: float, losses: EpochLoss, train_seconds: float) -> None:
         """Validate on the whole val split, then log the epoch's metrics, checkpoint and resumable state."""
         cfg, data, trainer = self.cfg, self.data, self.trainer
         val = data.splits["val"]
-        scores = trainer.val_scores()
-        val_metrics = classification_metrics(val.labels, scores, data.classes, "val")
+        log_probs = trainer.val_log_probs()
+        scores, log_p = np.exp(log_probs), log_probs[np.arange(len(val)), val.labels]
+        val_metrics = classification_metrics(val.labels, scores, data.classes, "val", log_p)
         started = time.perf_counter()
         model_id = log_checkpoint(
             trainer.model, name=checkpoint_name(self.run_name, epoch), step=epoch,
@@ -328,16 +326,21 @@ class RunLog:
             metadata={"sceneml": {**self.meta, "epoch": epoch}})
         self.models[epoch] = model_id
         self.metrics.add_many(val_metrics, epoch, model_id=model_id)
-        self.metrics.add_many({"train_loss": train_loss, "lr": lr}, epoch)
+        train_loss = losses.main
+        # train_loss is the classifier's own loss, comparable with val_loss; the optimised total of a
+        # model with auxiliary heads (GoogLeNet) is logged beside it
+        has_aux = cfg.arch in AUX_ARCHS and not cfg.freeze_backbone  # a frozen GoogLeNet computes no aux heads
+        extra = {"train_loss_with_aux": losses.total} if has_aux else {}
+        self.metrics.add_many({"train_loss": train_loss, "lr": lr, **extra}, epoch)
         self.metrics.flush()
-        with_retries(mlflow.log_text, scores_to_csv(val.paths, val.labels, scores, data.classes),
+        with_retries(mlflow.log_text, scores_to_csv(val.paths, val.labels, scores, data.classes, log_p),
                      f"val_scores/epoch_{epoch:03d}.csv")
         self.history.append({"epoch": epoch, "train_loss": train_loss, "lr": lr, **val_metrics})
         log_csv(self.history, "history.csv")
         ckpt = local_checkpoint_path(self.run_id)
         save_checkpoint(ckpt, trainer.model, trainer.optimizer, self.scheduler, epoch, {
             "history": json.dumps(self.history), "models": json.dumps(self.models),
-            "batch_losses": json.dumps(self.batch_losses)})
+            "batch_losses": json.dumps(self.batch_losses)}, trainer.scaler)
         with_retries(mlflow.log_artifact, str(ckpt), "checkpoints")
         # only once the resumable state is safe: drop the checkpoints keep_checkpoints does not keep
         for e in superseded_epochs(self.history, self.models, cfg.keep_checkpoints, cfg.select_metric):
@@ -370,7 +373,7 @@ class RunLog:
 
         classes = data.classes
         # the best epoch's predictions, read back from the file it logged (a resumed run has no others)
-        _, y_true, scores, _ = scores_from_csv(
+        _, y_true, scores, _, _ = scores_from_csv(
             mlflow.artifacts.load_text(f"runs:/{self.run_id}/val_scores/epoch_{epoch:03d}.csv"))
         cm = confusion_matrix(y_true, np.asarray(scores).argmax(1), len(classes))
         label = f"{self.run_name} ({cfg.arch}, {cfg.optimizer}, lr {cfg.lr:g})"
