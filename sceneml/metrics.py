@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn.metrics import average_precision_score
 
+from sceneml.class_keys import class_keys
 from sceneml.config import LOWER_IS_BETTER
 
 
@@ -86,7 +87,8 @@ def expected_calibration_error(y_true: np.ndarray, scores: np.ndarray, n_bins: i
 
 def classification_metrics(y_true: np.ndarray, scores: np.ndarray, class_names: list[str],
                            prefix: str, log_p_label: np.ndarray | None = None) -> dict[str, float]:
-    """Every logged metric of one split, keyed as in the MLflow contract (``{prefix}_ap_<class>`` ...).
+    """Every logged metric of one split, keyed as in the MLflow contract (``{prefix}_ap_<key>`` ..., the
+    class's key from :func:`sceneml.class_keys.class_keys`).
 
     The loss is the mean of ``-log_p_label`` (the true class's log-probability, from a log-softmax)
     when given, else it is taken from ``scores``. A scores file holds both, so it reproduces every value.
@@ -104,10 +106,11 @@ def classification_metrics(y_true: np.ndarray, scores: np.ndarray, class_names: 
         f"{prefix}_mean_class_acc": nanmean_or_nan(acc),
         f"{prefix}_ece": expected_calibration_error(y_true, scores),
     }
-    for name, value in zip(class_names, ap):
-        out[f"{prefix}_ap_{name}"] = float(value)
-    for name, value in zip(class_names, acc):
-        out[f"{prefix}_acc_{name}"] = float(value)
+    keys = class_keys(class_names)
+    for key, value in zip(keys, ap):
+        out[f"{prefix}_ap_{key}"] = float(value)
+    for key, value in zip(keys, acc):
+        out[f"{prefix}_acc_{key}"] = float(value)
     return out
 
 

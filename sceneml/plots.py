@@ -11,6 +11,8 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from sceneml.class_keys import class_keys  # noqa: E402
+
 # one style per metric, so lines that coincide (val_acc and val_mean_class_acc on balanced data) stay visible
 _STYLES = [dict(marker="o", ls="-", lw=2.5, alpha=0.8), dict(marker="s", ls="--", lw=1.8),
            dict(marker="^", ls=":", lw=1.5)]
@@ -244,13 +246,15 @@ def class_figures(split: str, metrics: dict[str, float], cm, classes: list[str],
     precision and per-class accuracy (``what`` says which epoch or model, e.g. "best epoch 3")."""
     where = f"{split}, {what}" if what else split
     n = int(cm.sum())
+    keys = class_keys(classes)
     return {
         f"figures/{split}_confusion_matrix.png": confusion_matrix_figure(
             cm, classes, f"Confusion matrix ({where}, n={n})\n{caption}"),
         f"figures/{split}_per_class_ap.png": per_class_bars(
-            {c: metrics[f"{split}_ap_{c}"] for c in classes}, f"Per-class average precision ({where})\n{caption}",
+            {c: metrics[f"{split}_ap_{k}"] for c, k in zip(classes, keys)},
+            f"Per-class average precision ({where})\n{caption}",
             "average precision", "mAP"),
         f"figures/{split}_per_class_acc.png": per_class_bars(
-            {c: metrics[f"{split}_acc_{c}"] for c in classes}, f"Per-class accuracy ({where})\n{caption}",
+            {c: metrics[f"{split}_acc_{k}"] for c, k in zip(classes, keys)}, f"Per-class accuracy ({where})\n{caption}",
             "accuracy (recall)", "mean class acc"),
     }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import mlflow
 import numpy as np
 import pytest
@@ -44,7 +46,7 @@ def test_two_process_ddp_logs_one_run_with_all_reduced_losses_and_whole_split_va
     models = {int(m.tags["sceneml.epoch"]): m.model_id
               for m in mlflow.search_logged_models(experiment_ids=[exp_id], output_format="list")}
     manifest = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/data/split_manifest.csv")
-    classes = params["classes"].split(",")
+    classes = json.loads(params["classes"])
     val = load_split_from_manifest("synthetic:30", manifest, classes, 64, "val", progress=False)
     for epoch in (1, 2):
         paths, labels, logged_scores, _, _ = scores_from_csv(

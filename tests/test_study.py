@@ -81,7 +81,7 @@ def test_evaluation_test_acc_equals_a_recomputation_with_the_loaded_champion(stu
     assert evaluation.data.metrics["scores_reload_max_abs_diff"] == 0.0
     champion = MlflowClient().get_model_version_by_alias("sceneml", "champion")
     manifest = mlflow.artifacts.load_text(f"runs:/{champion.run_id}/data/split_manifest.csv")
-    classes = MlflowClient().get_run(champion.run_id).data.params["classes"].split(",")
+    classes = json.loads(MlflowClient().get_run(champion.run_id).data.params["classes"])
     test = load_split_from_manifest("synthetic:60", manifest, classes, 64, "test", progress=False)
     model = mlflow.pytorch.load_model("models:/sceneml@champion")
     with torch.no_grad():

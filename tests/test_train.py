@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import math
 import subprocess
 import sys
@@ -57,7 +58,7 @@ def test_cli_run_beats_chance_and_logs_every_key_with_its_steps(cli_run):
     for key in ("best_epoch", "val_mean_class_acc_best", "val_mAP_best", "val_acc_best", "val_loss_best"):
         assert key in metrics
     params = run.data.params
-    assert params["classes"] == ",".join(CLASSES) and params["num_classes"] == "6"
+    assert json.loads(params["classes"]) == CLASSES and params["num_classes"] == "6"
     assert int(params["n_train"]) + int(params["n_val"]) + int(params["n_test"]) == 600
     assert params["weights_resolved"] == "none" and params["images_skipped"] == "0"
     assert [i.dataset.digest for i in run.inputs.dataset_inputs] == [params["data_digest"]]

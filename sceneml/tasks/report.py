@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import io
+import json
 import logging
 import tempfile
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from sceneml import plots
+from sceneml.class_keys import class_keys
 from sceneml.config import ReportConfig
 from sceneml.errors import SceneMLError
 from sceneml.metrics import confusion_matrix
@@ -130,7 +132,7 @@ def _study_section(runs: StudyRuns, champion: Run | None) -> Section:
         "started (UTC)": started.strftime("%Y-%m-%d %H:%M:%S"),
         "data": cp.get("data", p.get("data")),
         "data digest": cp.get("data_digest", tags.get(TAG_DIGEST, "not recorded")),
-        "classes": cp.get("classes", ""),
+        "classes": ", ".join(_classes_of(child)),
         "architecture": cp.get("arch"),
         "weights (asked, resolved)": f"{cp.get('weights')}, {cp.get('weights_resolved', 'not recorded')}",
         "image size (px)": cp.get("image_size_resolved", cp.get("image_size")),
@@ -150,7 +152,7 @@ def _study_section(runs: StudyRuns, champion: Run | None) -> Section:
     manifest = _text(child.info.run_id, "data/split_manifest.csv")
     if manifest is not None:
         frame = pd.read_csv(io.StringIO(manifest))
-        classes = cp.get("classes", "").split(",") if cp.get("classes") else sorted(frame["label"].unique())
+        classes = _classes_of(child) or sorted(frame["label"].unique())
         counts = pd.crosstab(frame["label"], frame["split"]).reindex(index=classes, columns=["train", "val", "test"],
                                                                      fill_value=0)
         counts.loc["all"] = counts.sum()
@@ -198,12 +200,13 @@ def _per_class_section(runs: StudyRuns) -> Section:
         m = run.data.metrics
         if "best_epoch" not in m:
             continue
-        epoch, classes = int(m["best_epoch"]), run.data.params.get("classes", "").split(",")
-        keys = ["val_mAP", "val_mean_class_acc"] + [f"val_{k}_{c}" for c in classes for k in ("ap", "acc")]
+        epoch, classes = int(m["best_epoch"]), _classes_of(run)
+        ck = class_keys(classes)
+        keys = ["val_mAP", "val_mean_class_acc"] + [f"val_{k}_{c}" for c in ck for k in ("ap", "acc")]
         at_best = {key: _at_step(client, run.info.run_id, key, epoch) for key in keys}
         frame = pd.DataFrame({"class": classes + ["mean"],
-                              "AP": [at_best[f"val_ap_{c}"] for c in classes] + [at_best["val_mAP"]],
-                              "accuracy": [at_best[f"val_acc_{c}"] for c in classes] + [at_best["val_mean_class_acc"]]})
+                              "AP": [at_best[f"val_ap_{c}"] for c in ck] + [at_best["val_mAP"]],
+                              "accuracy": [at_best[f"val_acc_{c}"] for c in ck] + [at_best["val_mean_class_acc"]]})
         parts.append(Table(frame, f"{run.info.run_name} (epoch {epoch})"))
     return Section("Per-class validation scores of each child's best epoch", parts)
 
@@ -215,16 +218,17 @@ def _test_section(runs: StudyRuns) -> Section:
     m, run_id = run.data.metrics, run.info.run_id
     split = run.data.params.get("split", "test")
     scores_text = _text(run_id, f"scores_{split}.csv")
-    classes = [k.removeprefix(f"{split}_ap_") for k in m if k.startswith(f"{split}_ap_")]
+    classes = [k.removeprefix(f"{split}_ap_") for k in m if k.startswith(f"{split}_ap_")]  # keys, at worst
     if scores_text is not None:
         paths, y_true, scores, classes, _ = scores_from_csv(scores_text)
+    ck = class_keys(classes) if scores_text is not None else classes
     summary = {"images": len(paths) if scores_text is not None else "n/a",
                "accuracy": m.get(f"{split}_acc"), "mAP": m.get(f"{split}_mAP"),
                "mean class accuracy": m.get(f"{split}_mean_class_acc"), "loss": m.get(f"{split}_loss"),
                "expected calibration error (15 bins)": m.get(f"{split}_ece", float("nan"))}
     per_class = pd.DataFrame({"class": classes + ["mean"],
-                              "AP": [m[f"{split}_ap_{c}"] for c in classes] + [m[f"{split}_mAP"]],
-                              "accuracy": [m[f"{split}_acc_{c}"] for c in classes] + [m[f"{split}_mean_class_acc"]]})
+                              "AP": [m[f"{split}_ap_{c}"] for c in ck] + [m[f"{split}_mAP"]],
+                              "accuracy": [m[f"{split}_acc_{c}"] for c in ck] + [m[f"{split}_mean_class_acc"]]})
     parts: list = [f"Evaluation run {run.info.run_name} ({run_id}), model version "
                    f"{run.data.tags.get('sceneml.model_version', 'n/a')}.",
                    key_values(summary), Table(per_class, f"Per-class scores ({split})")]
@@ -332,6 +336,16 @@ def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, flo
 
 def _at_step(client: MlflowClient, run_id: str, key: str, step: int) -> float:
     return dict(_history(client, run_id, key)).get(step, float("nan"))
+
+
+def _classes_of(training_run: Run) -> list[str]:
+    """A training run's class names in index order, from its ``data/class_to_idx.json`` (never by
+    splitting a joined string: a class name may hold a comma)."""
+    text = _text(training_run.info.run_id, "data/class_to_idx.json")
+    if text is None:
+        return []
+    index = json.loads(text)
+    return sorted(index, key=index.get)
 
 
 def _text(run_id: str, path: str) -> str | None:

@@ -29,6 +29,7 @@ import torch
 from mlflow import MlflowClient
 
 from sceneml import plots
+from sceneml.class_keys import class_keys
 from sceneml.config import RESUME_MUST_MATCH, TrainConfig
 from sceneml.data import PreparedData, prepare_data
 from sceneml.data.duplicates import duplicate_counts
@@ -251,7 +252,7 @@ class RunLog:
     def log_data(self, weights_resolved: str, world_size: int) -> None:
         cfg, data = self.cfg, self.data
         params = {**cfg.as_params(), "world_size": world_size, "num_classes": len(data.classes),
-                  "classes": ",".join(data.classes), "image_size_resolved": data.image_size,
+                  "classes": json.dumps(data.classes), "image_size_resolved": data.image_size,
                   "n_train": len(data.splits["train"]), "n_val": len(data.splits["val"]),
                   "n_test": len(data.splits["test"]), "images_skipped": len(data.skipped),
                   "weights_resolved": weights_resolved, "data_digest": data.digest,
@@ -265,6 +266,7 @@ class RunLog:
         with_retries(mlflow.log_input, dataset, context="training")
         with_retries(mlflow.log_text, data.manifest, "data/split_manifest.csv")
         log_json(data.class_to_idx, "data/class_to_idx.json")
+        log_json(dict(zip(data.classes, class_keys(data.classes))), "data/class_keys.json")
         log_json({**cfg.as_params(), "image_size_resolved": data.image_size, "weights_resolved": weights_resolved,
                   "source_root": str(data.source.root)}, "config.json")
         if data.skipped:
