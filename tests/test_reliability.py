@@ -260,3 +260,28 @@ def test_predict_refuses_an_unwritable_output_before_predicting(tmp_path):
     for output, message in ((tmp_path, "is a folder"), (tmp_path / "a-file" / "out.csv", "cannot be written")):
         with pytest.raises(SceneMLError, match=message):
             predict(PredictConfig("models:/does-not-matter/1", str(tmp_path / "photo.png"), str(output), "cpu"))
+
+
+@pytest.mark.slow
+def test_select_refuses_runs_of_two_data_sets_in_one_line_and_registers_nothing(tracking_uri, tmp_path):
+    """Six synthetic classes and three folder classes in one experiment: no champion, one line naming both;
+    another seed of the same data set is the same data set (its split differs, its images do not)."""
+    from sceneml.config import TrainConfig
+    from sceneml.tasks.train import train
+
+    from .helpers import write_class_folders
+
+    three = write_class_folders(tmp_path / "three", {"a": 10, "b": 10, "c": 10})
+    small = dict(weights="none", epochs=1, batch_size=16, image_size=32, quiet=True)
+    train(TrainConfig(data="synthetic:30", seed=1, **small))
+    train(TrainConfig(data="synthetic:30", seed=2, **small))
+    select = [sys.executable, str(REPO / "entrypoints" / "select_champion.py"), "--experiment", "Default"]
+    same = subprocess.run(select, env=_env(tracking_uri), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert same.returncode == 0, same.stderr[-2000:]
+    train(TrainConfig(data=str(three), val_fraction=0.3, test_fraction=0.3, **small))
+    mixed = subprocess.run(select, env=_env(tracking_uri), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert mixed.returncode == 2
+    (line,) = mixed.stderr.strip().splitlines()
+    assert line.startswith("error: the runs to rank were trained on 2 different data sets")
+    assert "data=synthetic:30 (6 classes" in line and f"data={three} (3 classes" in line
+    assert len(MlflowClient().search_model_versions("name = 'sceneml'")) == 1  # the first select's only

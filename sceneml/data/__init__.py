@@ -49,11 +49,14 @@ class PreparedData:
     classes: list[str]
     image_size: int
     manifest: str  # CSV text: path, label, split
-    digest: str  # hash of the manifest: the data set's identity in MLflow
+    digest: str  # hash of the manifest (images, labels and their splits): the split's identity in MLflow
     splits: dict[str, SplitData]
     skipped: dict[str, str] = field(default_factory=dict)  # relative path -> reason
     # images with an exact or near duplicate (group, path, split before dedupe, class, kind, dropped)
     duplicates: pd.DataFrame = field(default_factory=pd.DataFrame)
+    # hash of the usable images and their labels, whatever the split: runs with other seeds or
+    # fractions share it, runs on other data do not (what `select` refuses to mix)
+    data_set_digest: str = ""
 
     @property
     def class_to_idx(self) -> dict[str, int]:
@@ -118,6 +121,8 @@ def prepare_data(spec: str = "synthetic", image_size: int = 0, seed: int = 42,
 
     used = np.flatnonzero(decoded.ok)
     rel = [_relative(p, source.root) for p, _ in all_items]
+    data_set_digest = manifest_digest(manifest_csv([rel[i] for i in used], [all_items[i][1] for i in used],
+                                                   [""] * len(used)))
     duplicates = find_duplicates(decoded.pixels, used, [rel[i] for i in used], [split[i] for i in used],
                                  [all_items[i][1] for i in used], dup_distance)
     cross_split = duplicate_counts(duplicates)["dup_cross_split"]
@@ -137,7 +142,8 @@ def prepare_data(spec: str = "synthetic", image_size: int = 0, seed: int = 42,
         idx = np.flatnonzero(split == name)
         # a contiguous in-memory copy: batches index it randomly, a memmap would page-fault
         splits[name] = SplitData([rel[i] for i in idx], labels_all[idx], np.ascontiguousarray(decoded.pixels[idx]))
-    return PreparedData(source, classes, size, manifest, manifest_digest(manifest), splits, skipped, duplicates)
+    return PreparedData(source, classes, size, manifest, manifest_digest(manifest), splits, skipped, duplicates,
+                        data_set_digest)
 
 
 def load_split_from_manifest(spec: str, manifest: str, classes: list[str], image_size: int,

@@ -18,7 +18,7 @@ from sceneml.config import SelectConfig
 from sceneml.errors import SceneMLError
 from sceneml.metrics import best_index
 from sceneml.tracking.models import TAG_DIGEST, epoch_checkpoints
-from sceneml.tracking.runs import MetricBuffer, log_params_once, set_tags, task_run
+from sceneml.tracking.runs import TAG_DATA_SET, MetricBuffer, log_params_once, set_tags, task_run
 from sceneml.tracking.store import with_retries
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,9 @@ class Candidate:
     value: float
     val_loss: float
     digest: str
+    data_set: str  # the data set's digest (tag sceneml.data_set_digest), "" for a run logged without one
+    data: str  # the data param, to name the data set in an error
+    n_classes: str
 
 
 def candidates(experiment_ids: list[str], metric: str, parent_run_id: str | None = None) -> list[Candidate]:
@@ -51,8 +54,23 @@ def candidates(experiment_ids: list[str], metric: str, parent_run_id: str | None
             model_id = models.get((run.info.run_id, m.step))
             if model_id:
                 out.append(Candidate(run.info.run_id, m.step, model_id, m.value, losses.get(m.step, float("nan")),
-                                     run.data.tags[TAG_DIGEST]))
+                                     run.data.tags[TAG_DIGEST], run.data.tags.get(TAG_DATA_SET, ""),
+                                     run.data.params.get("data", "?"), run.data.params.get("num_classes", "?")))
     return out
+
+
+def one_data_set(cands: list[Candidate]) -> None:
+    """Val scores of different data sets do not rank: refuse, naming two of them."""
+    first = {}
+    for c in cands:
+        first.setdefault(c.data_set or f"data={c.data}", c)
+    if len(first) > 1:
+        a, b = list(first.values())[:2]
+        raise SceneMLError(
+            f"the runs to rank were trained on {len(first)} different data sets, e.g. data={a.data} "
+            f"({a.n_classes} classes, data set {a.data_set or 'unrecorded'}, run {a.run_id}) and data={b.data} "
+            f"({b.n_classes} classes, data set {b.data_set or 'unrecorded'}, run {b.run_id}); select within one "
+            "data set: one experiment per data set, or parent_run_id of one study")
 
 
 def best_candidate(cands: list[Candidate], metric: str) -> Candidate:
@@ -69,6 +87,7 @@ def select_champion(experiment_ids: list[str], metric: str = "val_mean_class_acc
     if not cands:
         raise SceneMLError(f"no finished training run with {metric} checkpoints found"
                            + (f" under parent run {parent_run_id}" if parent_run_id else ""))
+    one_data_set(cands)
     best = best_candidate(cands, metric)
     client = MlflowClient()
     try:

@@ -51,6 +51,7 @@ from sceneml.tracking.models import (
     log_checkpoint,
 )
 from sceneml.tracking.runs import (
+    TAG_DATA_SET,
     MetricBuffer,
     delete_run_artifacts,
     log_csv,
@@ -259,7 +260,8 @@ class RunLog:
                   "device_resolved": describe_device(self.trainer.device),
                   "precision_resolved": str(self.trainer.amp_dtype or torch.float32).removeprefix("torch.")}
         log_params_once(self.run_id, params)
-        set_tags(self.run_id, {TAG_DIGEST: data.digest, "sceneml.arch": cfg.arch, "sceneml.optimizer": cfg.optimizer})
+        set_tags(self.run_id, {TAG_DIGEST: data.digest, TAG_DATA_SET: data.data_set_digest, "sceneml.arch": cfg.arch,
+                               "sceneml.optimizer": cfg.optimizer})
         dataset = mlflow.data.from_pandas(pd.read_csv(io.StringIO(data.manifest)),
                                           source=str(data.source.root), name=f"{data.source.kind}-splits",
                                           digest=data.digest)

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 TAG_ERROR = "sceneml.error"
 TAG_TASK = "sceneml.task"  # which task a run is (train, study, select, evaluate, analyze, predict, tune ...)
 TAG_DIGEST = "sceneml.data_digest"  # on training runs and their checkpoints: the split manifest's digest
+TAG_DATA_SET = "sceneml.data_set_digest"  # on training runs: the images and labels, whatever the split
 
 
 def task_of(run) -> str:
