@@ -285,3 +285,25 @@ def test_select_refuses_runs_of_two_data_sets_in_one_line_and_registers_nothing(
     assert line.startswith("error: the runs to rank were trained on 2 different data sets")
     assert "data=synthetic:30 (6 classes" in line and f"data={three} (3 classes" in line
     assert len(MlflowClient().search_model_versions("name = 'sceneml'")) == 1  # the first select's only
+
+
+@pytest.mark.slow
+def test_dedupe_that_empties_a_class_from_val_is_one_line_before_training(tmp_path):
+    """Class `a` is ten copies of one picture: every val/test copy is a duplicate of a training image."""
+    import shutil
+
+    from .helpers import write_class_folders
+
+    root = write_class_folders(tmp_path / "data", {"a": 1, "b": 10, "c": 10})
+    for i in range(1, 10):
+        shutil.copy(root / "a" / "img_000.jpg", root / "a" / f"copy_{i}.jpg")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = subprocess.run([*TRAIN, "--data", str(root), "--dedupe", "cross_split", "--epochs", "1",
+                           "--val-fraction", "0.3", "--test-fraction", "0.3"],
+                          env=_env(uri), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: dedupe=cross_split dropped ") and "class 'a'" in line
+    dropped = int(line.split("dropped ")[1].split()[0])
+    assert dropped >= 6  # at least the val and test shares of ten images
+    assert _only_run(MlflowClient(uri)) == ""  # no training run was opened

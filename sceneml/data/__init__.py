@@ -135,6 +135,9 @@ def prepare_data(spec: str = "synthetic", image_size: int = 0, seed: int = 42,
         if rel[i] in leaked:
             split[i] = "dropped"
     used = np.array([i for i in used if rel[i] not in leaked], dtype=np.int64)
+    if leaked:
+        log.warning("dedupe=cross_split dropped %d val/test copies of training images", len(leaked))
+        _check_no_class_emptied(split, labels_all, used, classes, leaked, rel)
     manifest = manifest_csv([rel[i] for i in used], [all_items[i][1] for i in used],
                             [split[i] for i in used])
     splits = {}
@@ -144,6 +147,19 @@ def prepare_data(spec: str = "synthetic", image_size: int = 0, seed: int = 42,
         splits[name] = SplitData([rel[i] for i in idx], labels_all[idx], np.ascontiguousarray(decoded.pixels[idx]))
     return PreparedData(source, classes, size, manifest, manifest_digest(manifest), splits, skipped, duplicates,
                         data_set_digest)
+
+
+def _check_no_class_emptied(split: np.ndarray, labels: np.ndarray, used: np.ndarray, classes: list[str],
+                            leaked: set[str], rel: list[str]) -> None:
+    """A class that dedupe emptied from val or test would make its metrics NaN and the means silently
+    skip it: one line before any training instead."""
+    for name in ("val", "test"):
+        for c, class_name in enumerate(classes):
+            if not np.any((split[used] == name) & (labels[used] == c)):
+                dropped = sum(1 for i in range(len(rel)) if rel[i] in leaked and labels[i] == c)
+                raise SceneMLError(f"dedupe=cross_split dropped {dropped} val/test image(s) of class {class_name!r} "
+                                   f"(copies of training images), leaving none in the {name} split; add distinct "
+                                   "images of that class, or run with dedupe=none")
 
 
 def load_split_from_manifest(spec: str, manifest: str, classes: list[str], image_size: int,
