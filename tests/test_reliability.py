@@ -307,3 +307,36 @@ def test_dedupe_that_empties_a_class_from_val_is_one_line_before_training(tmp_pa
     dropped = int(line.split("dropped ")[1].split()[0])
     assert dropped >= 6  # at least the val and test shares of ten images
     assert _only_run(MlflowClient(uri)) == ""  # no training run was opened
+
+
+@pytest.mark.slow
+def test_a_kill_between_the_checkpoint_and_the_epoch_log_leaves_one_value_per_metric_and_epoch(tmp_path):
+    """SIGKILL right after epoch 2's checkpoint, before epoch 2 is logged: the resume logs epoch 2 from
+    the checkpoint (metrics, scores file) and goes on; no metric of the run holds two values at a step,
+    and every epoch equals a straight run's."""
+    from sceneml.tasks.train import FAULT_CHECKPOINT_ENV
+
+    straight_dir, crash_dir = tmp_path / "straight", tmp_path / "crash"
+    straight_dir.mkdir()
+    crash_dir.mkdir()
+    straight_uri, crash_uri = f"sqlite:///{straight_dir / 'mlflow.db'}", f"sqlite:///{crash_dir / 'mlflow.db'}"
+    subprocess.run([*TRAIN, "--epochs", "3"], env=_env(straight_uri), cwd=straight_dir, check=True,
+                   capture_output=True, timeout=600)
+    crashed = subprocess.run([*TRAIN, "--epochs", "3"], env=_env(crash_uri, **{FAULT_CHECKPOINT_ENV: "2"}),
+                             cwd=crash_dir, capture_output=True, timeout=600)
+    assert crashed.returncode == -signal.SIGKILL
+    client = MlflowClient(crash_uri)
+    run_id = _only_run(client)
+    assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [1]  # epoch 2 saved, not logged
+    done = subprocess.run([*TRAIN, "--epochs", "3", "--resume", run_id], env=_env(crash_uri), cwd=crash_dir,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    for key in run.data.metrics:
+        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        assert len(steps) == len(set(steps)), f"{key} has two values at one step: {steps}"
+    assert _epoch_metrics(client, run_id) == _epoch_metrics(MlflowClient(straight_uri), _only_run(MlflowClient(
+        straight_uri)))
+    assert {a.path for a in client.list_artifacts(run_id, "val_scores")} == {
+        f"val_scores/epoch_00{e}.csv" for e in (1, 2, 3)}

@@ -201,6 +201,16 @@ def superseded_epochs(history: list[dict], models: dict[int, str], keep: str, me
     return [newest] if newest != best and newest in models else []
 
 
+FAULT_CHECKPOINT_ENV = "SCENEML_FAULT_AFTER_CHECKPOINT"
+
+
+def _fault_after_checkpoint(epoch: int) -> None:
+    """``SCENEML_FAULT_AFTER_CHECKPOINT=N``: SIGKILL this process right after epoch N's resumable
+    checkpoint is saved and before the epoch is logged (the crash test of that window)."""
+    if os.environ.get(FAULT_CHECKPOINT_ENV) == str(epoch):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _fault_injector(run_name: str) -> Callable[[], None] | None:
     """``SCENEML_FAULT_AT_STEP=N:interrupt``, ``N:pause``, ``N:stop`` or ``N:raise``, optionally
     ``@<run name>``: after the N-th optimizer step of this run (of every run when no name is given),
@@ -298,11 +308,19 @@ class RunLog:
         self.history = json.loads(state["history"])
         # the checkpoints still there (a crash may have come between a deletion and this state's save)
         experiment_id = mlflow.get_run(self.run_id).info.experiment_id
-        self.models = {e: m for (_, e), m in epoch_checkpoints([experiment_id], self.run_id).items()}
+        found = {e: m for (_, e), m in epoch_checkpoints([experiment_id], self.run_id).items()}
+        # a checkpoint of an epoch after the saved one is from the attempt that crashed: that epoch is
+        # trained again and logs its own
+        for e in [e for e in found if e >= self.next_epoch]:
+            delete_checkpoint(found.pop(e))
+        self.models = found
         self.batch_losses = [tuple(x) for x in json.loads(state["batch_losses"])]
         # a crash mid-epoch had already logged some of that epoch's batches: log each step once
         logged = MlflowClient().get_metric_history(self.run_id, "train_batch_loss")
         self.logged_steps = max((m.step for m in logged), default=0)
+        # the last saved epoch may have crashed before (or while) it was logged: log what is missing
+        if self.history and "val_scores" in state:
+            self.log_epoch(self.history[-1], state["val_scores"], only_missing=True)
         log.info("resuming run %s after epoch %d", self.run_id, state["epoch"])
 
     def on_losses(self, values: list[float]) -> None:
@@ -316,7 +334,12 @@ class RunLog:
         self.log_seconds += time.perf_counter() - started
 
     def end_epoch(self, epoch: int, lr: float, losses: EpochLoss, train_seconds: float) -> None:
-        """Validate on the whole val split, then log the epoch's metrics, checkpoint and resumable state."""
+        """Validate on the whole val split, save the resumable state, then log the epoch.
+
+        The checkpoint comes first and carries everything the epoch logs (its metrics, scores file
+        and model id): a crash after it is caught up on resume (:meth:`catch_up`), a crash before it
+        repeats the epoch, whose values were then never logged. Either way each metric holds one
+        value per epoch."""
         cfg, data, trainer = self.cfg, self.data, self.trainer
         val = data.splits["val"]
         log_probs = trainer.val_log_probs()
@@ -329,23 +352,20 @@ class RunLog:
             tags={TAG_EPOCH: epoch, TAG_DIGEST: data.digest, "sceneml.run_id": self.run_id},
             metadata={"sceneml": {**self.meta, "epoch": epoch}})
         self.models[epoch] = model_id
-        self.metrics.add_many(val_metrics, epoch, model_id=model_id)
-        train_loss = losses.main
         # train_loss is the classifier's own loss, comparable with val_loss; the optimised total of a
         # model with auxiliary heads (GoogLeNet) is logged beside it
         has_aux = cfg.arch in AUX_ARCHS and not cfg.freeze_backbone  # a frozen GoogLeNet computes no aux heads
-        extra = {"train_loss_with_aux": losses.total} if has_aux else {}
-        self.metrics.add_many({"train_loss": train_loss, "lr": lr, **extra}, epoch)
-        self.metrics.flush()
-        with_retries(mlflow.log_text, scores_to_csv(val.paths, val.labels, scores, data.classes, log_p),
-                     f"val_scores/epoch_{epoch:03d}.csv")
-        self.history.append({"epoch": epoch, "train_loss": train_loss, "lr": lr, **val_metrics})
-        log_csv(self.history, "history.csv")
+        row = {"epoch": epoch, "train_loss": losses.main, "lr": lr,
+               **({"train_loss_with_aux": losses.total} if has_aux else {}), **val_metrics}
+        self.history.append(row)
+        scores_csv = scores_to_csv(val.paths, val.labels, scores, data.classes, log_p)
         ckpt = local_checkpoint_path(self.run_id)
         save_checkpoint(ckpt, trainer.model, trainer.optimizer, self.scheduler, epoch, {
             "history": json.dumps(self.history), "models": json.dumps(self.models),
-            "batch_losses": json.dumps(self.batch_losses)}, trainer.scaler)
+            "batch_losses": json.dumps(self.batch_losses), "val_scores": scores_csv}, trainer.scaler)
         with_retries(mlflow.log_artifact, str(ckpt), "checkpoints")
+        _fault_after_checkpoint(epoch)
+        self.log_epoch(row, scores_csv)
         # only once the resumable state is safe: drop the checkpoints keep_checkpoints does not keep
         for e in superseded_epochs(self.history, self.models, cfg.keep_checkpoints, cfg.select_metric):
             delete_checkpoint(self.models.pop(e))
@@ -356,8 +376,26 @@ class RunLog:
         self.metrics.flush()
         self.log_seconds = 0.0
         if not cfg.quiet:
-            print(f"epoch {epoch}: train_loss {train_loss:.4f}  val_loss {val_metrics['val_loss']:.4f}  "
+            print(f"epoch {epoch}: train_loss {losses.main:.4f}  val_loss {val_metrics['val_loss']:.4f}  "
                   f"val_acc {val_metrics['val_acc']:.3f}  val_mAP {val_metrics['val_mAP']:.3f}", flush=True)
+
+    def log_epoch(self, row: dict, scores_csv: str, only_missing: bool = False) -> None:
+        """An epoch's metrics (the val ones linked to its checkpoint), val scores file and history.csv.
+        ``only_missing``: what a crash kept from the run (on resume), key by key."""
+        epoch = row["epoch"]
+        values = {k: v for k, v in row.items() if k != "epoch"}
+        if only_missing:
+            client = MlflowClient()
+            values = {k: v for k, v in values.items()
+                      if not any(m.step == epoch for m in client.get_metric_history(self.run_id, k))}
+        val_keys = {k for k in values if k.startswith("val_")}
+        self.metrics.add_many({k: values[k] for k in val_keys}, epoch, model_id=self.models.get(epoch))
+        self.metrics.add_many({k: v for k, v in values.items() if k not in val_keys}, epoch)
+        self.metrics.flush()
+        path = f"val_scores/epoch_{epoch:03d}.csv"
+        if not only_missing or not MlflowClient().list_artifacts(self.run_id, path):
+            with_retries(mlflow.log_text, scores_csv, path)
+        log_csv(self.history, "history.csv")
 
     def finish(self) -> None:
         """The best epoch by the select metric (the rule select uses too), its tags and the figures."""
@@ -366,8 +404,11 @@ class RunLog:
         best = best_row(history, metric)
         epoch = best["epoch"]
         # beside each final value, the best epoch's, named to sort next to it (val_mAP, val_mAP_best)
-        self.metrics.add_many({"best_epoch": epoch, **{f"{k}_best": best[k] for k in
-                                                      ("val_mean_class_acc", "val_mAP", "val_acc", "val_loss")}},
+        summary = {"best_epoch": epoch, **{f"{k}_best": best[k] for k in
+                                           ("val_mean_class_acc", "val_mAP", "val_acc", "val_loss")}}
+        client = MlflowClient()  # a resume of a run that crashed in here: each value once
+        self.metrics.add_many({k: v for k, v in summary.items()
+                               if not any(m.step == cfg.epochs for m in client.get_metric_history(self.run_id, k))},
                               cfg.epochs)
         self.metrics.flush()
         for e, model_id in self.models.items():
