@@ -340,3 +340,42 @@ def test_a_kill_between_the_checkpoint_and_the_epoch_log_leaves_one_value_per_me
         straight_uri)))
     assert {a.path for a in client.list_artifacts(run_id, "val_scores")} == {
         f"val_scores/epoch_00{e}.csv" for e in (1, 2, 3)}
+
+
+def test_a_heartbeat_from_another_host_holds_the_run_until_it_is_stale():
+    import socket
+
+    from sceneml.tracking.lease import STALE_AFTER_S, holder_of
+
+    other = f"not-{socket.gethostname()} 4242 1000"
+    assert holder_of("RUNNING", other, now=1000 + STALE_AFTER_S - 1) == \
+        f"process 4242 on not-{socket.gethostname()}, heartbeat {STALE_AFTER_S - 1} s ago"
+    assert holder_of("RUNNING", other, now=1000 + STALE_AFTER_S) is None
+    assert holder_of("KILLED", other, now=1001) is None  # it ended: nobody holds it
+    assert holder_of("RUNNING", None) is None  # a run without heartbeat (not sceneml's, or older)
+
+
+@pytest.mark.slow
+def test_resume_of_a_run_still_training_in_another_process_is_refused_until_that_process_is_gone(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    log = tmp_path / "train.log"
+    with log.open("w") as err:
+        first = subprocess.Popen([*TRAIN, "--epochs", "3"], env=_env(uri, **PAUSE_IN_EPOCH_2), cwd=tmp_path,
+                                 stdout=subprocess.DEVNULL, stderr=err, text=True)
+    try:
+        wait_for(lambda: "paused after step 10" in log.read_text(), 300, "the pause in epoch 2", first, log)
+        run_id = _only_run(MlflowClient(uri))
+        refused = subprocess.run([*TRAIN, "--epochs", "3", "--resume", run_id], env=_env(uri), cwd=tmp_path,
+                                 capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2
+        (line,) = refused.stderr.strip().splitlines()
+        assert line.startswith(f"error: resume={run_id}: run ") and f"still being trained (process {first.pid} on " \
+            in line
+    finally:
+        first.kill()
+        first.wait()
+    # the holder is gone (same host: at once, no waiting for the heartbeat to age)
+    done = subprocess.run([*TRAIN, "--epochs", "3", "--resume", run_id], env=_env(uri), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert MlflowClient(uri).get_run(run_id).info.status == "FINISHED"

@@ -42,6 +42,7 @@ from sceneml.metrics import best_row, classification_metrics, confusion_matrix
 from sceneml.models import AUX_ARCHS, build_model, describe_device, freeze_backbone, pick_device
 from sceneml.params import param_text
 from sceneml.scores import scores_from_csv, scores_to_csv
+from sceneml.tracking.lease import STALE_AFTER_S, beat, live_holder
 from sceneml.tracking.models import (
     TAG_BEST,
     TAG_DIGEST,
@@ -97,6 +98,10 @@ def check_resume(cfg: TrainConfig) -> None:
         raise SceneMLError(f"resume={cfg.resume}: run '{name}' is a {task or 'non-training'} run, not a training run")
     if run.info.status == "FINISHED":
         raise SceneMLError(f"resume={cfg.resume}: run '{name}' has FINISHED; there is nothing to resume")
+    holder = live_holder(run)
+    if holder:
+        raise SceneMLError(f"resume={cfg.resume}: run '{name}' is still being trained ({holder}); stop that process "
+                           f"first, or wait until its heartbeat is {STALE_AFTER_S} s old if it ran on another host")
     logged = run.data.params
     changed = [f"{key} was {logged[key]}, now {param_text(value)}" for key, value in cfg.as_params().items()
                if key in RESUME_MUST_MATCH and key in logged and not _same_param(logged[key], value)]
@@ -168,6 +173,8 @@ def _train(cfg: TrainConfig, run_name: str, nested: bool, ctx: distributed.DistC
                       tags=tags)
     with opened if master else contextlib.nullcontext() as run:
         log_run = RunLog(run.info.run_id, run_name, cfg, data, trainer, scheduler) if master else None
+        if master:
+            beat(run.info.run_id, force=True)
         if master and cfg.resume:
             log_run.restore()
         elif master:
@@ -331,6 +338,7 @@ class RunLog:
             if len(self.batch_losses) > self.logged_steps:
                 self.metrics.add("train_batch_loss", v, len(self.batch_losses))
         self.metrics.flush()
+        beat(self.run_id)
         self.log_seconds += time.perf_counter() - started
 
     def end_epoch(self, epoch: int, lr: float, losses: EpochLoss, train_seconds: float) -> None:
