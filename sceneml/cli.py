@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 import click
 
 from sceneml.config import ENTRY_POINTS, EntryPoint
-from sceneml.errors import SceneMLError
+from sceneml.errors import SceneMLError, StoreUnreachable
 from sceneml.params import Param, build
 
 _CLICK_TYPES = {str: str, int: int, float: float, bool: click.BOOL}
@@ -191,7 +191,8 @@ def user_errors_as_one_line(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except SceneMLError as exc:
             print(f"error: {exc}", file=sys.stderr)
-            _tag_launch(str(exc))
+            if not isinstance(exc, StoreUnreachable):
+                _tag_launch(str(exc))
             sys.exit(2)
         except OSError as exc:
             if exc.errno not in _DISK_ERRORS:

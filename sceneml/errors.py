@@ -3,3 +3,7 @@
 
 class SceneMLError(Exception):
     """A user-facing error: entry points print its message as one line and exit non-zero."""
+
+
+class StoreUnreachable(SceneMLError):
+    """The tracking store did not answer: nothing can be written to it, not even this error."""

@@ -379,3 +379,22 @@ def test_resume_of_a_run_still_training_in_another_process_is_refused_until_that
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert MlflowClient(uri).get_run(run_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_a_tracking_server_that_does_not_answer_is_one_line_naming_it_before_any_work(tmp_path):
+    import time
+
+    from .conftest import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    started = time.monotonic()
+    proc = subprocess.run(TRAIN, env=_env(uri, SCENEML_STORE_WAIT_S="5"), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert time.monotonic() - started < 60
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: the tracking server {uri} did not answer within 5 s (ConnectionError); start it, or set "
+        "MLFLOW_TRACKING_URI to one that runs")
+    assert "Traceback" not in proc.stderr and "marked KILLED" not in proc.stderr
+    assert not (tmp_path / "mlruns").exists()

@@ -133,8 +133,9 @@ def train(cfg: TrainConfig, run_name: str | None = None, nested: bool = False, o
     is not active in this process (a `tune` worker); ``tags`` are set on the run when it opens.
     """
     cfg.validate()
+    if os.environ.get("RANK", "0") == "0":
+        init_store()  # a store that does not answer fails here, before the data are decoded
     if cfg.resume:
-        init_store()
         check_resume(cfg)
     ctx, device_name = distributed.setup(cfg.device, cfg.dist_timeout)
     if ctx is not None and (cfg.resume or on_epoch is not None):

@@ -11,17 +11,23 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
 import mlflow
+import requests
 import sqlalchemy.exc
 import tenacity
 from mlflow import MlflowClient
 
+from sceneml.errors import StoreUnreachable
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 ATTEMPTS = 8  # 0.2 s doubling: about 50 s of waiting in all before the error goes to the caller
+# how long a task waits for a tracking server that does not answer, before any run
+REACH_WITHIN_S = int(os.environ.get("SCENEML_STORE_WAIT_S", "60"))
 
 
 def _causes(exc: BaseException):
@@ -75,7 +81,50 @@ def init_store() -> None:
         lock = open(lock_path, "a")  # noqa: SIM115  (held across the store creation below)
         fcntl.flock(lock, fcntl.LOCK_EX)
     try:
-        with_retries(MlflowClient().search_experiments, max_results=1)
+        if uri.startswith(("http://", "https://")):
+            _wait_for_server(uri)
+        try:
+            with_retries(MlflowClient().search_experiments, max_results=1)
+        except mlflow.exceptions.MlflowException as exc:
+            if not store_busy(exc) and not uri.startswith(("http://", "https://")):
+                raise
+            raise StoreUnreachable(f"the tracking store {_redacted(uri)} does not answer "
+                                   f"({str(exc).splitlines()[0][:160]})") from None
     finally:
         if lock is not None:
             lock.close()  # releases the flock
+
+
+def _redacted(uri: str) -> str:
+    """``uri`` without a password (postgresql://user:secret@host/db)."""
+    head, at, tail = uri.rpartition("@")
+    if not at or "://" not in head:
+        return uri
+    scheme, _, user = head.partition("://")
+    return f"{scheme}://{user.split(':', 1)[0]}:***@{tail}"
+
+
+def _wait_for_server(uri: str) -> None:
+    """Any HTTP answer from a tracking server within REACH_WITHIN_S, else one line naming it.
+
+    MLflow's own client retries a server that does not answer for about four minutes per request
+    (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR``), which is right for
+    a server restarting under a long run, not for a task that has not started: this check fails
+    first, and nothing is written anywhere."""
+    deadline = time.monotonic() + REACH_WITHIN_S
+    delay, last = 0.5, None
+    while True:
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=10)
+            return
+        except requests.RequestException as exc:
+            last = exc
+        if time.monotonic() + delay > deadline:
+            break
+        if delay == 0.5:
+            log.warning("tracking server %s does not answer; trying for up to %d s", _redacted(uri), REACH_WITHIN_S)
+        time.sleep(delay)
+        delay = min(delay * 2, 10)
+    reason = type(last).__name__ if last is not None else "no answer"
+    raise StoreUnreachable(f"the tracking server {_redacted(uri)} did not answer within {REACH_WITHIN_S} s "
+                           f"({reason}); start it, or set MLFLOW_TRACKING_URI to one that runs")
