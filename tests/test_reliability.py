@@ -398,3 +398,31 @@ def test_a_tracking_server_that_does_not_answer_is_one_line_naming_it_before_any
         "MLFLOW_TRACKING_URI to one that runs")
     assert "Traceback" not in proc.stderr and "marked KILLED" not in proc.stderr
     assert not (tmp_path / "mlruns").exists()
+
+
+def test_batch_losses_are_queued_while_the_store_is_locked_and_all_written_after(tracking_uri, tmp_path):
+    """Another connection holds the sqlite store's write lock: queuing returns at once (the training
+    step goes on), the writer waits on the store; once the lock goes, every value is there."""
+    import sqlite3
+    import time
+
+    from sceneml.tracking.runs import MetricBuffer
+
+    run_id = MlflowClient().create_run("0").info.run_id
+    buffer = MetricBuffer(run_id)
+    blocker = sqlite3.connect(tmp_path / "mlflow.db", timeout=0)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        for step in range(1, 41):
+            buffer.add("train_batch_loss", 1.0 / step, step)
+            if step % 20 == 0:
+                started = time.perf_counter()
+                buffer.flush_in_background()
+                assert time.perf_counter() - started < 0.5
+        assert not all(f.done() for f in buffer._queued)  # held up by the lock, not written
+    finally:
+        blocker.rollback()
+        blocker.close()
+    buffer.drain()
+    history = MlflowClient().get_metric_history(run_id, "train_batch_loss")
+    assert sorted((m.step, m.value) for m in history) == [(s, 1.0 / s) for s in range(1, 41)]

@@ -180,19 +180,26 @@ def _train(cfg: TrainConfig, run_name: str, nested: bool, ctx: distributed.DistC
             log_run.restore()
         elif master:
             log_run.log_data(weights_resolved, ctx.world_size if ctx else 1)
-        for epoch in range(log_run.next_epoch if master else 1, cfg.epochs + 1):
-            lr = optimizer.param_groups[0]["lr"]
-            train_loss, train_seconds = trainer.train_pass(epoch, log_run.on_losses if master else None, on_step,
-                                                           progress)
-            if scheduler is not None:
-                scheduler.step()
-            if master:
-                log_run.end_epoch(epoch, lr, train_loss, train_seconds)
-            distributed.barrier()  # the other ranks wait here while the main process validates and logs
-            if on_epoch is not None and epoch < cfg.epochs and on_epoch(epoch, log_run.history[-1]):
-                log.info("%s: stopped after epoch %d of %d", run_name, epoch, cfg.epochs)
-                break
+        try:
+            for epoch in range(log_run.next_epoch if master else 1, cfg.epochs + 1):
+                lr = optimizer.param_groups[0]["lr"]
+                train_loss, train_seconds = trainer.train_pass(epoch, log_run.on_losses if master else None, on_step,
+                                                               progress)
+                if scheduler is not None:
+                    scheduler.step()
+                if master:
+                    log_run.end_epoch(epoch, lr, train_loss, train_seconds)
+                distributed.barrier()  # the other ranks wait here while the main process validates and logs
+                if on_epoch is not None and epoch < cfg.epochs and on_epoch(epoch, log_run.history[-1]):
+                    log.info("%s: stopped after epoch %d of %d", run_name, epoch, cfg.epochs)
+                    break
+        except BaseException:
+            if master:  # write the batch losses queued in the background, also on errors and signals
+                with contextlib.suppress(Exception):  # without hiding the error that got us here
+                    log_run.metrics.drain()
+            raise
         if master:
+            log_run.metrics.drain()
             log_run.finish()
     return run.info.run_id if master else ""
 
@@ -338,7 +345,7 @@ class RunLog:
             self.batch_losses.append((len(self.batch_losses) + 1, v))
             if len(self.batch_losses) > self.logged_steps:
                 self.metrics.add("train_batch_loss", v, len(self.batch_losses))
-        self.metrics.flush()
+        self.metrics.flush_in_background()  # a busy store does not hold up the next batch
         beat(self.run_id)
         self.log_seconds += time.perf_counter() - started
 

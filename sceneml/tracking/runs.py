@@ -8,6 +8,7 @@ All metrics go through :class:`MetricBuffer` and ``MlflowClient.log_batch`` with
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -165,12 +166,19 @@ def existing_run(run_id: str) -> mlflow.entities.Run:
 
 
 class MetricBuffer:
-    """Collects metrics and writes them in batches (MLflow accepts up to 1000 per call)."""
+    """Collects metrics and writes them in batches (MLflow accepts up to 1000 per call).
+
+    :meth:`flush` writes and waits; :meth:`flush_in_background` hands the batch to one writer thread
+    and returns at once, so a slow or busy store never holds up a training step. :meth:`drain` waits
+    for the writer and raises what it could not write (call it before the run ends, also on errors
+    and signals: nothing queued is lost)."""
 
     def __init__(self, run_id: str, client: MlflowClient | None = None):
         self.run_id = run_id
         self.client = client or MlflowClient()
         self.pending: list[Metric] = []
+        self._writer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._queued: list[concurrent.futures.Future] = []
 
     def add(self, key: str, value: float, step: int, model_id: str | None = None) -> None:
         self.pending.append(Metric(key, float(value), int(time.time() * 1000), int(step), model_id=model_id))
@@ -179,14 +187,37 @@ class MetricBuffer:
         for key, value in values.items():
             self.add(key, value, step, model_id)
 
+    def _write(self, metrics: list[Metric]) -> None:
+        for start in range(0, len(metrics), 1000):
+            with_retries(self.client.log_batch, self.run_id, metrics=metrics[start:start + 1000])
+
     def flush(self) -> None:
-        while self.pending:
-            chunk, self.pending = self.pending[:1000], self.pending[1000:]
-            try:
-                with_retries(self.client.log_batch, self.run_id, metrics=chunk)
-            except Exception:
-                self.pending = chunk + self.pending  # keep them for the next flush
-                raise
+        """Write what is pending (after what is queued in the background) and wait."""
+        self.drain()
+        metrics, self.pending = self.pending, []
+        try:
+            self._write(metrics)
+        except Exception:
+            self.pending = metrics + self.pending  # keep them for the next flush
+            raise
+
+    def flush_in_background(self) -> None:
+        """Queue what is pending for the writer thread; an earlier background failure is raised here."""
+        done = [f for f in self._queued if f.done()]
+        self._queued = [f for f in self._queued if not f.done()]
+        for future in done:
+            future.result()
+        if self.pending:
+            if self._writer is None:
+                self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sceneml-metrics")
+            metrics, self.pending = self.pending, []
+            self._queued.append(self._writer.submit(self._write, metrics))
+
+    def drain(self) -> None:
+        """Wait until every queued batch is written; raise the first that could not be."""
+        queued, self._queued = self._queued, []
+        for future in queued:
+            future.result()
 
 
 def log_params_once(run_id: str, params: dict[str, object], client: MlflowClient | None = None) -> None:
