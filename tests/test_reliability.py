@@ -55,14 +55,20 @@ def _interrupt_in_epoch_2(tmp: Path, uri: str, sig: int) -> tuple[str, subproces
     return _only_run(MlflowClient(uri)), proc, log.read_text()
 
 
-@pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_continues_the_same_run_and_equals_a_straight_run(tmp_path):
+def _straight_run_and_a_store_to_crash(tmp_path: Path) -> tuple[str, Path, str]:
+    """A 3-epoch run, uninterrupted, in its own store; and a second store, for the run to crash."""
     straight_dir, crash_dir = tmp_path / "straight", tmp_path / "crash"
     straight_dir.mkdir()
     crash_dir.mkdir()
     straight_uri, crash_uri = f"sqlite:///{straight_dir / 'mlflow.db'}", f"sqlite:///{crash_dir / 'mlflow.db'}"
     subprocess.run([*TRAIN, "--epochs", "3"], env=_env(straight_uri), cwd=straight_dir, check=True,
                    capture_output=True, timeout=600)
+    return straight_uri, crash_dir, crash_uri
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_continues_the_same_run_and_equals_a_straight_run(tmp_path):
+    straight_uri, crash_dir, crash_uri = _straight_run_and_a_store_to_crash(tmp_path)
     run_id, proc, _ = _interrupt_in_epoch_2(crash_dir, crash_uri, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
     client = MlflowClient(crash_uri)
@@ -316,12 +322,7 @@ def test_a_kill_between_the_checkpoint_and_the_epoch_log_leaves_one_value_per_me
     and every epoch equals a straight run's."""
     from sceneml.tasks.train import FAULT_CHECKPOINT_ENV
 
-    straight_dir, crash_dir = tmp_path / "straight", tmp_path / "crash"
-    straight_dir.mkdir()
-    crash_dir.mkdir()
-    straight_uri, crash_uri = f"sqlite:///{straight_dir / 'mlflow.db'}", f"sqlite:///{crash_dir / 'mlflow.db'}"
-    subprocess.run([*TRAIN, "--epochs", "3"], env=_env(straight_uri), cwd=straight_dir, check=True,
-                   capture_output=True, timeout=600)
+    straight_uri, crash_dir, crash_uri = _straight_run_and_a_store_to_crash(tmp_path)
     crashed = subprocess.run([*TRAIN, "--epochs", "3"], env=_env(crash_uri, **{FAULT_CHECKPOINT_ENV: "2"}),
                              cwd=crash_dir, capture_output=True, timeout=600)
     assert crashed.returncode == -signal.SIGKILL
