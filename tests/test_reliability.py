@@ -417,6 +417,7 @@ def test_batch_losses_are_queued_while_the_store_is_locked_and_all_written_after
         for step in range(1, 41):
             buffer.add("train_batch_loss", 1.0 / step, step)
             if step % 20 == 0:
+                buffer.add_tags({"sceneml.heartbeat": f"host 1 {step}"})  # what a long run adds every 30 s
                 started = time.perf_counter()
                 buffer.flush_in_background()
                 assert time.perf_counter() - started < 0.5
@@ -427,3 +428,4 @@ def test_batch_losses_are_queued_while_the_store_is_locked_and_all_written_after
     buffer.drain()
     history = MlflowClient().get_metric_history(run_id, "train_batch_loss")
     assert sorted((m.step, m.value) for m in history) == [(s, 1.0 / s) for s in range(1, 41)]
+    assert MlflowClient().get_run(run_id).data.tags["sceneml.heartbeat"] == "host 1 40"  # the later beat

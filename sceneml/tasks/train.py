@@ -42,7 +42,7 @@ from sceneml.metrics import best_row, classification_metrics, confusion_matrix
 from sceneml.models import AUX_ARCHS, build_model, describe_device, freeze_backbone, pick_device
 from sceneml.params import param_text
 from sceneml.scores import scores_from_csv, scores_to_csv
-from sceneml.tracking.lease import STALE_AFTER_S, beat, live_holder
+from sceneml.tracking.lease import BEAT_EVERY_S, STALE_AFTER_S, heartbeat, live_holder
 from sceneml.tracking.models import (
     TAG_BEST,
     TAG_DIGEST,
@@ -175,7 +175,7 @@ def _train(cfg: TrainConfig, run_name: str, nested: bool, ctx: distributed.DistC
     with opened if master else contextlib.nullcontext() as run:
         log_run = RunLog(run.info.run_id, run_name, cfg, data, trainer, scheduler) if master else None
         if master:
-            beat(run.info.run_id, force=True)
+            set_tags(run.info.run_id, heartbeat())
         if master and cfg.resume:
             log_run.restore()
         elif master:
@@ -269,6 +269,8 @@ class RunLog:
         self.batch_losses: list[tuple[int, float]] = []
         self.models: dict[int, str] = {}  # epoch -> LoggedModel id
         self.next_epoch = 1
+        self.resumed = False  # set by restore()
+        self.last_beat = time.monotonic()  # the run's heartbeat is written when it opens
         self.logged_steps = 0  # train_batch_loss steps already in the run (a resumed run's crashed epoch)
         self.log_seconds = 0.0  # time spent writing to MLflow in the current epoch
         # what every checkpoint carries as MLflow model metadata (under "sceneml"), besides its epoch
@@ -317,6 +319,7 @@ class RunLog:
             except Exception:
                 raise SceneMLError(f"run {self.run_id} has no resumable checkpoint (no finished epoch?)") from None
         state = load_checkpoint(path)
+        self.resumed = True
         trainer = self.trainer
         self.next_epoch = restore_checkpoint(state, trainer.model, trainer.optimizer, self.scheduler,
                                              trainer.scaler) + 1
@@ -345,15 +348,17 @@ class RunLog:
             self.batch_losses.append((len(self.batch_losses) + 1, v))
             if len(self.batch_losses) > self.logged_steps:
                 self.metrics.add("train_batch_loss", v, len(self.batch_losses))
+        if time.monotonic() - self.last_beat >= BEAT_EVERY_S:
+            self.metrics.add_tags(heartbeat())
+            self.last_beat = time.monotonic()
         self.metrics.flush_in_background()  # a busy store does not hold up the next batch
-        beat(self.run_id)
         self.log_seconds += time.perf_counter() - started
 
     def end_epoch(self, epoch: int, lr: float, losses: EpochLoss, train_seconds: float) -> None:
         """Validate on the whole val split, save the resumable state, then log the epoch.
 
         The checkpoint comes first and carries everything the epoch logs (its metrics, scores file
-        and model id): a crash after it is caught up on resume (:meth:`catch_up`), a crash before it
+        and model id): a crash after it is caught up on resume (:meth:`restore`), a crash before it
         repeats the epoch, whose values were then never logged. Either way each metric holds one
         value per epoch."""
         cfg, data, trainer = self.cfg, self.data, self.trainer
@@ -401,9 +406,7 @@ class RunLog:
         epoch = row["epoch"]
         values = {k: v for k, v in row.items() if k != "epoch"}
         if only_missing:
-            client = MlflowClient()
-            values = {k: v for k, v in values.items()
-                      if not any(m.step == epoch for m in client.get_metric_history(self.run_id, k))}
+            values = self.not_logged(values, epoch)
         val_keys = {k for k in values if k.startswith("val_")}
         self.metrics.add_many({k: values[k] for k in val_keys}, epoch, model_id=self.models.get(epoch))
         self.metrics.add_many({k: v for k, v in values.items() if k not in val_keys}, epoch)
@@ -412,6 +415,12 @@ class RunLog:
         if not only_missing or not MlflowClient().list_artifacts(self.run_id, path):
             with_retries(mlflow.log_text, scores_csv, path)
         log_csv(self.history, "history.csv")
+
+    def not_logged(self, values: dict[str, float], step: int) -> dict[str, float]:
+        """The entries of ``values`` that the run does not hold at ``step`` yet (a resume's catch-up)."""
+        client = MlflowClient()
+        return {k: v for k, v in values.items()
+                if not any(m.step == step for m in client.get_metric_history(self.run_id, k))}
 
     def finish(self) -> None:
         """The best epoch by the select metric (the rule select uses too), its tags and the figures."""
@@ -422,10 +431,8 @@ class RunLog:
         # beside each final value, the best epoch's, named to sort next to it (val_mAP, val_mAP_best)
         summary = {"best_epoch": epoch, **{f"{k}_best": best[k] for k in
                                            ("val_mean_class_acc", "val_mAP", "val_acc", "val_loss")}}
-        client = MlflowClient()  # a resume of a run that crashed in here: each value once
-        self.metrics.add_many({k: v for k, v in summary.items()
-                               if not any(m.step == cfg.epochs for m in client.get_metric_history(self.run_id, k))},
-                              cfg.epochs)
+        # a resumed run may have crashed in here after logging them: each value once
+        self.metrics.add_many(self.not_logged(summary, cfg.epochs) if self.resumed else summary, cfg.epochs)
         self.metrics.flush()
         for e, model_id in self.models.items():
             with_retries(mlflow.set_logged_model_tags, model_id, {TAG_BEST: str(e == epoch).lower()})

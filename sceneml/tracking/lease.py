@@ -22,22 +22,13 @@ import time
 import psutil
 from mlflow.entities import Run
 
-from sceneml.tracking.runs import set_tags
-
 TAG_HEARTBEAT = "sceneml.heartbeat"
 BEAT_EVERY_S = 30
 STALE_AFTER_S = 180
 
-_last_beat: dict[str, float] = {}
-
-
-def beat(run_id: str, force: bool = False) -> None:
-    """Write this process's heartbeat on ``run_id`` (at most every BEAT_EVERY_S unless ``force``)."""
-    now = time.time()
-    if not force and now - _last_beat.get(run_id, 0.0) < BEAT_EVERY_S:
-        return
-    _last_beat[run_id] = now
-    set_tags(run_id, {TAG_HEARTBEAT: f"{socket.gethostname()} {os.getpid()} {now:.0f}"})
+def heartbeat() -> dict[str, str]:
+    """This process's heartbeat, as the tag to set on the run it trains (now, then every BEAT_EVERY_S)."""
+    return {TAG_HEARTBEAT: f"{socket.gethostname()} {os.getpid()} {time.time():.0f}"}
 
 
 def live_holder(run: Run, now: float | None = None) -> str | None:

@@ -166,7 +166,7 @@ def existing_run(run_id: str) -> mlflow.entities.Run:
 
 
 class MetricBuffer:
-    """Collects metrics and writes them in batches (MLflow accepts up to 1000 per call).
+    """Collects metrics (and tags) and writes them in batches (MLflow accepts up to 1000 metrics per call).
 
     :meth:`flush` writes and waits; :meth:`flush_in_background` hands the batch to one writer thread
     and returns at once, so a slow or busy store never holds up a training step. :meth:`drain` waits
@@ -177,6 +177,7 @@ class MetricBuffer:
         self.run_id = run_id
         self.client = client or MlflowClient()
         self.pending: list[Metric] = []
+        self.pending_tags: dict[str, str] = {}
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None
         self._queued: list[concurrent.futures.Future] = []
 
@@ -187,18 +188,31 @@ class MetricBuffer:
         for key, value in values.items():
             self.add(key, value, step, model_id)
 
-    def _write(self, metrics: list[Metric]) -> None:
-        for start in range(0, len(metrics), 1000):
-            with_retries(self.client.log_batch, self.run_id, metrics=metrics[start:start + 1000])
+    def add_tags(self, tags: dict[str, str]) -> None:
+        """Tags to write with the next batch (e.g. a heartbeat, which must not hold up a step either)."""
+        self.pending_tags.update(tags)
+
+    def _take(self) -> tuple[list[Metric], dict[str, str]]:
+        taken = self.pending, self.pending_tags
+        self.pending, self.pending_tags = [], {}
+        return taken
+
+    def _write(self, metrics: list[Metric], tags: dict[str, str]) -> None:
+        tag_list = [RunTag(k, str(v)) for k, v in tags.items()]
+        for start in range(0, max(len(metrics), 1), 1000):
+            with_retries(self.client.log_batch, self.run_id, metrics=metrics[start:start + 1000],
+                         tags=tag_list if start == 0 else [])
 
     def flush(self) -> None:
         """Write what is pending (after what is queued in the background) and wait."""
         self.drain()
-        metrics, self.pending = self.pending, []
+        metrics, tags = self._take()
+        if not metrics and not tags:
+            return
         try:
-            self._write(metrics)
+            self._write(metrics, tags)
         except Exception:
-            self.pending = metrics + self.pending  # keep them for the next flush
+            self.pending, self.pending_tags = metrics + self.pending, {**tags, **self.pending_tags}  # next flush
             raise
 
     def flush_in_background(self) -> None:
@@ -207,11 +221,10 @@ class MetricBuffer:
         self._queued = [f for f in self._queued if not f.done()]
         for future in done:
             future.result()
-        if self.pending:
+        if self.pending or self.pending_tags:
             if self._writer is None:
                 self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sceneml-metrics")
-            metrics, self.pending = self.pending, []
-            self._queued.append(self._writer.submit(self._write, metrics))
+            self._queued.append(self._writer.submit(self._write, *self._take()))
 
     def drain(self) -> None:
         """Wait until every queued batch is written; raise the first that could not be."""
