@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -88,7 +87,7 @@ def init_store() -> None:
         except mlflow.exceptions.MlflowException as exc:
             if not store_busy(exc) and not uri.startswith(("http://", "https://")):
                 raise
-            raise StoreUnreachable(f"the tracking store {_redacted(uri)} does not answer "
+            raise StoreUnreachable(f"the tracking store {_redacted(uri)} failed its first request "
                                    f"({str(exc).splitlines()[0][:160]})") from None
     finally:
         if lock is not None:
@@ -111,20 +110,17 @@ def _wait_for_server(uri: str) -> None:
     (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR``), which is right for
     a server restarting under a long run, not for a task that has not started: this check fails
     first, and nothing is written anywhere."""
-    deadline = time.monotonic() + REACH_WITHIN_S
-    delay, last = 0.5, None
-    while True:
-        try:
-            requests.get(uri.rstrip("/") + "/health", timeout=10)
-            return
-        except requests.RequestException as exc:
-            last = exc
-        if time.monotonic() + delay > deadline:
-            break
-        if delay == 0.5:
+
+    def warn_once(state: tenacity.RetryCallState) -> None:
+        if state.attempt_number == 1:
             log.warning("tracking server %s does not answer; trying for up to %d s", _redacted(uri), REACH_WITHIN_S)
-        time.sleep(delay)
-        delay = min(delay * 2, 10)
-    reason = type(last).__name__ if last is not None else "no answer"
-    raise StoreUnreachable(f"the tracking server {_redacted(uri)} did not answer within {REACH_WITHIN_S} s "
-                           f"({reason}); start it, or set MLFLOW_TRACKING_URI to one that runs")
+
+    try:
+        tenacity.Retrying(retry=tenacity.retry_if_exception_type(requests.RequestException),
+                          stop=tenacity.stop_before_delay(REACH_WITHIN_S),
+                          wait=tenacity.wait_exponential(multiplier=0.5, max=10), before_sleep=warn_once,
+                          reraise=True)(requests.get, uri.rstrip("/") + "/health", timeout=10)
+    except requests.RequestException as exc:
+        raise StoreUnreachable(f"the tracking server {_redacted(uri)} did not answer within {REACH_WITHIN_S} s "
+                               f"({type(exc).__name__}); start it, or set MLFLOW_TRACKING_URI to one that runs") \
+            from None
