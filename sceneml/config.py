@@ -336,8 +336,9 @@ class EntryPoint:
     doc: str
 
 
-# what a sweep sets per child, or a single run alone
-_RUN_ONLY = ("optimizer", "lr", "resume", "nproc", "dist_timeout")
+# how one training run is launched (a search or a sweep launches its own), and what a sweep sets per child
+_LAUNCH_ONLY = ("resume", "nproc", "dist_timeout")
+_RUN_ONLY = ("optimizer", "lr", *_LAUNCH_ONLY)
 _STUDY_ANALYSIS = ("n_images", "compare")
 
 
@@ -351,7 +352,7 @@ ENTRY_POINTS: dict[str, EntryPoint] = {e.name: e for e in (
     _entry("main", StudyConfig, params_of(StudyConfig) + params_of(AnalyzeConfig, only=_STUDY_ANALYSIS)
            + params_of(TrainConfig, exclude=_RUN_ONLY), "sceneml.tasks.study:study"),
     _entry("tune", TuneConfig, params_of(TuneConfig) + params_of(AnalyzeConfig, only=_STUDY_ANALYSIS)
-           + params_of(TrainConfig, exclude=("resume", "nproc", "dist_timeout")), "sceneml.tasks.tune:tune"),
+           + params_of(TrainConfig, exclude=_LAUNCH_ONLY), "sceneml.tasks.tune:tune"),
     _entry("select", SelectConfig, params_of(SelectConfig), "sceneml.tasks.select:select", "select_champion.py"),
     _entry("evaluate", EvaluateConfig, params_of(EvaluateConfig), "sceneml.tasks.evaluate:evaluate"),
     _entry("predict", PredictConfig, params_of(PredictConfig), "sceneml.tasks.predict:predict"),
