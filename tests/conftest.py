@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -94,7 +95,7 @@ def mlflow_run_in_tmp(tmp: Path, experiment: str, entry_point: str, params: dict
     Returns (tracking uri, experiment id, the finished process). The process-wide tracking URI is left
     pointing at it.
     """
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    uri = new_store(tmp)
     mlflow.set_tracking_uri(uri)
     exp_id = mlflow.create_experiment(experiment, artifact_location=(tmp / "artifacts").as_uri())
     proc = mlflow_run(uri, exp_id, entry_point, params, tmp)
@@ -103,45 +104,95 @@ def mlflow_run_in_tmp(tmp: Path, experiment: str, entry_point: str, params: dict
 
 @pytest.fixture(scope="session")
 def study_store(tmp_path_factory, hermetic_env):
-    """`mlflow run . -e main` once per session: 2 optimizers x 2 epochs on 60 synthetic images per class.
-    Returns (tracking uri, experiment id). Tests that change the registry (a new champion) must leave
-    ``models:/sceneml/1`` as it is for the others."""
-    uri, exp_id, _ = mlflow_run_in_tmp(tmp_path_factory.mktemp("study"), "study-test", "main",
-                                    {"data": "synthetic:60", "epochs": "2", "optimizers": "adamw,sgd",
-                                     "weights": "none", "n_images": "60"})
-    mlflow.set_tracking_uri(None)
+    """The study (`main`) once per session, in-process: 2 optimizers x 2 epochs on 60 synthetic images
+    per class. Returns (tracking uri, experiment id). Read-only: a test that adds runs or moves the
+    alias takes ``study_copy``. (`mlflow run .` itself is tested in test_study.py.)"""
+    from sceneml.config import AnalyzeConfig, StudyConfig, TrainConfig
+    from sceneml.tasks.study import study
+
+    tmp = tmp_path_factory.mktemp("study")
+    with using_store(new_store(tmp), tmp) as uri:
+        exp_id = mlflow.create_experiment("study-test", artifact_location=(tmp / "artifacts").as_uri())
+        study(StudyConfig(optimizers="adamw,sgd", experiment="study-test",
+                          train=TrainConfig(data="synthetic:60", epochs=2, weights="none", quiet=True),
+                          analyze=AnalyzeConfig(n_images=60, quiet=True)))
     return uri, exp_id
 
 
 @pytest.fixture
-def study(study_store, monkeypatch):
+def study(study_store, tmp_path):
     """The session's study store, as this process's (and its subprocesses') tracking store."""
     uri, exp_id = study_store
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    yield uri, exp_id
-    while mlflow.active_run():
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
+    with using_store(uri, tmp_path):
+        yield uri, exp_id
+
+
+_TEMPLATE: list[Path] = []
+
+
+def new_store(folder: Path) -> str:
+    """A sqlite tracking store in ``folder``, copied from one created once per process: MLflow's
+    migrations take about a second a store, a copy a few milliseconds. Its Default experiment keeps
+    artifacts in ``folder/mlruns/0``, as a store created there would."""
+    import shutil
+    import sqlite3
+    import tempfile
+
+    if not _TEMPLATE:
+        template = Path(tempfile.mkdtemp(prefix="sceneml-store-template-")) / "mlflow.db"
+        mlflow.MlflowClient(f"sqlite:///{template}").search_experiments()  # creates and migrates it
+        _TEMPLATE.append(template)
+    folder.mkdir(parents=True, exist_ok=True)
+    db = folder / "mlflow.db"
+    shutil.copyfile(_TEMPLATE[0], db)
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                    (str(folder / "mlruns" / "0"),))
+    con.close()
+    return f"sqlite:///{db}"
+
+
+@contextlib.contextmanager
+def using_store(uri: str, cwd: Path):
+    """``uri`` as this process's tracking store (and its subprocesses'), run from ``cwd``, with no
+    experiment or run left active by whatever ran before; everything put back afterwards."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.chdir(cwd)  # artifacts (./mlruns) land there
+        # mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID for subprocesses: an id of another store must
+        # not leak in or out (setenv first, so that the exit puts back whatever was there before)
+        for var in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+            mp.setenv(var, "")
+            mp.delenv(var)
+        mp.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+        mlflow.set_tracking_uri(uri)
+        try:
+            yield uri
+        finally:
+            while mlflow.active_run():
+                mlflow.end_run()
+            mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture
-def tracking_uri(tmp_path, monkeypatch):
+def tracking_uri(tmp_path):
     """A fresh sqlite store in tmp_path, for this process and for subprocesses."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.chdir(tmp_path)  # artifacts (./mlruns) land in tmp_path too
-    # mlflow.set_experiment exports MLFLOW_EXPERIMENT_ID for subprocesses: an id of this store must not
-    # reach the next test's (setenv first, so that teardown puts back whatever was there before)
-    for var in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-        monkeypatch.setenv(var, "")
-        monkeypatch.delenv(var)
-    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
-    mlflow.set_tracking_uri(uri)
-    yield uri
-    while mlflow.active_run():
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
+    with using_store(new_store(tmp_path), tmp_path) as uri:
+        yield uri
+
+
+@pytest.fixture
+def study_copy(study_store, tmp_path):
+    """A copy of the session's study store, for a test that changes it (a new champion, new runs): the
+    session's store stays as every other test expects it, whatever the order. The copy's runs and models
+    keep their artifacts where the study wrote them; new ones go into tmp_path."""
+    import shutil
+
+    uri, exp_id = study_store
+    db = tmp_path / "mlflow.db"
+    shutil.copyfile(uri.removeprefix("sqlite:///"), db)
+    with using_store(f"sqlite:///{db}", tmp_path) as copied:
+        yield copied, exp_id
 
 
 # Costly fixtures that several tests share. `make test` runs two pytest-xdist workers with

@@ -202,8 +202,8 @@ def test_study_analyze_run_uses_the_evaluation_scores(study):
 
 
 @pytest.mark.slow
-def test_analyze_entry_point_logs_every_artifact_and_metric(study, tmp_path):
-    uri, exp_id = study
+def test_analyze_entry_point_logs_every_artifact_and_metric(study_copy, tmp_path):
+    uri, exp_id = study_copy
     _write_cifar(tmp_path / "cifar" / "cifar-10-batches-py", 50)
     mlflow_run(uri, exp_id, "analyze", {"model_uri": "models:/sceneml/1", "k": "3", "n_images": "40",
                                         "compare": f"cifar={tmp_path / 'cifar'}"}, tmp_path)
@@ -241,7 +241,7 @@ def test_the_embedded_comparison_set_is_capped_by_the_data_and_never_below_what_
 
 
 @pytest.mark.slow
-def test_n_images_beyond_the_data_is_all_the_data(study):
+def test_n_images_beyond_the_data_is_all_the_data(study_copy):
     from sceneml.config import AnalyzeConfig
     from sceneml.tasks.analyze import analyze
 

@@ -4,6 +4,7 @@ server restarted under a running training is in test_postgres.py.)"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -14,13 +15,18 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from sceneml.tasks.train import FAULT_ENV, local_checkpoint_path
+from sceneml.config import TrainConfig
+from sceneml.errors import SceneMLError
+from sceneml.tasks.train import FAULT_ENV, local_checkpoint_path, train
 
-from .conftest import REPO, subprocess_env, wait_for
+from .conftest import REPO, new_store, subprocess_env, using_store, wait_for
 
-# 32 px: these tests are about crashes and stores, not accuracy (a later --image-size wins)
+# 32 px: these tests are about crashes and stores, not accuracy (a later --image-size wins). A process
+# where the test is about processes (signals, concurrency, limits); in-process otherwise.
 TRAIN = [sys.executable, str(REPO / "entrypoints" / "train.py"), "--data", "synthetic:30", "--weights", "none",
          "--batch-size", "16", "--quiet", "--device", "cpu", "--image-size", "32"]
+SMALL = TrainConfig(data="synthetic:30", weights="none", batch_size=16, quiet=True, device="cpu", image_size=32,
+                    epochs=3)
 EPOCH_KEYS = ("train_loss", "val_loss", "val_acc", "val_mAP", "val_mean_class_acc")
 
 
@@ -55,27 +61,30 @@ def _interrupt_in_epoch_2(tmp: Path, uri: str, sig: int) -> tuple[str, subproces
     return _only_run(MlflowClient(uri)), proc, log.read_text()
 
 
-def _straight_run_and_a_store_to_crash(tmp_path: Path) -> tuple[str, Path, str]:
-    """A 3-epoch run, uninterrupted, in its own store; and a second store, for the run to crash."""
-    straight_dir, crash_dir = tmp_path / "straight", tmp_path / "crash"
-    straight_dir.mkdir()
-    crash_dir.mkdir()
-    straight_uri, crash_uri = f"sqlite:///{straight_dir / 'mlflow.db'}", f"sqlite:///{crash_dir / 'mlflow.db'}"
-    subprocess.run([*TRAIN, "--epochs", "3"], env=_env(straight_uri), cwd=straight_dir, check=True,
-                   capture_output=True, timeout=600)
-    return straight_uri, crash_dir, crash_uri
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, hermetic_env) -> str:
+    """The tracking URI of a store holding one uninterrupted 3-epoch run of ``SMALL`` (read-only)."""
+    tmp = tmp_path_factory.mktemp("straight")
+    with using_store(new_store(tmp), tmp) as uri:
+        train(SMALL)
+    return uri
+
+
+def _resume(uri: str, cwd: Path, run_id: str) -> str:
+    """Resume ``run_id`` in this process (the resume is about the task; the crash was a process)."""
+    with using_store(uri, cwd):
+        return train(dataclasses.replace(SMALL, resume=run_id))
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_continues_the_same_run_and_equals_a_straight_run(tmp_path):
-    straight_uri, crash_dir, crash_uri = _straight_run_and_a_store_to_crash(tmp_path)
+def test_sigkill_mid_epoch_then_resume_continues_the_same_run_and_equals_a_straight_run(tmp_path, straight):
+    straight_uri, crash_dir = straight, tmp_path
+    crash_uri = new_store(crash_dir)
     run_id, proc, _ = _interrupt_in_epoch_2(crash_dir, crash_uri, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL
     client = MlflowClient(crash_uri)
     assert client.get_run(run_id).info.status == "RUNNING"  # nothing could mark it: that is what resume is for
-    done = subprocess.run([*TRAIN, "--epochs", "3", "--resume", run_id], env=_env(crash_uri), cwd=crash_dir,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert _resume(crash_uri, crash_dir, run_id) == run_id
     assert len(client.search_runs([client.get_run(run_id).info.experiment_id])) == 1  # the same run
     assert client.get_run(run_id).info.status == "FINISHED"
     straight = MlflowClient(straight_uri)
@@ -95,7 +104,7 @@ def test_sigkill_mid_epoch_then_resume_continues_the_same_run_and_equals_a_strai
 ])
 def test_sigterm_ends_the_run_killed_after_saving_the_checkpoint_and_resume_finishes_it(tmp_path, sig, rc, said,
                                                                                         error):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path)
     run_id, proc, stderr = _interrupt_in_epoch_2(tmp_path, uri, sig)
     assert proc.returncode == rc
     assert f"{said}: the run is marked KILLED; continue it with resume=<run_id>" in stderr
@@ -105,9 +114,7 @@ def test_sigterm_ends_the_run_killed_after_saving_the_checkpoint_and_resume_fini
     assert error in run.data.tags["sceneml.error"]
     assert "checkpoints/last.pt" in {a.path for a in client.list_artifacts(run_id, "checkpoints")}
     local_checkpoint_path(run_id).unlink()  # as on another machine: resume downloads the logged one
-    done = subprocess.run([*TRAIN, "--epochs", "3", "--resume", run_id], env=_env(uri), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    _resume(uri, tmp_path, run_id)
     assert client.get_run(run_id).info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [1, 2, 3]
 
@@ -116,7 +123,7 @@ def test_sigterm_ends_the_run_killed_after_saving_the_checkpoint_and_resume_fini
 def test_ctrl_c_under_mlflow_run_ends_the_run_killed_not_failed(tmp_path):
     """A terminal's Ctrl-C reaches the whole group: `mlflow run` then SIGTERMs its child and marks the run
     FAILED unless the child marked it first; the child must outlive that SIGTERM and say KILLED."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path)
     log = tmp_path / "run.log"
     cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "train", "--env-manager", "local",
            "--experiment-name", "signals", "-P", "data=synthetic:30", "-P", "weights=none", "-P", "batch_size=16",
@@ -189,21 +196,16 @@ def test_four_runs_at_once_on_one_new_sqlite_store_all_finish_with_every_metric(
             list(range(1, n_batches + 1))
 
 
-def test_a_model_uri_that_does_not_resolve_fails_in_one_line_and_marks_the_run_failed(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = subprocess.run([sys.executable, str(REPO / "entrypoints" / "evaluate.py"), "--model-uri",
-                           "models:/nope@champion"], env=_env(uri), cwd=tmp_path, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: model_uri 'models:/nope@champion' does not resolve")
-    assert "Traceback" not in proc.stderr
-    mlflow.set_tracking_uri(uri)
-    try:
-        (run,) = MlflowClient().search_runs(["0"])
-        assert run.info.status == "FAILED"
-        assert "does not resolve" in run.data.tags["sceneml.error"]
-    finally:
-        mlflow.set_tracking_uri(None)
+def test_a_model_uri_that_does_not_resolve_fails_in_one_line_and_marks_the_run_failed(tracking_uri):
+    from sceneml.config import EvaluateConfig
+    from sceneml.tasks.evaluate import evaluate
+
+    with pytest.raises(SceneMLError, match=r"^model_uri 'models:/nope@champion' does not resolve") as info:
+        evaluate(EvaluateConfig(model_uri="models:/nope@champion"))
+    assert "\n" not in str(info.value)
+    (run,) = MlflowClient().search_runs(["0"])
+    assert run.info.status == "FAILED"
+    assert "does not resolve" in run.data.tags["sceneml.error"]
 
 
 @pytest.mark.slow
@@ -232,7 +234,7 @@ def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_temp_file(tmp_pat
         resource.setrlimit(resource.RLIMIT_FSIZE, (4 * 2**20, 4 * 2**20))
 
     cache = tmp_path / "cache"
-    env = _env(f"sqlite:///{tmp_path / 'mlflow.db'}", SCENEML_CACHE=str(cache))
+    env = _env(new_store(tmp_path), SCENEML_CACHE=str(cache))
     # 180 images at 96 px decode to a 5 MB array: over the 4 MB limit
     proc = subprocess.run([*TRAIN, "--epochs", "1", "--image-size", "96"], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300, preexec_fn=limit_writes)
@@ -272,8 +274,7 @@ def test_predict_refuses_an_unwritable_output_before_predicting(tmp_path):
 def test_select_refuses_runs_of_two_data_sets_in_one_line_and_registers_nothing(tracking_uri, tmp_path):
     """Six synthetic classes and three folder classes in one experiment: no champion, one line naming both;
     another seed of the same data set is the same data set (its split differs, its images do not)."""
-    from sceneml.config import TrainConfig
-    from sceneml.tasks.train import train
+    from sceneml.tasks.select import select_champion
 
     from .helpers import write_class_folders
 
@@ -281,20 +282,18 @@ def test_select_refuses_runs_of_two_data_sets_in_one_line_and_registers_nothing(
     small = dict(weights="none", epochs=1, batch_size=16, image_size=32, quiet=True)
     train(TrainConfig(data="synthetic:30", seed=1, **small))
     train(TrainConfig(data="synthetic:30", seed=2, **small))
-    select = [sys.executable, str(REPO / "entrypoints" / "select_champion.py"), "--experiment", "Default"]
-    same = subprocess.run(select, env=_env(tracking_uri), cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert same.returncode == 0, same.stderr[-2000:]
+    select_champion(["0"])
     train(TrainConfig(data=str(three), val_fraction=0.3, test_fraction=0.3, **small))
-    mixed = subprocess.run(select, env=_env(tracking_uri), cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert mixed.returncode == 2
-    (line,) = mixed.stderr.strip().splitlines()
-    assert line.startswith("error: the runs to rank were trained on 2 different data sets")
+    with pytest.raises(SceneMLError) as info:
+        select_champion(["0"])
+    (line,) = str(info.value).splitlines()
+    assert line.startswith("the runs to rank were trained on 2 different data sets")
     assert "data=synthetic:30 (6 classes" in line and f"data={three} (3 classes" in line
     assert len(MlflowClient().search_model_versions("name = 'sceneml'")) == 1  # the first select's only
 
 
 @pytest.mark.slow
-def test_dedupe_that_empties_a_class_from_val_is_one_line_before_training(tmp_path):
+def test_dedupe_that_empties_a_class_from_val_is_one_line_before_training(tracking_uri, tmp_path):
     """Class `a` is ten copies of one picture: every val/test copy is a duplicate of a training image."""
     import shutil
 
@@ -303,35 +302,32 @@ def test_dedupe_that_empties_a_class_from_val_is_one_line_before_training(tmp_pa
     root = write_class_folders(tmp_path / "data", {"a": 1, "b": 10, "c": 10})
     for i in range(1, 10):
         shutil.copy(root / "a" / "img_000.jpg", root / "a" / f"copy_{i}.jpg")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = subprocess.run([*TRAIN, "--data", str(root), "--dedupe", "cross_split", "--epochs", "1",
-                           "--val-fraction", "0.3", "--test-fraction", "0.3"],
-                          env=_env(uri), cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2
-    line = proc.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: dedupe=cross_split dropped ") and "class 'a'" in line
+    with pytest.raises(SceneMLError) as info:
+        train(dataclasses.replace(SMALL, data=str(root), dedupe="cross_split", epochs=1, val_fraction=0.3,
+                                  test_fraction=0.3))
+    (line,) = str(info.value).splitlines()
+    assert line.startswith("dedupe=cross_split dropped ") and "class 'a'" in line
     dropped = int(line.split("dropped ")[1].split()[0])
     assert dropped >= 6  # at least the val and test shares of ten images
-    assert _only_run(MlflowClient(uri)) == ""  # no training run was opened
+    assert _only_run(MlflowClient(tracking_uri)) == ""  # no training run was opened
 
 
 @pytest.mark.slow
-def test_a_kill_between_the_checkpoint_and_the_epoch_log_leaves_one_value_per_metric_and_epoch(tmp_path):
+def test_a_kill_between_the_checkpoint_and_the_epoch_log_leaves_one_value_per_metric_and_epoch(tmp_path, straight):
     """SIGKILL right after epoch 2's checkpoint, before epoch 2 is logged: the resume logs epoch 2 from
     the checkpoint (metrics, scores file) and goes on; no metric of the run holds two values at a step,
     and every epoch equals a straight run's."""
     from sceneml.tasks.train import FAULT_CHECKPOINT_ENV
 
-    straight_uri, crash_dir, crash_uri = _straight_run_and_a_store_to_crash(tmp_path)
+    straight_uri, crash_dir = straight, tmp_path
+    crash_uri = new_store(crash_dir)
     crashed = subprocess.run([*TRAIN, "--epochs", "3"], env=_env(crash_uri, **{FAULT_CHECKPOINT_ENV: "2"}),
                              cwd=crash_dir, capture_output=True, timeout=600)
     assert crashed.returncode == -signal.SIGKILL
     client = MlflowClient(crash_uri)
     run_id = _only_run(client)
     assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [1]  # epoch 2 saved, not logged
-    done = subprocess.run([*TRAIN, "--epochs", "3", "--resume", run_id], env=_env(crash_uri), cwd=crash_dir,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    _resume(crash_uri, crash_dir, run_id)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     for key in run.data.metrics:
@@ -358,7 +354,7 @@ def test_a_heartbeat_from_another_host_holds_the_run_until_it_is_stale():
 
 @pytest.mark.slow
 def test_resume_of_a_run_still_training_in_another_process_is_refused_until_that_process_is_gone(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = new_store(tmp_path)
     log = tmp_path / "train.log"
     with log.open("w") as err:
         first = subprocess.Popen([*TRAIN, "--epochs", "3"], env=_env(uri, **PAUSE_IN_EPOCH_2), cwd=tmp_path,
@@ -366,38 +362,33 @@ def test_resume_of_a_run_still_training_in_another_process_is_refused_until_that
     try:
         wait_for(lambda: "paused after step 10" in log.read_text(), 300, "the pause in epoch 2", first, log)
         run_id = _only_run(MlflowClient(uri))
-        refused = subprocess.run([*TRAIN, "--epochs", "3", "--resume", run_id], env=_env(uri), cwd=tmp_path,
-                                 capture_output=True, text=True, timeout=300)
-        assert refused.returncode == 2
-        (line,) = refused.stderr.strip().splitlines()
-        assert line.startswith(f"error: resume={run_id}: run ") and f"still being trained (process {first.pid} on " \
-            in line
+        with pytest.raises(SceneMLError) as info:
+            _resume(uri, tmp_path, run_id)
+        (line,) = str(info.value).splitlines()
+        assert line.startswith(f"resume={run_id}: run ") and f"still being trained (process {first.pid} on " in line
     finally:
         first.kill()
         first.wait()
     # the holder is gone (same host: at once, no waiting for the heartbeat to age)
-    done = subprocess.run([*TRAIN, "--epochs", "3", "--resume", run_id], env=_env(uri), cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    _resume(uri, tmp_path, run_id)
     assert MlflowClient(uri).get_run(run_id).info.status == "FINISHED"
 
 
 @pytest.mark.slow
-def test_a_tracking_server_that_does_not_answer_is_one_line_naming_it_before_any_work(tmp_path):
+def test_a_tracking_server_that_does_not_answer_is_one_line_naming_it_before_any_work(tmp_path, monkeypatch):
     import time
 
     from .conftest import free_port
 
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("SCENEML_STORE_WAIT_S", "5")
     started = time.monotonic()
-    proc = subprocess.run(TRAIN, env=_env(uri, SCENEML_STORE_WAIT_S="5"), cwd=tmp_path, capture_output=True,
-                          text=True, timeout=300)
+    with using_store(uri, tmp_path), pytest.raises(SceneMLError) as info:
+        train(dataclasses.replace(SMALL, data=str(tmp_path / "never-read")))  # fails before the data are read
     assert time.monotonic() - started < 60
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == (
-        f"error: the tracking server {uri} did not answer within 5 s (ConnectionError); start it, or set "
+    assert str(info.value) == (
+        f"the tracking server {uri} did not answer within 5 s (ConnectionError); start it, or set "
         "MLFLOW_TRACKING_URI to one that runs")
-    assert "Traceback" not in proc.stderr and "marked KILLED" not in proc.stderr
     assert not (tmp_path / "mlruns").exists()
 
 

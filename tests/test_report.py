@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import sys
 
 import mlflow
 import numpy as np
@@ -18,7 +17,7 @@ from sceneml.metrics import expected_calibration_error, reliability_bins
 from sceneml.report import Image, Section, Table, number, render_html, render_markdown
 from sceneml.scores import scores_from_csv
 
-from .conftest import REPO, mlflow_run, subprocess_env
+from .conftest import mlflow_run
 
 CLASSES = ["buildings", "forest", "glacier", "mountain", "sea", "street"]
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
@@ -148,8 +147,12 @@ def test_report_numbers_are_the_runs_metrics(study):
 
 
 @pytest.mark.slow
-def test_report_entry_point_replaces_the_artifacts_and_refuses_a_run_that_is_not_a_study(study, tmp_path):
-    uri, exp_id = study
+def test_report_entry_point_replaces_the_artifacts_and_refuses_a_run_that_is_not_a_study(study_copy, tmp_path):
+    from sceneml.config import ReportConfig
+    from sceneml.errors import SceneMLError
+    from sceneml.tasks.report import report
+
+    uri, exp_id = study_copy
     parent, children = _study(exp_id)
     client = MlflowClient()
     before = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/report/report.md")
@@ -159,11 +162,8 @@ def test_report_entry_point_replaces_the_artifacts_and_refuses_a_run_that_is_not
     again = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/report/report.md")
     assert again == before  # same runs, same report
 
-    proc = subprocess.run([sys.executable, "entrypoints/report.py", "--study-run-id",
-                           children["select"].info.run_id], cwd=REPO, capture_output=True, text=True,
-                          env=subprocess_env(MLFLOW_TRACKING_URI=uri))
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: run ") and "is not a study run" in proc.stderr
+    with pytest.raises(SceneMLError, match=r"^run \w+ \(.*\) is not a study run"):
+        report(ReportConfig(study_run_id=children["select"].info.run_id))
 
 
 @pytest.mark.slow

@@ -92,8 +92,8 @@ def test_evaluation_test_acc_equals_a_recomputation_with_the_loaded_champion(stu
 
 
 @pytest.mark.slow
-def test_select_is_idempotent_and_a_better_run_moves_the_alias(study, monkeypatch):
-    _, exp_id = study
+def test_select_is_idempotent_and_a_better_run_moves_the_alias(study_copy, monkeypatch):
+    _, exp_id = study_copy
     client = MlflowClient()
     before = client.search_model_versions("name = 'sceneml'")
     version, _ = select_champion([exp_id])
@@ -126,9 +126,12 @@ def images(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def predictions(study_store, images, tmp_path_factory):
+    """`mlflow run . -e predict` on a copy of the study's store (it logs a run of its own)."""
     uri, exp_id = study_store
     out = tmp_path_factory.mktemp("predict") / "predictions.csv"
-    mlflow_run(uri, exp_id, "predict", {"input": str(images), "output": str(out)}, out.parent)
+    shutil.copyfile(uri.removeprefix("sqlite:///"), out.parent / "mlflow.db")
+    mlflow_run(f"sqlite:///{out.parent / 'mlflow.db'}", exp_id, "predict", {"input": str(images), "output": str(out)},
+               out.parent)
     return pd.read_csv(out, keep_default_na=False)
 
 
@@ -289,10 +292,10 @@ def test_two_studies_with_one_model_name_each_evaluate_their_own_champion(tracki
 
 
 @pytest.mark.slow
-def test_evaluate_entry_point_prints_the_headline_numbers_of_its_run(study, tmp_path):
+def test_evaluate_entry_point_prints_the_headline_numbers_of_its_run(study_copy, tmp_path):
     """`mlflow run . -e evaluate` prints test_acc, test_mAP, test_mean_class_acc, test_ece and test_loss,
     and they are what the study's own evaluation of the same version logged."""
-    uri, exp_id = study
+    uri, exp_id = study_copy
     proc = mlflow_run(uri, exp_id, "evaluate", {"model_uri": "models:/sceneml/1"}, tmp_path)
     printed = dict(item.split(" = ") for item in proc.stdout.strip().splitlines()[-1].split("  "))
     assert list(printed) == ["test_acc", "test_mAP", "test_mean_class_acc", "test_ece", "test_loss"]

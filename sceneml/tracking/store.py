@@ -26,7 +26,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 ATTEMPTS = 8  # 0.2 s doubling: about 50 s of waiting in all before the error goes to the caller
 # how long a task waits for a tracking server that does not answer, before any run
-REACH_WITHIN_S = int(os.environ.get("SCENEML_STORE_WAIT_S", "60"))
+
+
+def reach_within_s() -> int:
+    """How long a tracking server may take to answer its first request (``SCENEML_STORE_WAIT_S``, 60)."""
+    return int(os.environ.get("SCENEML_STORE_WAIT_S", "60"))
 
 
 def _causes(exc: BaseException):
@@ -104,23 +108,24 @@ def _redacted(uri: str) -> str:
 
 
 def _wait_for_server(uri: str) -> None:
-    """Any HTTP answer from a tracking server within REACH_WITHIN_S, else one line naming it.
+    """Any HTTP answer from a tracking server within :func:`reach_within_s`, else one line naming it.
 
     MLflow's own client retries a server that does not answer for about four minutes per request
     (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``, ``MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR``), which is right for
     a server restarting under a long run, not for a task that has not started: this check fails
     first, and nothing is written anywhere."""
+    within_s = reach_within_s()
 
     def warn_once(state: tenacity.RetryCallState) -> None:
         if state.attempt_number == 1:
-            log.warning("tracking server %s does not answer; trying for up to %d s", _redacted(uri), REACH_WITHIN_S)
+            log.warning("tracking server %s does not answer; trying for up to %d s", _redacted(uri), within_s)
 
     try:
         tenacity.Retrying(retry=tenacity.retry_if_exception_type(requests.RequestException),
-                          stop=tenacity.stop_before_delay(REACH_WITHIN_S),
+                          stop=tenacity.stop_before_delay(within_s),
                           wait=tenacity.wait_exponential(multiplier=0.5, max=10), before_sleep=warn_once,
                           reraise=True)(requests.get, uri.rstrip("/") + "/health", timeout=10)
     except requests.RequestException as exc:
-        raise StoreUnreachable(f"the tracking server {_redacted(uri)} did not answer within {REACH_WITHIN_S} s "
+        raise StoreUnreachable(f"the tracking server {_redacted(uri)} did not answer within {within_s} s "
                                f"({type(exc).__name__}); start it, or set MLFLOW_TRACKING_URI to one that runs") \
             from None

@@ -1,0 +1,128 @@
+"""The torch engine's pieces by independent routes: the lr schedules against their closed forms (also
+across a checkpoint round trip), the random crop measured from its output, and DDP's averaged gradients
+against one process on the same global batch."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sceneml.engine.batches import random_resized_crop
+from sceneml.engine.checkpoint import load_checkpoint, restore_checkpoint, save_checkpoint
+from sceneml.engine.loop import build_optimizer, build_scheduler, seed_everything, train_one_epoch
+from sceneml.models import build_model
+
+LR, EPOCHS = 0.1, 6
+
+
+def _lrs(name: str, epochs: int = EPOCHS, resume_after: int | None = None, tmp_path=None) -> list[float]:
+    """The lr of each epoch as `train` logs it (read before the epoch's scheduler step); with
+    ``resume_after`` the model, optimizer and schedule go through a checkpoint file at that epoch."""
+    model = torch.nn.Linear(2, 2)
+    opt = build_optimizer("sgd", model.parameters(), LR, 0.9, 0.0)
+    sched = build_scheduler(name, opt, epochs)
+    out = []
+    for epoch in range(1, epochs + 1):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+        if epoch == resume_after:
+            save_checkpoint(tmp_path / "last.pt", model, opt, sched, epoch, {})
+            model = torch.nn.Linear(2, 2)
+            opt = build_optimizer("sgd", model.parameters(), LR, 0.9, 0.0)
+            sched = build_scheduler(name, opt, epochs)
+            assert restore_checkpoint(load_checkpoint(tmp_path / "last.pt"), model, opt, sched) == epoch
+    return out
+
+
+def test_cosine_schedule_follows_its_closed_form():
+    expected = [LR * (1 + math.cos(math.pi * t / EPOCHS)) / 2 for t in range(EPOCHS)]
+    assert _lrs("cosine") == pytest.approx(expected, rel=1e-12)
+
+
+def test_step_schedule_divides_by_ten_every_third_of_the_run():
+    step = EPOCHS // 3
+    expected = [LR * 0.1 ** (t // step) for t in range(EPOCHS)]
+    assert _lrs("step") == pytest.approx(expected, rel=1e-12)
+    assert build_scheduler("none", build_optimizer("sgd", torch.nn.Linear(2, 2).parameters(), LR, 0, 0), 3) is None
+
+
+@pytest.mark.parametrize("name", ["cosine", "step"])
+def test_a_resumed_schedule_continues_where_it_stopped(name, tmp_path):
+    assert _lrs(name, resume_after=2, tmp_path=tmp_path) == _lrs(name)
+
+
+def test_random_crop_samples_a_box_inside_the_image_with_the_documented_area_and_aspect():
+    """An image whose channels hold each pixel's own x and y coordinate: bilinear sampling of a linear
+    ramp is exact, so the output's ramps give the box that was sampled (slope = half-width, value at
+    the centre = box centre), measured without re-drawing the random numbers."""
+    size, b = 64, 16
+    centres = (2 * torch.arange(size, dtype=torch.float64) + 1) / size - 1  # pixel centres in [-1, 1]
+    x = torch.zeros(b, 3, size, size, dtype=torch.float64)
+    x[:, 0] = centres.view(1, 1, size)
+    x[:, 1] = centres.view(1, size, 1)
+    out = random_resized_crop(x.float(), torch.Generator().manual_seed(0)).double()
+    assert out.shape == x.shape
+    inner = slice(size // 4, 3 * size // 4)  # away from the border, where reflection padding bends the ramp
+    u = centres[inner].numpy()
+    areas, aspects = [], []
+    for i in range(b):
+        w, cx = np.polyfit(u, out[i, 0, size // 2, inner].numpy(), 1)
+        h, cy = np.polyfit(u, out[i, 1, inner, size // 2].numpy(), 1)
+        assert np.allclose(out[i, 0, inner, inner].numpy(), w * u[None, :] + cx, atol=1e-4)  # a crop, not a warp
+        assert abs(cx) + w <= 1 + 1e-4 and abs(cy) + h <= 1 + 1e-4  # inside the image
+        areas.append(w * h)
+        aspects.append(w / h)
+    assert min(areas) >= 0.5 - 1e-3 and max(areas) <= 1 + 1e-3
+    assert min(aspects) >= 3 / 4 - 1e-3 and max(aspects) <= 4 / 3 + 1e-3
+    assert np.std(areas) > 0.02  # each image draws its own box
+
+
+DDP_WORKER = """
+import sys, torch, torch.distributed as dist
+from sceneml.engine.loop import build_optimizer, seed_everything, train_one_epoch
+from sceneml.models import build_model
+rank, init, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+torch.set_num_threads(1)
+dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+seed_everything(0)
+model, _ = build_model("resnet18", 6, "none")
+g = torch.Generator().manual_seed(1)
+x, y = torch.rand(8, 3, 32, 32, generator=g), torch.randint(0, 6, (8,), generator=g)
+ddp = torch.nn.parallel.DistributedDataParallel(model)
+model.eval()  # BatchNorm on running statistics: each image's loss depends on that image alone
+opt = build_optimizer("sgd", model.parameters(), 0.1, 0.9, 0.0)
+train_one_epoch(ddp, opt, [(x[rank * 4:(rank + 1) * 4], y[rank * 4:(rank + 1) * 4])], 4, progress=False)
+if rank == 0:
+    torch.save(model.state_dict(), out)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_ddp_on_two_processes_takes_the_step_of_one_process_on_the_global_batch(tmp_path):
+    """Two gloo ranks with 4 images each (sceneml's training step under DistributedDataParallel, the
+    gradient all-reduced as a mean) end with the weights of one process stepping on all 8."""
+    import subprocess
+    import sys
+
+    init = f"file://{tmp_path / 'rendezvous'}"
+    ranks = [subprocess.Popen([sys.executable, "-c", DDP_WORKER, str(r), init, str(tmp_path / "ddp.pt")],
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    for p in ranks:
+        assert p.wait(timeout=300) == 0, p.stderr.read()[-2000:]
+    seed_everything(0)
+    model, _ = build_model("resnet18", 6, "none")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(8, 3, 32, 32, generator=g), torch.randint(0, 6, (8,), generator=g)
+    model.eval()
+    train_one_epoch(model, build_optimizer("sgd", model.parameters(), 0.1, 0.9, 0.0), [(x, y)], 8, progress=False)
+    ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    moved = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
+    assert len(moved) > 20  # the step changed the network
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(ddp[k], v, rtol=1e-5, atol=1e-6, msg=k)
