@@ -1,4 +1,4 @@
-# Quick start: `make demo` (the whole study on the embedded data), `make check` (fast tests, < 90 s)
+# Quick start: `make demo` (the whole study on the embedded data), `make check` (the fast tests)
 # and `make test` (everything, what CI runs). All create .venv on first use and are safe to run again.
 VENV   ?= .venv
 PYTHON ?= python3
@@ -19,15 +19,20 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) -m mlflow run . --env-manager local --experiment-name sceneml
 
+# Both run the tests in a random order drawn from ORDER_SEED (pytest-randomly): a test that needs
+# another's leftovers fails here, and the same seed gives the same order again. `-p no:randomly` runs
+# them in file order.
+ORDER_SEED ?= 20261130
+
 # the fast tier: unit tests, no `mlflow run`, no subprocess training
 check: install
-	$(PY) -m pytest -m "not slow" --durations=10
+	$(PY) -m pytest -m "not slow" -p randomly --randomly-seed=$(ORDER_SEED) --durations=10
 
 # two workers: most of a test's time is one process importing torch and MLflow, which leaves the
 # other core idle; the tests that share a costly fixture stay together (tests/conftest.py)
 TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=10
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -p randomly --randomly-seed=$(ORDER_SEED) --durations=10
 
 lint: install
 	$(VENV)/bin/ruff check sceneml entrypoints tests benchmarks

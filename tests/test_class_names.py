@@ -4,8 +4,6 @@ metric key by one mapping (sceneml.class_keys), while params, scores files and r
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import mlflow
 import numpy as np
@@ -16,7 +14,6 @@ from sklearn.metrics import recall_score
 from sceneml.class_keys import class_keys
 from sceneml.scores import scores_from_csv
 
-from .conftest import REPO, subprocess_env
 from .helpers import write_class_folders
 
 LONG = "glacier " + "very " * 46 + "cold"  # 242 characters, under the 255 a file name may hold
@@ -32,17 +29,14 @@ def test_the_mapping_by_its_documented_rules():
 
 
 @pytest.mark.slow
-def test_odd_class_folders_train_to_a_finished_run_with_one_key_per_class(tmp_path):
+def test_odd_class_folders_train_to_a_finished_run_with_one_key_per_class(tracking_uri, tmp_path):
+    from sceneml.config import TrainConfig
+    from sceneml.tasks.train import train
+
     names = ["best", "sea&sky, calm", "forest (1)", LONG]
     root = write_class_folders(tmp_path / "data", {n: 12 for n in names})
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = subprocess.run([sys.executable, str(REPO / "entrypoints" / "train.py"), "--data", str(root),
-                           "--epochs", "1", "--image-size", "32", "--batch-size", "8", "--weights", "none",
-                           "--val-fraction", "0.25", "--test-fraction", "0.25", "--quiet", "--device", "cpu"],
-                          env=subprocess_env(MLFLOW_TRACKING_URI=uri), cwd=tmp_path, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    mlflow.set_tracking_uri(uri)
+    train(TrainConfig(data=str(root), epochs=1, image_size=32, batch_size=8, weights="none", val_fraction=0.25,
+                      test_fraction=0.25, quiet=True, device="cpu"))
     client = MlflowClient()
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     run_id = run.info.run_id
@@ -61,4 +55,3 @@ def test_odd_class_folders_train_to_a_finished_run_with_one_key_per_class(tmp_pa
     recall = recall_score(y, scores.argmax(1), labels=range(len(classes)), average=None, zero_division=np.nan)
     for key, expected in zip(keys, recall):
         assert run.data.metrics[f"val_acc_{key}"] == pytest.approx(expected)
-    mlflow.set_tracking_uri(None)

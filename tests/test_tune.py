@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from sceneml.errors import SceneMLError
 from sceneml.space import DEFAULT_SPACE, load_space, parse_space
 
-from .conftest import REPO, subprocess_env
+from .conftest import REPO, new_store, subprocess_env
 
 # 30 synthetic images per class at 32 px, 2 epochs: a trial takes a few seconds
 TINY = ["--data", "synthetic:30", "--image-size", "32", "--epochs", "2", "--weights", "none", "--n-images", "30",
@@ -86,6 +86,8 @@ def test_a_worker_that_loses_the_race_to_create_the_experiment_still_runs_in_it(
 
 
 def _tune(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+    if not (tmp_path / "mlflow.db").exists():
+        new_store(tmp_path)
     return subprocess.Popen([sys.executable, str(REPO / "entrypoints" / "tune.py"), *TINY, *args], cwd=tmp_path,
                             env=subprocess_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
                                                **(env or {})),
