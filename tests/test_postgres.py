@@ -21,7 +21,8 @@ import pytest
 from mlflow import MlflowClient
 from sklearn.metrics import accuracy_score
 
-from .conftest import REPO, free_port, subprocess_env, url_answers, wait_for
+from .conftest import free_port, subprocess_env, url_answers, wait_for
+from .processes import run_sceneml, sceneml
 from .test_reliability import EPOCH_KEYS, TRAIN, _epoch_metrics
 
 pytestmark = pytest.mark.slow
@@ -97,20 +98,19 @@ def server(postgres, tmp_path_factory):
     _stop(state["proc"])
 
 
-def _env(uri: str, **extra: str) -> dict[str, str]:
-    return subprocess_env(MLFLOW_TRACKING_URI=uri, MLFLOW_EXPERIMENT_NAME="postgres", **extra)
+def _env(uri: str, experiment: str, **extra: str) -> dict[str, str]:
+    return subprocess_env(MLFLOW_TRACKING_URI=uri, MLFLOW_EXPERIMENT_NAME=experiment, **extra)
 
 
 @pytest.fixture(scope="module")
 def four_runs(server):
-    MlflowClient(server["uri"]).create_experiment("postgres")  # not raced for by the four
-    procs = [subprocess.Popen([*TRAIN, "--epochs", "1", "--seed", str(seed), "--image-size", "32"],
-                              env=_env(server["uri"], OMP_NUM_THREADS="1"), cwd=server["tmp"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for seed in range(4)]
+    MlflowClient(server["uri"]).create_experiment("postgres-four")  # not raced for by the four
+    procs = [sceneml([*TRAIN, "--epochs", "1", "--seed", str(seed), "--image-size", "32"],
+                     _env(server["uri"], "postgres-four", OMP_NUM_THREADS="1"), server["tmp"]) for seed in range(4)]
     errors = [p.communicate(timeout=600)[1] for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, "\n".join(e[-1500:] for e in errors)
     client = MlflowClient(server["uri"])
-    return client.search_runs([client.get_experiment_by_name("postgres").experiment_id])
+    return client.search_runs([client.get_experiment_by_name("postgres-four").experiment_id])
 
 
 def test_four_trainings_at_once_all_finish_with_every_metric(four_runs, server):
@@ -121,11 +121,9 @@ def test_four_trainings_at_once_all_finish_with_every_metric(four_runs, server):
 
 
 def test_select_and_evaluate_over_http(four_runs, server):
-    env = _env(server["uri"])
-    for script, args in (("select_champion.py", ["--experiment", "postgres"]),
-                         ("evaluate.py", ["--model-uri", "models:/sceneml@champion"])):
-        proc = subprocess.run([sys.executable, str(REPO / "entrypoints" / script), *args], env=env,
-                              cwd=server["tmp"], capture_output=True, text=True, timeout=300)
+    env = _env(server["uri"], "postgres-four")
+    for args in (["select", "--experiment", "postgres-four"], ["evaluate", "--model-uri", "models:/sceneml@champion"]):
+        proc = run_sceneml(args, env, server["tmp"], timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
     client = MlflowClient(server["uri"])
     champion = client.get_model_version_by_alias("sceneml", "champion")
@@ -148,9 +146,9 @@ def test_a_server_restart_while_a_run_is_mid_epoch_loses_nothing(server):
     import psutil
 
     uri = server["uri"]
-    proc = subprocess.Popen([*TRAIN, "--epochs", "2", "--image-size", "32"],
-                            env=_env(uri, SCENEML_FAULT_AT_STEP="10:stop"),  # stops itself inside epoch 2
-                            cwd=server["tmp"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # it stops itself inside epoch 2
+    proc = sceneml([*TRAIN, "--epochs", "2", "--image-size", "32"],
+                   _env(uri, "postgres-restart", SCENEML_FAULT_AT_STEP="10:stop"), server["tmp"])
     wait_for(lambda: psutil.Process(proc.pid).status() == psutil.STATUS_STOPPED, 300, "the stop in epoch 2", proc)
     _stop(server["proc"])  # the server goes away mid-epoch ...
     os.kill(proc.pid, signal.SIGCONT)  # ... the run goes on and its next writes fail and retry ...
@@ -158,7 +156,7 @@ def test_a_server_restart_while_a_run_is_mid_epoch_loses_nothing(server):
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-2000:]
     client = MlflowClient(uri)
-    run = client.search_runs([client.get_experiment_by_name("postgres").experiment_id],
+    run = client.search_runs([client.get_experiment_by_name("postgres-restart").experiment_id],
                              order_by=["attributes.start_time DESC"])[0]
     assert run.info.status == "FINISHED"
     assert set(_epoch_metrics(client, run.info.run_id)) == {(k, s) for k in EPOCH_KEYS for s in (1, 2)}
@@ -169,12 +167,11 @@ def test_a_server_restart_while_a_run_is_mid_epoch_loses_nothing(server):
 
 def test_two_tune_workers_share_one_search_in_postgres(server, tmp_path):
     storage = f"{server['db']}/optuna"
-    cmd = [sys.executable, str(REPO / "entrypoints" / "tune.py"), "--data", "synthetic:30", "--image-size", "32",
+    cmd = ["tune", "--data", "synthetic:30", "--image-size", "32",
            "--epochs", "1", "--weights", "none", "--n-images", "30", "--quiet", "--n-trials", "2", "--pruner", "none",
            "--storage", storage, "--experiment", "pg-tune"]
     env = subprocess_env(MLFLOW_TRACKING_URI=server["uri"])
-    workers = [subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True) for _ in range(2)]
+    workers = [sceneml(cmd, env, tmp_path) for _ in range(2)]
     outputs = [w.communicate(timeout=600) for w in workers]
     assert [w.returncode for w in workers] == [0, 0], [e[-1500:] for _, e in outputs]
     client = MlflowClient(server["uri"])

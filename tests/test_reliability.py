@@ -20,10 +20,11 @@ from sceneml.errors import SceneMLError
 from sceneml.tasks.train import FAULT_ENV, local_checkpoint_path, train
 
 from .conftest import REPO, new_store, subprocess_env, using_store, wait_for
+from .processes import Process, run_sceneml, sceneml
 
 # 32 px: these tests are about crashes and stores, not accuracy (a later --image-size wins). A process
 # where the test is about processes (signals, concurrency, limits); in-process otherwise.
-TRAIN = [sys.executable, str(REPO / "entrypoints" / "train.py"), "--data", "synthetic:30", "--weights", "none",
+TRAIN = ["train", "--data", "synthetic:30", "--weights", "none",
          "--batch-size", "16", "--quiet", "--device", "cpu", "--image-size", "32"]
 SMALL = TrainConfig(data="synthetic:30", weights="none", batch_size=16, quiet=True, device="cpu", image_size=32,
                     epochs=3)
@@ -47,18 +48,15 @@ def _only_run(client: MlflowClient) -> str:
 PAUSE_IN_EPOCH_2 = {FAULT_ENV: "10:pause"}
 
 
-def _interrupt_in_epoch_2(tmp: Path, uri: str, sig: int) -> tuple[str, subprocess.Popen, str]:
+def _interrupt_in_epoch_2(tmp: Path, uri: str, sig: int) -> tuple[str, Process, str]:
     """Start a 3-epoch training that pauses after its 10th batch (inside epoch 2, deterministically,
     whatever the machine's speed), send ``sig`` once it says so; returns the run id, the ended
     process and its stderr."""
-    log = tmp / "train.log"
-    with log.open("w") as err:
-        proc = subprocess.Popen([*TRAIN, "--epochs", "3"], env=_env(uri, **PAUSE_IN_EPOCH_2), cwd=tmp,
-                                stdout=subprocess.DEVNULL, stderr=err, text=True)
-    wait_for(lambda: "paused after step 10" in log.read_text(), 300, "the pause in epoch 2", proc, log)
+    proc = sceneml([*TRAIN, "--epochs", "3"], _env(uri, **PAUSE_IN_EPOCH_2), tmp)
+    wait_for(lambda: "paused after step 10" in proc.stderr.read(), 300, "the pause in epoch 2", proc)
     proc.send_signal(sig)
     proc.wait(timeout=120)
-    return _only_run(MlflowClient(uri)), proc, log.read_text()
+    return _only_run(MlflowClient(uri)), proc, proc.stderr.read()
 
 
 @pytest.fixture(scope="module")
@@ -181,8 +179,7 @@ def test_a_refused_resume_changes_nothing_about_the_old_run(tracking_uri):
 @pytest.mark.slow
 def test_four_runs_at_once_on_one_new_sqlite_store_all_finish_with_every_metric(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # does not exist yet: all four race to create it
-    procs = [subprocess.Popen([*TRAIN, "--epochs", "2", "--seed", str(seed)], env=_env(uri, OMP_NUM_THREADS="1"),
-                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    procs = [sceneml([*TRAIN, "--epochs", "2", "--seed", str(seed)], _env(uri, OMP_NUM_THREADS="1"), tmp_path)
              for seed in range(4)]
     errors = [p.communicate(timeout=600)[1] for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, "\n".join(e[-1500:] for e in errors)
@@ -214,9 +211,7 @@ def test_four_selects_at_once_register_the_checkpoint_once(tracking_uri):
     from sceneml.tasks.train import train
 
     train(TrainConfig(data="synthetic:30", weights="none", epochs=1, batch_size=16, image_size=32, quiet=True))
-    select = [sys.executable, str(REPO / "entrypoints" / "select_champion.py"), "--experiment", "Default"]
-    procs = [subprocess.Popen(select, env=_env(tracking_uri), cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    procs = [sceneml(["select", "--experiment", "Default"], _env(tracking_uri), REPO) for _ in range(4)]
     errors = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, errors
     versions = MlflowClient().search_model_versions("name = 'sceneml'")
@@ -227,17 +222,11 @@ def test_four_selects_at_once_register_the_checkpoint_once(tracking_uri):
 @pytest.mark.slow
 def test_a_full_disk_is_one_line_naming_the_file_and_leaves_no_temp_file(tmp_path):
     """The write limit of the process (RLIMIT_FSIZE) fails a write mid-file exactly as a full disk does."""
-    import resource
-
-    def limit_writes():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
-        resource.setrlimit(resource.RLIMIT_FSIZE, (4 * 2**20, 4 * 2**20))
-
     cache = tmp_path / "cache"
     env = _env(new_store(tmp_path), SCENEML_CACHE=str(cache))
     # 180 images at 96 px decode to a 5 MB array: over the 4 MB limit
-    proc = subprocess.run([*TRAIN, "--epochs", "1", "--image-size", "96"], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300, preexec_fn=limit_writes)
+    proc = run_sceneml([*TRAIN, "--epochs", "1", "--image-size", "96"], env, tmp_path, timeout=300,
+                       max_file_bytes=4 * 2**20)
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: cannot write the decode cache in") and str(cache) in last
@@ -321,8 +310,7 @@ def test_a_kill_between_the_checkpoint_and_the_epoch_log_leaves_one_value_per_me
 
     straight_uri, crash_dir = straight, tmp_path
     crash_uri = new_store(crash_dir)
-    crashed = subprocess.run([*TRAIN, "--epochs", "3"], env=_env(crash_uri, **{FAULT_CHECKPOINT_ENV: "2"}),
-                             cwd=crash_dir, capture_output=True, timeout=600)
+    crashed = run_sceneml([*TRAIN, "--epochs", "3"], _env(crash_uri, **{FAULT_CHECKPOINT_ENV: "2"}), crash_dir)
     assert crashed.returncode == -signal.SIGKILL
     client = MlflowClient(crash_uri)
     run_id = _only_run(client)
@@ -355,12 +343,9 @@ def test_a_heartbeat_from_another_host_holds_the_run_until_it_is_stale():
 @pytest.mark.slow
 def test_resume_of_a_run_still_training_in_another_process_is_refused_until_that_process_is_gone(tmp_path):
     uri = new_store(tmp_path)
-    log = tmp_path / "train.log"
-    with log.open("w") as err:
-        first = subprocess.Popen([*TRAIN, "--epochs", "3"], env=_env(uri, **PAUSE_IN_EPOCH_2), cwd=tmp_path,
-                                 stdout=subprocess.DEVNULL, stderr=err, text=True)
+    first = sceneml([*TRAIN, "--epochs", "3"], _env(uri, **PAUSE_IN_EPOCH_2), tmp_path)
     try:
-        wait_for(lambda: "paused after step 10" in log.read_text(), 300, "the pause in epoch 2", first, log)
+        wait_for(lambda: "paused after step 10" in first.stderr.read(), 300, "the pause in epoch 2", first)
         run_id = _only_run(MlflowClient(uri))
         with pytest.raises(SceneMLError) as info:
             _resume(uri, tmp_path, run_id)

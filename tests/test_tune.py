@@ -3,8 +3,6 @@ storage."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -15,7 +13,8 @@ from mlflow import MlflowClient
 from sceneml.errors import SceneMLError
 from sceneml.space import DEFAULT_SPACE, load_space, parse_space
 
-from .conftest import REPO, new_store, subprocess_env
+from .conftest import new_store, subprocess_env
+from .processes import Process, sceneml
 
 # 30 synthetic images per class at 32 px, 2 epochs: a trial takes a few seconds
 TINY = ["--data", "synthetic:30", "--image-size", "32", "--epochs", "2", "--weights", "none", "--n-images", "30",
@@ -85,16 +84,15 @@ def test_a_worker_that_loses_the_race_to_create_the_experiment_still_runs_in_it(
     assert run.info.experiment_id == MlflowClient().get_experiment_by_name("raced").experiment_id != "0"
 
 
-def _tune(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+def _tune(tmp_path: Path, *args: str, env: dict | None = None) -> Process:
+    """A `tune` worker: its own process, on the store and journal in ``tmp_path``."""
     if not (tmp_path / "mlflow.db").exists():
         new_store(tmp_path)
-    return subprocess.Popen([sys.executable, str(REPO / "entrypoints" / "tune.py"), *TINY, *args], cwd=tmp_path,
-                            env=subprocess_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
-                                               **(env or {})),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return sceneml(["tune", *TINY, *args],
+                   subprocess_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", **(env or {})), tmp_path)
 
 
-def _finish(proc: subprocess.Popen) -> str:
+def _finish(proc: Process) -> str:
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     return out
