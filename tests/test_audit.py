@@ -94,7 +94,7 @@ def test_flipped_labels_rank_high_in_the_label_issue_list(tmp_path, tracking_uri
         path.rename(folder / "sea" / f"flipped_{path.name}")
         flipped.add(f"sea/flipped_{path.name}")
     # half the images out of sample (val + test), so that several flipped ones are ranked; 32 px for speed
-    run_id = train(TrainConfig(data=str(folder), epochs=4, image_size=32, weights="none", val_fraction=0.25,
+    run_id = train(TrainConfig(data=str(folder), epochs=3, image_size=32, weights="none", val_fraction=0.25,
                                test_fraction=0.25, quiet=True))
     model_id = MlflowClient().get_run(run_id).data.tags["sceneml.best_model_id"]
     analyze(AnalyzeConfig(model_uri=f"models:/{model_id}", k=5, modules="conv1", n_images=30, quiet=True))

@@ -76,7 +76,7 @@ def _start_server(tmp: Path, db: str, port: int, log_name: str) -> subprocess.Po
         server = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"{db}/mlflow",
              "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-             "--workers", "2"],  # MLflow's default of 4 server processes is more than two cores can start
+             "--workers", "1"],  # one uvicorn process serves concurrent requests; MLflow's default starts 4
             env=subprocess_env(), cwd=tmp, stdout=out, stderr=out, start_new_session=True)
     wait_for(lambda: url_answers(f"http://127.0.0.1:{port}/health"), 120, "mlflow server", server, log)
     return server

@@ -20,7 +20,7 @@ from .conftest import SHARED_DATA, new_store, using_store
 
 INTEL, CIFAR, IMAGENET = (SHARED_DATA / n for n in ("intel-mini", "cifar-10-batches-py", "imagenet-sample"))
 CLASSES = ["buildings", "forest", "glacier", "mountain", "sea", "street"]
-EPOCHS = 5  # 240 photos at 64 px from scratch: a few seconds an epoch
+EPOCHS = 4  # 240 photos at 64 px from scratch: a few seconds an epoch
 MODULES = ["conv1", "layer1.1.conv1", "layer2.1.conv1", "layer3.1.conv1", "layer4.1.conv1"]
 
 pytestmark = [pytest.mark.slow,

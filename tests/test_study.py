@@ -198,7 +198,7 @@ print(json.dumps({"shapes": shapes, "calls": len(calls), "argmax": argmax}))
 
 @pytest.mark.slow
 def test_champion_is_an_ordinary_pytorch_model_that_agrees_with_predict(study, images, predictions):
-    """The README's "Load it anywhere" in a fresh process: eval, a hook on layer4 that fires once per
+    """docs/serving.md's "Load it anywhere" in a fresh process: eval, a hook on layer4 that fires once per
     forward, any batch and image size, and the class predict reports for the same image."""
     uri, _ = study
     files = [str(images / f"{c}.png") for c in ("buildings", "forest", "glacier", "mountain", "sea", "street")]
