@@ -11,6 +11,8 @@ from pathlib import Path
 # suite slower than one worker. Set before anything imports torch.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+# offline: MLflow's usage telemetry would try to reach its endpoint from every process the tests start
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 import mlflow  # noqa: E402
 import pytest  # noqa: E402
