@@ -106,18 +106,23 @@ def mlflow_run_in_tmp(tmp: Path, experiment: str, entry_point: str, params: dict
 
 @pytest.fixture(scope="session")
 def study_store(tmp_path_factory, hermetic_env):
-    """The study (`main`) once per session, in-process: 2 optimizers x 2 epochs on 60 synthetic images
-    per class. Returns (tracking uri, experiment id). Read-only: a test that adds runs or moves the
-    alias takes ``study_copy``. (`mlflow run .` itself is tested in test_study.py.)"""
-    from sceneml.config import AnalyzeConfig, StudyConfig, TrainConfig
-    from sceneml.tasks.study import study
+    """`mlflow run .` once per session, as a user types it (no experiment named, so the study goes to
+    `sceneml`): 2 optimizers x 2 epochs on 60 synthetic images per class, then select, evaluate, analyze
+    and the report. Returns (tracking uri, experiment id). Read-only: a test that adds runs or moves
+    the alias takes ``study_copy``."""
+    import subprocess
+    import sys
 
     tmp = tmp_path_factory.mktemp("study")
-    with using_store(new_store(tmp), tmp) as uri:
-        exp_id = mlflow.create_experiment("study-test", artifact_location=(tmp / "artifacts").as_uri())
-        study(StudyConfig(optimizers="adamw,sgd", experiment="study-test",
-                          train=TrainConfig(data="synthetic:60", epochs=2, weights="none", quiet=True),
-                          analyze=AnalyzeConfig(n_images=60, quiet=True)))
+    uri = new_store(tmp)
+    # created beforehand only to keep its artifacts in tmp; the study finds it by name
+    exp_id = mlflow.MlflowClient(uri).create_experiment("sceneml", artifact_location=(tmp / "artifacts").as_uri())
+    proc = subprocess.run([sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local",
+                           "-P", "data=synthetic:60", "-P", "epochs=2", "-P", "optimizers=adamw,sgd",
+                           "-P", "weights=none", "-P", "n_images=60"],
+                          env=subprocess_env(MLFLOW_TRACKING_URI=uri), cwd=tmp, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return uri, exp_id
 
 
@@ -189,10 +194,16 @@ def study_copy(study_store, tmp_path):
     session's store stays as every other test expects it, whatever the order. The copy's runs and models
     keep their artifacts where the study wrote them; new ones go into tmp_path."""
     import shutil
+    import sqlite3
 
     uri, exp_id = study_store
     db = tmp_path / "mlflow.db"
     shutil.copyfile(uri.removeprefix("sqlite:///"), db)
+    with sqlite3.connect(db) as con:  # new runs and models of the copy write their files here
+        for (experiment,) in con.execute("SELECT experiment_id FROM experiments").fetchall():
+            con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
+                        ((tmp_path / "artifacts" / str(experiment)).as_uri(), experiment))
+    con.close()
     with using_store(f"sqlite:///{db}", tmp_path) as copied:
         yield copied, exp_id
 

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -24,7 +25,7 @@ from sceneml.data.sources import resolve_source
 from sceneml.tasks.select import select_champion
 from sceneml.tasks.train import local_checkpoint_path, train
 
-from .conftest import REPO, free_port, mlflow_run, subprocess_env, url_answers, wait_for
+from .conftest import free_port, mlflow_run, subprocess_env, url_answers, wait_for
 
 
 def _runs(exp_id):
@@ -214,40 +215,30 @@ def test_champion_is_an_ordinary_pytorch_model_that_agrees_with_predict(study, i
 
 @pytest.mark.slow
 def test_plain_mlflow_run_puts_the_study_in_its_own_experiment_with_named_runs_and_one_checkpoint_each(
-        tmp_path, hermetic_env):
-    """`mlflow run .` with no experiment: the study lands in experiment `sceneml`; every run has a name
-    that says what it did; each child keeps one checkpoint and no resumable state, here or in the cache."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    try:  # created beforehand only to keep its artifacts in tmp_path; the study finds it by name
-        mlflow.create_experiment("sceneml", artifact_location=(tmp_path / "artifacts").as_uri())
-        proc = subprocess.run(
-            [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local",
-             "-P", "data=synthetic:20", "-P", "image_size=32", "-P", "epochs=2", "-P", "optimizers=adamw,sgd",
-             "-P", "weights=none", "-P", "n_images=20", "-P", "batch_size=16"],
-            env=subprocess_env(MLFLOW_TRACKING_URI=uri), cwd=tmp_path, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        client = MlflowClient()
-        study_exp = client.get_experiment_by_name("sceneml").experiment_id
-        runs = client.search_runs([study_exp])
-        assert sorted(r.info.run_name for r in runs) == sorted([
-            "study resnet18 synthetic:20", "adamw-lr0.001", "sgd-lr0.001", "select", "evaluate v1 test",
-            "analyze v1"])
-        assert all(r.info.status == "FINISHED" for r in runs)
-        (pointer,) = client.search_runs(["0"])  # what `mlflow run` created in Default points to the study
-        assert pointer.info.run_name == "main -> experiment sceneml"
-        parent = next(r for r in runs if r.info.run_name.startswith("study"))
-        assert parent.data.params["freeze_backbone"] == "false" and parent.data.params["compare"] == "none"
-        children = [r for r in runs if r.info.run_name.endswith("lr0.001")]
-        assert all(r.data.params["freeze_backbone"] == "false" for r in children)
-        models = mlflow.search_logged_models(experiment_ids=[study_exp], output_format="list")
-        assert sorted(m.name for m in models) == sorted(
-            f"{r.info.run_name.replace('.', '_')}-e{int(r.data.metrics['best_epoch'])}" for r in children)
-        assert len(list((tmp_path / "artifacts").rglob("model.pth"))) == 2  # the files of the others are gone
-        assert not list(tmp_path.rglob("last.pt"))
-        assert not any((hermetic_env / "checkpoints" / r.info.run_id).exists() for r in children)
-    finally:
-        mlflow.set_tracking_uri(None)
+        study, hermetic_env):
+    """`mlflow run .` with no experiment (the session's study): the study lands in experiment `sceneml`;
+    every run has a name that says what it did; each child keeps one checkpoint and no resumable state,
+    here or in the cache."""
+    uri, _ = study
+    client = MlflowClient()
+    study_exp = client.get_experiment_by_name("sceneml")
+    runs = client.search_runs([study_exp.experiment_id])
+    assert sorted(r.info.run_name for r in runs) == sorted([
+        "study resnet18 synthetic:60", "adamw-lr0.001", "sgd-lr0.001", "select", "evaluate v1 test", "analyze v1"])
+    assert all(r.info.status == "FINISHED" for r in runs)
+    (pointer,) = client.search_runs(["0"])  # what `mlflow run` created in Default points to the study
+    assert pointer.info.run_name == "main -> experiment sceneml"
+    parent = next(r for r in runs if r.info.run_name.startswith("study"))
+    assert parent.data.params["freeze_backbone"] == "false" and parent.data.params["compare"] == "none"
+    children = [r for r in runs if r.info.run_name.endswith("lr0.001")]
+    assert all(r.data.params["freeze_backbone"] == "false" for r in children)
+    models = mlflow.search_logged_models(experiment_ids=[study_exp.experiment_id], output_format="list")
+    assert sorted(m.name for m in models) == sorted(
+        f"{r.info.run_name.replace('.', '_')}-e{int(r.data.metrics['best_epoch'])}" for r in children)
+    folder = Path(study_exp.artifact_location.removeprefix("file://"))
+    assert len(list(folder.rglob("model.pth"))) == 2  # the files of the others are gone
+    assert not list(folder.parent.rglob("last.pt"))
+    assert not any((hermetic_env / "checkpoints" / r.info.run_id).exists() for r in children)
 
 
 @pytest.mark.slow

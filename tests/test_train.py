@@ -24,7 +24,7 @@ from sceneml.errors import SceneMLError
 from sceneml.scores import scores_from_csv
 from sceneml.tasks.train import FAULT_ENV, superseded_epochs, train
 
-from .conftest import REPO, mlflow_run_in_tmp, subprocess_env
+from .conftest import REPO, new_store, subprocess_env, using_store
 
 CLASSES = ["buildings", "forest", "glacier", "mountain", "sea", "street"]
 EPOCH_KEYS = ["train_loss", "val_loss", "val_acc", "val_mAP", "val_mean_class_acc", "lr",
@@ -33,19 +33,28 @@ EPOCH_KEYS = ["train_loss", "val_loss", "val_acc", "val_mAP", "val_mean_class_ac
 
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory, hermetic_env):
-    """One real `mlflow run . -e train` in a temporary sqlite store, shared by the tests below."""
-    uri, exp_id, _ = mlflow_run_in_tmp(tmp_path_factory.mktemp("cli-train"), "train-test", "train",
-                                    {"data": "synthetic:100", "epochs": "3", "weights": "none",
-                                        "keep_checkpoints": "all"})
+    """One real `.venv/bin/mlflow run . -e train` in a temporary sqlite store, shared by the tests below,
+    as a user runs it without activating the venv: the venv not on PATH, and no ImageNet file for
+    `weights=auto`. Returns (tracking uri, the run, the finished process)."""
+    tmp = tmp_path_factory.mktemp("cli-train")
+    uri = new_store(tmp)
+    exp_id = MlflowClient(uri).create_experiment("train-test", artifact_location=(tmp / "artifacts").as_uri())
+    env = {k: v for k, v in subprocess_env().items() if k != "VIRTUAL_ENV"}
+    env.update(PATH="/usr/bin:/bin", MLFLOW_TRACKING_URI=uri, TORCH_HOME=str(tmp / "empty-torch-home"))
+    proc = subprocess.run([str(Path(sys.executable).parent / "mlflow"), "run", str(REPO), "-e", "train",
+                           "--env-manager", "local", "--experiment-id", exp_id, "-P", "data=synthetic:100",
+                           "-P", "epochs=3", "-P", "weights=auto", "-P", "keep_checkpoints=all"],
+                          env=env, cwd=tmp, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     runs = MlflowClient(uri).search_runs([exp_id])
     assert len(runs) == 1
-    yield uri, runs[0]
-    mlflow.set_tracking_uri(None)
+    with using_store(uri, tmp):
+        yield uri, runs[0], proc
 
 
 @pytest.mark.slow
 def test_cli_run_beats_chance_and_logs_every_key_with_its_steps(cli_run):
-    uri, run = cli_run
+    uri, run, _ = cli_run
     client = MlflowClient(uri)
     assert run.info.status == "FINISHED"
     metrics = run.data.metrics
@@ -73,7 +82,7 @@ def test_cli_run_beats_chance_and_logs_every_key_with_its_steps(cli_run):
 
 @pytest.mark.slow
 def test_one_logged_model_per_epoch_and_the_best_is_tagged(cli_run):
-    _, run = cli_run
+    _, run, _ = cli_run
     models = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
     by_epoch = {int(m.tags["sceneml.epoch"]): m for m in models}
     assert sorted(by_epoch) == [1, 2, 3]
@@ -91,7 +100,7 @@ def test_one_logged_model_per_epoch_and_the_best_is_tagged(cli_run):
 
 @pytest.mark.slow
 def test_logged_ap_equals_recomputation_from_saved_val_scores(cli_run):
-    _, run = cli_run
+    _, run, _ = cli_run
     client = MlflowClient()
     for epoch in (1, 2, 3):
         text = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/val_scores/epoch_{epoch:03d}.csv")
@@ -206,22 +215,16 @@ def test_keep_checkpoints_drops_what_it_does_not_keep():
 
 
 @pytest.mark.slow
-def test_venv_mlflow_runs_the_project_without_activation_and_weights_auto_warns_on_the_console(tmp_path):
+def test_venv_mlflow_runs_the_project_without_activation_and_weights_auto_warns_on_the_console(cli_run):
     """`.venv/bin/mlflow run .` with the venv not on PATH: the MLproject command must still run with the
     venv's Python (a bare `python` would be the system's, without mlflow or torch). With no ImageNet
     file, `weights=auto` falls back to random weights and says so on the console, although importing
     mlflow.pytorch configures the root logger at ERROR."""
-    mlflow_script = Path(sys.executable).parent / "mlflow"
-    env = {k: v for k, v in subprocess_env().items() if k != "VIRTUAL_ENV"}
-    env.update(PATH="/usr/bin:/bin", MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}",
-               TORCH_HOME=str(tmp_path / "empty-torch-home"))
-    proc = subprocess.run([str(mlflow_script), "run", str(REPO), "-e", "train", "--env-manager", "local",
-                           "-P", "data=synthetic:10", "-P", "image_size=32", "-P", "epochs=1", "-P", "weights=auto"],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, run, proc = cli_run
     assert "finished" in proc.stdout
     assert "resnet18-f37072fd.pth" in proc.stderr and "weights_resolved=none" in proc.stderr
     assert "RANDOM" in proc.stderr
+    assert run.data.params["weights"] == "auto" and run.data.params["weights_resolved"] == "none"
 
 
 def test_precision_choices_are_checked_before_any_work():
