@@ -108,6 +108,8 @@ class TrainConfig:
     image_size: int = param(0, "pixels per side; 0 = native (64 synthetic, 150 folder data)", resume=True,
                             search=True)
     seed: int = param(42, "seeds the split, the initialisation, the batch order and the augmentation", resume=True)
+    split_seed: int = param(-1, "seeds the test split and limit_per_class instead of seed (-1: seed); the repeats of "
+                                "a study share it, so they are tested on the same images", resume=True)
     val_fraction: float = param(0.15, "share of each class held out for validation", resume=True)
     test_fraction: float = param(0.15, "share held out for test (unused when the data bring seg_test)", resume=True)
     limit_per_class: int = param(0, "a seeded subset of at most this many images per class and pool; 0 = all",
@@ -144,6 +146,8 @@ class TrainConfig:
             raise SceneMLError(f"batch_size must be >= 2 (BatchNorm cannot train on one image), got {self.batch_size}")
         if not 0 <= self.seed < 2**32:
             raise SceneMLError(f"seed must be in 0 .. 2**32 - 1 (4294967295), got {self.seed}")
+        if not -1 <= self.split_seed < 2**32:
+            raise SceneMLError(f"split_seed must be -1 (the seed) or in 0 .. 2**32 - 1, got {self.split_seed}")
         if self.momentum < 0 or self.weight_decay < 0:
             raise SceneMLError("momentum and weight_decay must be >= 0")
         if self.image_size < 0 or 0 < self.image_size < 32:
@@ -266,6 +270,16 @@ class AnalyzeConfig:
 
 # --------------------------------------------------------------------------- main and tune
 
+@dataclass(frozen=True)
+class Child:
+    """One training run of a study: repeat ``repeat`` of configuration ``config``."""
+
+    name: str  # the run name: ``<optimizer>-lr<lr>``, with ``-r<repeat>`` when the study repeats
+    config: str  # ``<optimizer>-lr<lr>``, tagged ``sceneml.config`` on the run
+    repeat: int
+    train: TrainConfig
+
+
 @dataclass
 class StudyConfig:
     """`main`: one training run per optimizer x learning rate, then select, evaluate and analyze."""
@@ -276,16 +290,31 @@ class StudyConfig:
     experiment: str = _experiment()
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     analyze: AnalyzeConfig = dataclasses.field(default_factory=AnalyzeConfig)
+    repeats: int = param(1, "trainings per optimizer x lr; repeat r uses seed + r for the initialisation, the "
+                            "batch order, the augmentation and the train/val division (the test split stays), "
+                            "the same in every configuration, so repeats are paired and the study says whether "
+                            "its best configuration is really better")
 
-    def children(self) -> list[TrainConfig]:
+    def children(self) -> list[Child]:
         """Every child's config, each validated before the first one trains. A configuration named
         twice (``lrs=0.001,1e-3``) would train two children of one name: refused."""
+        if self.repeats < 1:
+            raise SceneMLError(f"repeats must be >= 1, got {self.repeats}")
         optimizers, lrs = parse_list(self.optimizers), parse_list(self.lrs, float)
         for what, values, given in (("optimizers", optimizers, self.optimizers), ("lrs", lrs, self.lrs)):
             twice = sorted({f"{v:g}" if isinstance(v, float) else v for v in values if values.count(v) > 1})
             if twice:
                 raise SceneMLError(f"{what}={given!r} names {', '.join(twice)} twice; give each value once")
-        return [dataclasses.replace(self.train, optimizer=o, lr=lr).validate() for o in optimizers for lr in lrs]
+        split_seed = self.train.split_seed if self.train.split_seed >= 0 else self.train.seed
+        out = []
+        for r in range(self.repeats):
+            for o in optimizers:
+                for lr in lrs:
+                    config = f"{o}-lr{lr:g}"
+                    train = dataclasses.replace(self.train, optimizer=o, lr=lr, seed=self.train.seed + r,
+                                                split_seed=split_seed if self.repeats > 1 else self.train.split_seed)
+                    out.append(Child(config if self.repeats == 1 else f"{config}-r{r}", config, r, train.validate()))
+        return out
 
     def validate(self) -> StudyConfig:
         self.children()

@@ -5,7 +5,7 @@
     tracking/           the MLflow I/O layer
     engine/             torch only: the epoch loop, inference, checkpoints, feature cache, DDP
     models              torchvision networks and their weights
-    data/ metrics scores plots analysis/ report space    pure
+    data/ metrics comparison scores plots analysis/ report space    pure
     config mlproject params errors    torch-free: the declarations of every parameter
 A module may import its own layer and the layers below, never one above; there is no import cycle.
 """
@@ -21,9 +21,10 @@ from .conftest import REPO
 
 PACKAGE = REPO / "sceneml"
 RANK = {"sceneml": 0, "errors": 0, "params": 0, "config": 0, "mlproject": 0, "class_keys": 0,
-        "data": 1, "metrics": 1, "scores": 1, "plots": 1, "analysis": 1, "report": 1, "space": 1,
+        "data": 1, "metrics": 1, "comparison": 1, "scores": 1, "plots": 1, "analysis": 1, "report": 1, "space": 1,
         "models": 2, "engine": 3, "tracking": 4, "tasks": 5, "cli": 6, "__main__": 7}
 TORCH_FREE = {"sceneml", "errors", "params", "config", "mlproject", "class_keys", "cli", "__main__", "metrics",
+              "comparison",
               "scores", "data", "report", "space"}
 MLFLOW_ALLOWED = {"tracking", "tasks"}
 

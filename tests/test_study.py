@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import shutil
@@ -232,6 +233,10 @@ def test_plain_mlflow_run_puts_the_study_in_its_own_experiment_with_named_runs_a
     assert parent.data.params["freeze_backbone"] == "false" and parent.data.params["compare"] == "none"
     children = [r for r in runs if r.info.run_name.endswith("lr0.001")]
     assert all(r.data.params["freeze_backbone"] == "false" for r in children)
+    # repeats=1: the names are the configurations, and the verdict says one run each cannot tell
+    assert all(r.data.tags["sceneml.config"] == r.info.run_name for r in children)
+    assert parent.data.tags["sceneml.verdict"].startswith("one run per configuration cannot tell `")
+    assert "repeats=5" in parent.data.tags["sceneml.verdict"] and "verdict_p_better" not in parent.data.metrics
     models = mlflow.search_logged_models(experiment_ids=[study_exp.experiment_id], output_format="list")
     assert sorted(m.name for m in models) == sorted(
         f"{r.info.run_name.replace('.', '_')}-e{int(r.data.metrics['best_epoch'])}" for r in children)
@@ -294,3 +299,63 @@ def test_evaluate_entry_point_prints_the_headline_numbers_of_its_run(study_copy,
     logged = children["evaluate v1 test"].data.metrics
     for key, text in printed.items():
         assert float(text) == pytest.approx(logged[key], abs=5e-5), key
+
+
+def _csv(uri: str) -> pd.DataFrame:
+    return pd.read_csv(io.StringIO(mlflow.artifacts.load_text(uri)))
+
+
+@pytest.mark.slow
+def test_repeated_runs_give_a_table_with_intervals_and_a_verdict_recomputed_from_the_children(tracking_uri):
+    """adamw at lr 0.001 against lr 1e-07, three paired repeats: 1e-07 cannot learn in two epochs, so the
+    verdict says 0.001 beats it with P = 1; the table and the interval recompute from the children."""
+    from scipy import stats
+
+    from sceneml.config import AnalyzeConfig, StudyConfig
+    from sceneml.tasks.study import study
+
+    cfg = StudyConfig("adamw", "0.001,0.0000001", repeats=3, experiment="repeats",
+                      train=TrainConfig(data="synthetic:30", epochs=2, batch_size=16, image_size=32, weights="none",
+                                        quiet=True),
+                      analyze=AnalyzeConfig(n_images=10, k=2, quiet=True))
+    summary = study(cfg)
+    client = MlflowClient()
+    exp = client.get_experiment_by_name("repeats").experiment_id
+    runs = client.search_runs([exp])
+    parent = next(r for r in runs if r.data.tags.get("sceneml.task") == "study")
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("sceneml.config")}
+    assert sorted(children) == sorted(f"adamw-lr{lr}-r{r}" for lr in ("0.001", "1e-07") for r in range(3))
+    for name, run in children.items():
+        assert run.data.tags["sceneml.config"] == name.rsplit("-r", 1)[0]
+        assert run.data.params["seed"] == str(42 + int(name.rsplit("-r", 1)[1]))
+        assert run.data.params["split_seed"] == "42"
+    # the test split is the same in every repeat; the train/val division is not
+    manifests = {n: _csv(f"runs:/{r.info.run_id}/data/split_manifest.csv") for n, r in children.items()}
+    tests = {n: set(m.loc[m["split"] == "test", "path"]) for n, m in manifests.items()}
+    vals = {n: set(m.loc[m["split"] == "val", "path"]) for n, m in manifests.items()}
+    assert len({frozenset(t) for t in tests.values()}) == 1
+    assert vals["adamw-lr0.001-r0"] != vals["adamw-lr0.001-r1"] and vals["adamw-lr0.001-r0"] == vals["adamw-lr1e-07-r0"]
+
+    value = {n: r.data.metrics["val_mean_class_acc_best"] for n, r in children.items()}
+    table = _csv(f"runs:/{parent.info.run_id}/comparison.csv")
+    assert list(table["config"]) == ["adamw-lr0.001", "adamw-lr1e-07"]  # best first
+    for row in table.itertuples():
+        x = np.array([value[f"{row.config}-r{r}"] for r in range(3)])
+        low, high = stats.t.interval(0.95, 2, loc=x.mean(), scale=stats.sem(x))
+        assert (row.n, row.mean, row.std) == (3, pytest.approx(x.mean()), pytest.approx(x.std(ddof=1)))
+        assert (row.ci_low, row.ci_high) == (pytest.approx(low), pytest.approx(high))
+
+    wins = np.array([value[f"adamw-lr0.001-r{r}"] > value[f"adamw-lr1e-07-r{r}"] for r in range(3)], dtype=float)
+    assert wins.tolist() == [1.0, 1.0, 1.0]
+    metrics = parent.data.metrics
+    assert metrics["verdict_p_better"] == 1.0
+    boot = stats.bootstrap((wins,), np.mean, n_resamples=10_000, method="percentile",
+                           random_state=np.random.default_rng(42)).confidence_interval
+    assert (metrics["verdict_p_better_ci_low"], metrics["verdict_p_better_ci_high"]) == (boot.low, boot.high)
+    assert parent.data.tags["sceneml.verdict"] == \
+        "`adamw-lr0.001` beats `adamw-lr1e-07` in 3 of 3 paired repeats: P = 1.00 [1.00, 1.00]"
+    # the champion: the best epoch of the best configuration's repeats
+    champion = client.get_run(summary["champion_run_id"])
+    assert champion.data.tags["sceneml.config"] == "adamw-lr0.001"
+    assert summary["champion_run_id"] in {children[f"adamw-lr0.001-r{r}"].info.run_id for r in range(3)}
+    assert "children.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}

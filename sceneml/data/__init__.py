@@ -70,10 +70,12 @@ def _relative(path: Path, root: Path) -> str:
 def prepare_data(spec: str = "synthetic", image_size: int = 0, seed: int = 42,
                  val_fraction: float = 0.15, test_fraction: float = 0.15, limit: int = 0,
                  workers: int = 2, progress: bool = True, cache: Path | None = None, dedupe: str = "none",
-                 dup_distance: int = DEFAULT_MAX_DISTANCE) -> PreparedData:
+                 dup_distance: int = DEFAULT_MAX_DISTANCE, split_seed: int = -1) -> PreparedData:
     """Resolve ``spec``, decode every image once (cached), skip bad files, split, find duplicates
     (``dedupe="cross_split"`` drops the val/test copies of training images before the manifest is
-    written) and return arrays."""
+    written) and return arrays. ``split_seed`` (-1: ``seed``) draws the test split and the
+    ``limit`` subset; ``seed`` the train/val division."""
+    fixed_seed = seed if split_seed < 0 else split_seed
     if not 0 < val_fraction < 1 or not 0 < test_fraction < 1 or val_fraction + test_fraction >= 1:
         raise SceneMLError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in "
                            "(0, 1) and sum to less than 1")
@@ -92,7 +94,7 @@ def prepare_data(spec: str = "synthetic", image_size: int = 0, seed: int = 42,
     pools = []
     for items in (train_items, test_items):
         labels = np.array([class_to_idx[c] for _, c in items], dtype=np.int64)
-        keep = limit_per_class(labels, limit, seed) if len(items) else np.arange(0)
+        keep = limit_per_class(labels, limit, fixed_seed) if len(items) else np.arange(0)
         pools.append([items[i] for i in keep])
     train_items, test_items = pools
     all_items = train_items + test_items
@@ -111,7 +113,7 @@ def prepare_data(spec: str = "synthetic", image_size: int = 0, seed: int = 42,
     split = np.empty(len(all_items), dtype=object)
     pool_idx = np.flatnonzero(decoded.ok & ~is_test_pool)
     split[pool_idx] = stratified_split(labels_all[pool_idx], classes, seed, val_fraction,
-                                       test_fraction, has_test=source.test_dir is not None)
+                                       test_fraction, has_test=source.test_dir is not None, test_seed=fixed_seed)
     if source.test_dir is not None:
         test_idx = np.flatnonzero(decoded.ok & is_test_pool)
         missing = [c for c, i in class_to_idx.items() if not np.any(labels_all[test_idx] == i)]

@@ -30,8 +30,10 @@ def limit_per_class(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
 
 
 def stratified_split(labels: np.ndarray, class_names: list[str], seed: int, val_fraction: float,
-                     test_fraction: float, has_test: bool) -> np.ndarray:
-    """Assign each item of ``labels`` to "train", "val" or (unless ``has_test``) "test".
+                     test_fraction: float, has_test: bool, test_seed: int | None = None) -> np.ndarray:
+    """Assign each item of ``labels`` to "train", "val" or (unless ``has_test``) "test". ``test_seed``
+    (default ``seed``) draws the test split, ``seed`` the train/val division of the rest: runs with one
+    ``test_seed`` and other seeds are tested on the same images.
 
     Uses ``sklearn.model_selection.train_test_split(stratify=...)`` so every class keeps its share in
     every split, to within one image. A class too small to appear in every split is a
@@ -52,7 +54,7 @@ def stratified_split(labels: np.ndarray, class_names: list[str], seed: int, val_
             trainval = idx
         else:
             trainval, test = train_test_split(idx, test_size=test_fraction, stratify=labels,
-                                              random_state=seed)
+                                              random_state=seed if test_seed is None else test_seed)
             split[test] = "test"
         val_share = val_fraction if has_test else val_fraction / (1.0 - test_fraction)
         train, val = train_test_split(trainval, test_size=val_share, stratify=labels[trainval],

@@ -37,12 +37,16 @@ class Candidate:
     n_classes: str
 
 
-def candidates(experiment_ids: list[str], metric: str, parent_run_id: str | None = None) -> list[Candidate]:
-    """Every (run, epoch) checkpoint of the finished training runs, with its ``metric`` value."""
+def candidates(experiment_ids: list[str], metric: str, parent_run_id: str | None = None,
+               config: str | None = None) -> list[Candidate]:
+    """Every (run, epoch) checkpoint of the finished training runs (of one study's configuration
+    ``config``, tag ``sceneml.config``, when given), with its ``metric`` value."""
     client = MlflowClient()
     filt = "attributes.status = 'FINISHED'"
     if parent_run_id:
         filt += f" and tags.mlflow.parentRunId = '{parent_run_id}'"
+    if config:
+        filt += f" and tags.`sceneml.config` = '{config}'"
     runs = [r for r in client.search_runs(experiment_ids, filt, max_results=5000)
             if TAG_DIGEST in r.data.tags and "best_epoch" in r.data.metrics]
     models = epoch_checkpoints(experiment_ids)
@@ -78,12 +82,12 @@ def best_candidate(cands: list[Candidate], metric: str) -> Candidate:
 
 
 def select_champion(experiment_ids: list[str], metric: str = "val_mean_class_acc", model_name: str = "sceneml",
-                    alias: str = "champion", parent_run_id: str | None = None):
+                    alias: str = "champion", parent_run_id: str | None = None, config: str | None = None):
     """Register the best checkpoint as a version of ``model_name`` and point ``alias`` at it.
 
     Idempotent: when that checkpoint is already registered, its version is reused.
     """
-    cands = candidates(experiment_ids, metric, parent_run_id)
+    cands = candidates(experiment_ids, metric, parent_run_id, config)
     if not cands:
         raise SceneMLError(f"no finished training run with {metric} checkpoints found"
                            + (f" under parent run {parent_run_id}" if parent_run_id else ""))
@@ -131,7 +135,7 @@ def _versions_of(client: MlflowClient, model_name: str, model_id: str) -> list:
                    if v.tags.get("sceneml.model_id") == model_id), key=lambda v: int(v.version))
 
 
-def select(cfg: SelectConfig, nested: bool = False) -> dict[str, float]:
+def select(cfg: SelectConfig, nested: bool = False, config: str | None = None) -> dict[str, float]:
     """The `select` task: one run that registers the champion; returns its metrics, the champion's
     run id and its version (the version, not the alias, is what the study evaluates: the alias may
     move under it)."""
@@ -145,7 +149,7 @@ def select(cfg: SelectConfig, nested: bool = False) -> dict[str, float]:
             ids = [exp.experiment_id]
         else:
             ids = [run.info.experiment_id]
-        version, best = select_champion(ids, metric, cfg.model_name, cfg.alias, cfg.parent_run_id or None)
+        version, best = select_champion(ids, metric, cfg.model_name, cfg.alias, cfg.parent_run_id or None, config)
         log_params_once(run.info.run_id, {"select_metric": metric, "model_name": cfg.model_name, "alias": cfg.alias})
         set_tags(run.info.run_id, {"sceneml.champion_run_id": best.run_id, "sceneml.model_id": best.model_id})
         out = {f"champion_{metric}": best.value, "champion_epoch": best.epoch, "champion_version": int(version.version)}

@@ -1,13 +1,16 @@
 """`main`: the whole study as one MLflow run tree.
 
 parent run
- |- <optimizer>-lr<lr>   one nested training run per optimizer x learning rate
- |- select               registers the best epoch checkpoint, alias `champion`
+ |- <optimizer>-lr<lr>   one nested training run per optimizer x learning rate (x repeat: -r<r>)
+ |- select               registers the best epoch checkpoint of the best configuration, alias `champion`
  |- evaluate             the champion on the test split of its own training run
  |- analyze              galleries, activation statistics and eigen-spectra of the champion
 and, last, the write-up of it all on the parent: report/report.html and report/report.md.
 A failed child is reported and the study goes on; it fails only if every child fails. The study's
-``select_metric`` decides each child's best epoch and the champion alike.
+``select_metric`` decides each child's best epoch and the champion alike. With ``repeats`` > 1 every
+configuration is trained that many times with paired seeds; the parent then holds the comparison of the
+configurations over their repeats (mean, Student-t interval) and the verdict between the best two
+(:mod:`sceneml.comparison`), and the champion is the best epoch of the configuration with the best mean.
 """
 
 from __future__ import annotations
@@ -23,7 +26,16 @@ import pandas as pd
 from mlflow import MlflowClient
 
 from sceneml import plots
-from sceneml.config import AnalyzeConfig, EvaluateConfig, SelectConfig, StudyConfig, TrainConfig
+from sceneml.comparison import summarize, verdict
+from sceneml.config import (
+    LOWER_IS_BETTER,
+    AnalyzeConfig,
+    Child,
+    EvaluateConfig,
+    SelectConfig,
+    StudyConfig,
+    TrainConfig,
+)
 from sceneml.errors import SceneMLError
 from sceneml.tasks.analyze import analyze
 from sceneml.tasks.evaluate import evaluate
@@ -47,11 +59,12 @@ def study(cfg: StudyConfig) -> dict:
     """The `main` task: train every child, then select, evaluate and analyze the champion."""
     cfg.validate()  # every child's params are checked before the first one trains
     choose_experiment(cfg.experiment, "main")
-    configs = cfg.children()
+    runs = cfg.children()
     base = cfg.train
     with task_run(f"study {base.arch} {base.data}", task="study") as parent:
         parent_id = parent.info.run_id
-        log_params_once(parent_id, {"optimizers": cfg.optimizers, "lrs": cfg.lrs, "model_name": cfg.model_name,
+        log_params_once(parent_id, {"optimizers": cfg.optimizers, "lrs": cfg.lrs, "repeats": cfg.repeats,
+                                    "model_name": cfg.model_name,
                                     "experiment": cfg.experiment, "n_images": cfg.analyze.n_images,
                                     "compare": cfg.analyze.compare,
                                     **{k: v for k, v in base.as_params().items() if k not in ("optimizer", "lr")}})
@@ -59,20 +72,26 @@ def study(cfg: StudyConfig) -> dict:
                                                 f"Python {platform.python_version()}"})
         started = time.perf_counter()
         children, failures = {}, {}
-        for child in configs:
-            name = f"{child.optimizer}-lr{child.lr:g}"
-            print(f"== training {name}", flush=True)
+        for child in runs:
+            print(f"== training {child.name}", flush=True)
             try:
-                children[name] = train(child, run_name=name, nested=True)
+                children[child.name] = train(child.train, run_name=child.name, nested=True,
+                                             tags={TAG_CONFIG: child.config})
             except Exception as exc:  # one failed child must not kill the study
-                failures[name] = f"{type(exc).__name__}: {exc}"
-                log.error("child %s failed: %s", name, failures[name])
+                failures[child.name] = f"{type(exc).__name__}: {exc}"
+                log.error("child %s failed: %s", child.name, failures[child.name])
         if not children:
             raise SceneMLError(f"every child run failed: {failures}")
         set_tags(parent_id, {"sceneml.failed_children": ",".join(failures) or "none"})
 
-        summary = crown_champion(parent_id, base, cfg.analyze, cfg.model_name)
-        _log_comparison(parent_id, children, failures, summary["champion_run_id"], summary, base.select_metric)
+        best_config = _log_verdict(parent_id, [c for c in runs if c.name in children], children,
+                                   base.select_metric, cfg)
+        # with one run per configuration the best epoch of all is crowned, as the best configuration's is
+        summary = crown_champion(parent_id, base, cfg.analyze, cfg.model_name,
+                                 config=best_config if cfg.repeats > 1 else None)
+        # with repeats, comparison.* compares the configurations (above) and children.* lists the runs
+        _log_comparison(parent_id, children, failures, summary["champion_run_id"], summary, base.select_metric,
+                        "comparison" if cfg.repeats == 1 else "children")
         summary["study_seconds"] = time.perf_counter() - started
         buffer = MetricBuffer(parent_id)
         buffer.add_many({k: summary[k] for k in ("study_seconds", "test_acc", "test_mAP", "test_mean_class_acc")}, 0)
@@ -86,14 +105,17 @@ def study(cfg: StudyConfig) -> dict:
     return summary
 
 
-def crown_champion(parent_id: str, train_cfg: TrainConfig, analyze_cfg: AnalyzeConfig, model_name: str) -> dict:
+def crown_champion(parent_id: str, train_cfg: TrainConfig, analyze_cfg: AnalyzeConfig, model_name: str,
+                   config: str | None = None) -> dict:
     """How `main` and `tune` both end, inside their active parent run: register the best epoch of the
-    parent's children as ``<model_name>@champion`` (by ``train_cfg.select_metric``), evaluate it on the
+    parent's children (of configuration ``config`` only, when given) as ``<model_name>@champion`` (by
+    ``train_cfg.select_metric``), evaluate it on the
     test split and analyze it, as nested runs. Evaluate and analyze read the *version* select
     registered, not the alias: another study with the same model name may move the alias meanwhile.
     Returns the champion's run, epoch and version and the test metrics."""
     experiment = mlflow.get_experiment(mlflow.get_run(parent_id).info.experiment_id).name
-    chosen = select(SelectConfig(experiment, parent_id, train_cfg.select_metric, model_name), nested=True)
+    chosen = select(SelectConfig(experiment, parent_id, train_cfg.select_metric, model_name), nested=True,
+                    config=config)
     uri = f"models:/{model_name}/{chosen['champion_version']}"
     test_metrics = evaluate(EvaluateConfig(uri, train_cfg.data, "test", train_cfg.device, train_cfg.quiet),
                             nested=True)
@@ -101,6 +123,37 @@ def crown_champion(parent_id: str, train_cfg: TrainConfig, analyze_cfg: AnalyzeC
                                 device=train_cfg.device, quiet=train_cfg.quiet), nested=True)
     return {"champion_run_id": chosen["champion_run_id"], "champion_epoch": chosen["champion_epoch"],
             "version": chosen["champion_version"], **test_metrics}
+
+
+TAG_CONFIG = "sceneml.config"  # a child's configuration, <optimizer>-lr<lr>: its repeats share it
+TAG_VERDICT = "sceneml.verdict"
+
+
+def _log_verdict(parent_id: str, runs: list[Child], children: dict[str, str], metric: str, cfg: StudyConfig) -> str:
+    """The verdict between the best two configurations (tag, and metrics when there are pairs to compare)
+    and, with repeats, the comparison of the configurations over them, logged on the parent; returns the
+    configuration with the best mean value of ``metric`` (at each run's best epoch)."""
+    client = MlflowClient()
+    by_repeat: dict[str, dict[int, float]] = {}
+    for child in runs:
+        value = client.get_run(children[child.name]).data.metrics[f"{metric}_best"]
+        by_repeat.setdefault(child.config, {})[child.repeat] = value
+    higher = metric not in LOWER_IS_BETTER
+    rows = summarize({c: [v for _, v in sorted(r.items())] for c, r in by_repeat.items()}, higher)
+    if cfg.repeats > 1:
+        table = pd.DataFrame([dataclasses.asdict(r) for r in rows])
+        with_retries(mlflow.log_table, table, "comparison.json", run_id=parent_id)
+        with_retries(mlflow.log_text, table.to_csv(index=False), "comparison.csv", run_id=parent_id)
+    found = verdict(by_repeat, higher, seed=cfg.train.seed, rerun_hint=f"repeats={max(5, cfg.repeats)}")
+    if found is not None:
+        set_tags(parent_id, {TAG_VERDICT: found.sentence})
+        if found.pairs > 1:
+            buffer = MetricBuffer(parent_id)
+            buffer.add_many({"verdict_p_better": found.p_better, "verdict_p_better_ci_low": found.ci_low,
+                             "verdict_p_better_ci_high": found.ci_high}, 0)
+            buffer.flush()
+        print(f"verdict: {found.sentence}", flush=True)
+    return rows[0].config
 
 
 def try_log_report(parent_id: str) -> str | None:
@@ -115,7 +168,7 @@ def try_log_report(parent_id: str) -> str | None:
 
 
 def _log_comparison(parent_id: str, children: dict[str, str], failures: dict[str, str], champion_run_id: str,
-                    test_metrics: dict[str, float], select_metric: str) -> None:
+                    test_metrics: dict[str, float], select_metric: str, table_name: str = "comparison") -> None:
     client = MlflowClient()
     rows, curves, losses = [], {}, {}
     for name, run_id in children.items():
@@ -137,8 +190,8 @@ def _log_comparison(parent_id: str, children: dict[str, str], failures: dict[str
         rows.append({"run": name, "run_id": None, "optimizer": name.split("-lr")[0], "failed": why})
     table = pd.DataFrame(rows)
     # the children have ended, so the parent is the active run again
-    with_retries(mlflow.log_table, table, "comparison.json", run_id=parent_id)
-    with_retries(mlflow.log_text, table.to_csv(index=False), "comparison.csv", run_id=parent_id)
+    with_retries(mlflow.log_table, table, f"{table_name}.json", run_id=parent_id)
+    with_retries(mlflow.log_text, table.to_csv(index=False), f"{table_name}.csv", run_id=parent_id)
     study_name = mlflow.get_run(parent_id).info.run_name
     log_figure(plots.compare_runs(curves, select_metric, f"{select_metric} per epoch: {study_name}"),
                f"figures/compare_{select_metric}.png")

@@ -157,7 +157,7 @@ def _train(cfg: TrainConfig, run_name: str, nested: bool, ctx: distributed.DistC
         distributed.barrier()  # rank 0 decodes into the shared cache first; the others then read it
     data = prepare_data(cfg.data, cfg.image_size, cfg.seed, cfg.val_fraction, cfg.test_fraction,
                         cfg.limit_per_class, cfg.decode_workers(), progress, dedupe=cfg.dedupe,
-                        dup_distance=cfg.dup_distance)
+                        dup_distance=cfg.dup_distance, split_seed=cfg.split_seed)
     if master:
         distributed.barrier()
     model, weights_resolved = build_model(cfg.arch, len(data.classes), cfg.weights)
