@@ -144,6 +144,42 @@ def study_curves(curves: dict[str, list[tuple[int, float]]], metric: str,
     return fig
 
 
+def repeated_configurations(values: dict[str, list[float]], intervals: dict[str, tuple[float, float]],
+                            curves: dict[str, list[list[tuple[int, float]]]], metric: str, title: str) -> Figure:
+    """Left: each configuration's repeats as dots (best-first order of ``values``), its mean as a bar and
+    its 95 % interval as a line. Right: the repeats' val curves per configuration, the mean per epoch
+    as a line and the range of the repeats (min to max) as a band."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
+    rng = np.random.default_rng(0)  # the horizontal jitter of the dots only
+    for i, (config, vals) in enumerate(values.items()):
+        color = f"C{i % 10}"
+        left.scatter(i + rng.uniform(-0.12, 0.12, len(vals)), vals, color=color, alpha=0.7, zorder=3)
+        left.hlines(np.mean(vals), i - 0.25, i + 0.25, color=color, lw=2.5, zorder=4)
+        low, high = intervals.get(config, (np.nan, np.nan))
+        if np.isfinite(low) and np.isfinite(high):
+            left.vlines(i + 0.3, low, high, color=color, lw=1.5)
+        by_step: dict[int, list[float]] = {}
+        for curve in curves.get(config, []):
+            for step, v in curve:
+                by_step.setdefault(step, []).append(v)
+        steps = sorted(by_step)
+        if steps:
+            mean = [np.mean(by_step[s]) for s in steps]
+            right.plot(steps, mean, "o-", color=color, label=f"{config} ({len(vals)} repeats)")
+            right.fill_between(steps, [min(by_step[s]) for s in steps], [max(by_step[s]) for s in steps],
+                               color=color, alpha=0.2)
+    left.set_xticks(range(len(values)), list(values), rotation=20, ha="right")
+    left.set(title="each repeat's best epoch (dots), the mean (bar)\nand its 95 % interval (line)", ylabel=metric)
+    left.grid(alpha=0.3, axis="y")
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))
+    right.set(title="per epoch: the mean of the repeats (line)\nand their range (band)", xlabel="epoch", ylabel=metric)
+    right.grid(alpha=0.3)
+    right.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def reliability_diagram(bins: list[dict], ece: float, title: str) -> Figure:
     """Accuracy against mean confidence per confidence bin (bars), the diagonal of perfect
     calibration, and the share of images per bin (right panel); ``bins`` from ``metrics.reliability_bins``."""

@@ -359,3 +359,10 @@ def test_repeated_runs_give_a_table_with_intervals_and_a_verdict_recomputed_from
     assert champion.data.tags["sceneml.config"] == "adamw-lr0.001"
     assert summary["champion_run_id"] in {children[f"adamw-lr0.001-r{r}"].info.run_id for r in range(3)}
     assert "children.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    # the report opens with the comparison of the configurations: the verdict and the table's numbers
+    report = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/report/report.md")
+    sections = [line for line in report.splitlines() if line.startswith("## ")]
+    assert sections[0] == "## 1. Which configuration is best"
+    first = report.split("## ")[1]
+    assert parent.data.tags["sceneml.verdict"] in first
+    assert f"{table['mean'][0]:.3f}" in first and f"{table['ci_low'][0]:.3f}" in first

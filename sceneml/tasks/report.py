@@ -28,13 +28,14 @@ from mlflow.entities import Run
 
 from sceneml import plots
 from sceneml.class_keys import class_keys
-from sceneml.config import ReportConfig
+from sceneml.comparison import summarize
+from sceneml.config import LOWER_IS_BETTER, ReportConfig
 from sceneml.errors import SceneMLError
 from sceneml.metrics import confusion_matrix
 from sceneml.report import Image, Section, Table, key_values, render_html, render_markdown
 from sceneml.scores import scores_from_csv
 from sceneml.tracking.models import TAG_DIGEST
-from sceneml.tracking.runs import TAG_ERROR, existing_run, set_tags, task_of, task_run
+from sceneml.tracking.runs import TAG_CONFIG, TAG_ERROR, TAG_VERDICT, existing_run, set_tags, task_of, task_run
 from sceneml.tracking.store import init_store, with_retries
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,9 @@ def study_runs(study_run_id: str) -> StudyRuns:
 def build_sections(runs: StudyRuns) -> tuple[str, list[Section]]:
     champion = _champion(runs)
     title = f"Study report: {runs.study.info.run_name}"
-    sections = [_study_section(runs, champion), _comparison_section(runs, champion), _per_class_section(runs),
+    best = _configurations_section(runs)
+    sections = [*([best] if best else []), _study_section(runs, champion), _comparison_section(runs, champion),
+                _per_class_section(runs),
                 _test_section(runs), _analysis_section(runs), _audit_section(runs, champion),
                 _links_section(runs, champion)]
     return title, sections
@@ -140,7 +143,9 @@ def _study_section(runs: StudyRuns, champion: Run | None) -> Section:
         **({"search": f"Optuna TPE, {p.get('n_trials')} trials ({len(runs.training)} runs), space "
                       f"{p.get('space')}, pruner {p.get('pruner')}, study {p.get('study_name')}"}
            if "n_trials" in p else {"sweep grid": f"optimizers {p.get('optimizers')} x learning rates "
-                                                  f"{p.get('lrs')} ({len(runs.training)} child runs)"}),
+                                                  f"{p.get('lrs')}"
+                                                  + (f" x {p['repeats']} repeats" if p.get("repeats", "1") != "1"
+                                                     else "") + f" ({len(runs.training)} child runs)"}),
         "select metric": cp.get("select_metric", "val_mean_class_acc"),
         "device": cp.get("device_resolved", f"{cp.get('device')} (not recorded)"),
         "precision": cp.get("precision_resolved", "float32"),
@@ -158,6 +163,39 @@ def _study_section(runs: StudyRuns, champion: Run | None) -> Section:
         counts.loc["all"] = counts.sum()
         parts.append(Table(counts.rename_axis("class").reset_index(), "Images per class and split"))
     return Section("The study", parts)
+
+
+def _configurations_section(runs: StudyRuns) -> Section | None:
+    """For a study with repeats: each configuration over its repeats (mean, Student-t interval), the
+    verdict between the best two, and their repeats drawn; None when every configuration ran once."""
+    metric = runs.training[0].data.params.get("select_metric", "val_mean_class_acc")
+    finished = [r for r in runs.training if r.info.status == "FINISHED" and TAG_CONFIG in r.data.tags
+                and f"{metric}_best" in r.data.metrics]
+    by_config: dict[str, list[Run]] = {}
+    for run in sorted(finished, key=lambda r: int(r.data.params.get("seed", 0))):
+        by_config.setdefault(run.data.tags[TAG_CONFIG], []).append(run)
+    if not by_config or max(len(v) for v in by_config.values()) < 2:
+        return None
+    rows = summarize({c: [r.data.metrics[f"{metric}_best"] for r in rs] for c, rs in by_config.items()},
+                     metric not in LOWER_IS_BETTER)
+    table = pd.DataFrame([{"configuration": r.config, "repeats": r.n, "mean": r.mean, "std": r.std,
+                           "95 % CI low": r.ci_low, "95 % CI high": r.ci_high} for r in rows])
+    client = MlflowClient()
+    values = {r.config: [run.data.metrics[f"{metric}_best"] for run in by_config[r.config]] for r in rows}
+    curves = {c: [_history(client, run.info.run_id, metric) for run in rs] for c, rs in by_config.items()}
+    figure = plots.repeated_configurations(values, {r.config: (r.ci_low, r.ci_high) for r in rows}, curves, metric,
+                                           f"The configurations over their repeats: {runs.study.info.run_name}")
+    verdict = runs.study.data.tags.get(TAG_VERDICT, "no verdict was logged")
+    return Section("Which configuration is best", [
+        f"Each configuration (optimizer x learning rate) was trained with paired seeds (repeat r of every "
+        f"configuration used seed + r; one test split). The value of a run is its {metric} at its best epoch; "
+        "the interval is the 95 % Student-t interval of the mean. The verdict compares the best configuration "
+        "with the runner-up over the paired repeats: P is the share of pairs the best one won (ties count "
+        "one half), with a 95 % bootstrap interval; the difference is meaningful when P > 0.75 and the "
+        "interval lies above 0.5.",
+        f"Verdict: {verdict}",
+        Table(table, f"{metric} over the repeats, best mean first"),
+        Image(_png(figure), f"{metric} of every repeat, and the val curves of each configuration")])
 
 
 def _comparison_section(runs: StudyRuns, champion: Run | None) -> Section:

@@ -43,6 +43,8 @@ from sceneml.tasks.report import log_report
 from sceneml.tasks.select import select
 from sceneml.tasks.train import train
 from sceneml.tracking.runs import (
+    TAG_CONFIG,
+    TAG_VERDICT,
     MetricBuffer,
     choose_experiment,
     log_figure,
@@ -123,10 +125,6 @@ def crown_champion(parent_id: str, train_cfg: TrainConfig, analyze_cfg: AnalyzeC
                                 device=train_cfg.device, quiet=train_cfg.quiet), nested=True)
     return {"champion_run_id": chosen["champion_run_id"], "champion_epoch": chosen["champion_epoch"],
             "version": chosen["champion_version"], **test_metrics}
-
-
-TAG_CONFIG = "sceneml.config"  # a child's configuration, <optimizer>-lr<lr>: its repeats share it
-TAG_VERDICT = "sceneml.verdict"
 
 
 def _log_verdict(parent_id: str, runs: list[Child], children: dict[str, str], metric: str, cfg: StudyConfig) -> str:

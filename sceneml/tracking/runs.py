@@ -32,6 +32,8 @@ TAG_ERROR = "sceneml.error"
 TAG_TASK = "sceneml.task"  # which task a run is (train, study, select, evaluate, analyze, predict, tune ...)
 TAG_DIGEST = "sceneml.data_digest"  # on training runs and their checkpoints: the split manifest's digest
 TAG_DATA_SET = "sceneml.data_set_digest"  # on training runs: the images and labels, whatever the split
+TAG_CONFIG = "sceneml.config"  # a study child's configuration, <optimizer>-lr<lr>: its repeats share it
+TAG_VERDICT = "sceneml.verdict"  # a study's verdict between its best two configurations, one sentence
 
 
 def task_of(run) -> str:
