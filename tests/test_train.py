@@ -7,6 +7,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -122,7 +123,9 @@ def _epoch_metrics(run_id: str) -> dict[tuple[str, int], float]:
 
 @pytest.mark.slow
 def test_same_seed_same_metrics_and_resume_matches_a_straight_run(tracking_uri, monkeypatch):
-    """Also the cosine schedule across the resume: the logged lr of each epoch is its closed form."""
+    """Also the cosine schedule across the resume: the logged lr of each epoch is its closed form; and
+    MLflow's system metrics, sampled every second here, continue their steps across the resume."""
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
     cfg = dict(data="synthetic:30", epochs=3, weights="none", batch_size=16, quiet=True, device="cpu",
                image_size=32, scheduler="cosine", lr=0.002)
     straight = train(TrainConfig(**cfg))
@@ -142,6 +145,11 @@ def test_same_seed_same_metrics_and_resume_matches_a_straight_run(tracking_uri, 
     assert [b[("lr", e)] for e in (1, 2, 3)] == pytest.approx([0.002 * (1 + math.cos(math.pi * t / 3)) / 2
                                                                for t in range(3)], rel=1e-9)
     assert MlflowClient().get_run(resumed).info.status == "FINISHED"
+    for run_id in (straight, resumed):
+        cpu = MlflowClient().get_metric_history(run_id, "system/cpu_utilization_percentage")
+        steps = [m.step for m in cpu]
+        assert cpu and all(0 <= m.value <= 100 * os.cpu_count() for m in cpu)
+        assert len(steps) == len(set(steps))  # the resumed process went on from the killed one's last step
     other = _epoch_metrics(train(TrainConfig(**{**cfg, "epochs": 1}, seed=7)))
     assert other[("val_loss", 1)] != a[("val_loss", 1)]  # a different seed gives a different run
 

@@ -171,7 +171,7 @@ def _train(cfg: TrainConfig, run_name: str, nested: bool, ctx: distributed.DistC
 
     # One loop for every rank; only the main process opens the run, validates, logs and checkpoints.
     opened = task_run(run_name, nested=nested, run_id=cfg.resume or None, task="train", parent_run_id=parent_run_id,
-                      tags=tags)
+                      tags=tags, system_metrics=True)
     with opened if master else contextlib.nullcontext() as run:
         log_run = RunLog(run.info.run_id, run_name, cfg, data, trainer, scheduler) if master else None
         if master:

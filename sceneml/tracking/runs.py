@@ -44,7 +44,7 @@ def task_of(run) -> str:
 @contextlib.contextmanager
 def task_run(run_name: str | None = None, nested: bool = False, run_id: str | None = None,
              task: str | None = None, parent_run_id: str | None = None, tags: dict | None = None,
-             keep_running: bool = False) -> Iterator[mlflow.ActiveRun]:
+             keep_running: bool = False, system_metrics: bool = False) -> Iterator[mlflow.ActiveRun]:
     """The one run lifecycle of every task.
 
     Sets up the store, then continues ``run_id`` (resume), adopts the run ``mlflow run`` started for
@@ -54,7 +54,11 @@ def task_run(run_name: str | None = None, nested: bool = False, run_id: str | No
     raises, the run ends FAILED with the error in tag ``sceneml.error`` (KILLED for Ctrl-C or an exception that says
     ``marks_run_killed``), never RUNNING; the exception goes on to the caller. ``keep_running``: a body that
     ends normally leaves the run RUNNING, for other processes to add to (a search's parent run).
+    ``system_metrics``: MLflow samples CPU, memory, disk, network (and GPU, with nvidia-ml-py installed)
+    into ``system/*`` metrics while the run is active, every 10 s (``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``);
+    a resumed run continues their steps.
     """
+    system = {"log_system_metrics": True} if system_metrics else {}
     init_store()
     launched = launched_by_mlflow_run()
     if run_id:
@@ -63,20 +67,20 @@ def task_run(run_name: str | None = None, nested: bool = False, run_id: str | No
             # `mlflow run -P resume=X` created a fresh run for this launch; say where the work went
             set_tags(launched, {"sceneml.resumed_into": run_id,
                                 "mlflow.note.content": f"This launch resumed run {run_id}."})
-        context = mlflow.start_run(run_id=run_id)
+        context = mlflow.start_run(run_id=run_id, **system)
     elif launched and mlflow.active_run() is None:
-        context = mlflow.start_run(run_id=launched)
+        context = mlflow.start_run(run_id=launched, **system)
         _ADOPTED.add(launched)
         if run_name:  # `mlflow run` names its runs at random; say what this one is
             set_tags(launched, {"mlflow.runName": run_name})
     elif parent_run_id:  # a child sits in its parent's experiment, whatever this process's active one is
         context = mlflow.start_run(run_name=run_name, experiment_id=experiment_of(parent_run_id),
-                                   tags={"mlflow.parentRunId": parent_run_id})
+                                   tags={"mlflow.parentRunId": parent_run_id}, **system)
     elif nested and mlflow.active_run() is not None:
         context = mlflow.start_run(run_name=run_name, nested=True,
-                                   experiment_id=mlflow.active_run().info.experiment_id)
+                                   experiment_id=mlflow.active_run().info.experiment_id, **system)
     else:
-        context = mlflow.start_run(run_name=run_name, nested=nested)
+        context = mlflow.start_run(run_name=run_name, nested=nested, **system)
     with context as run:
         try:
             if task or tags:
