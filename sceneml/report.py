@@ -2,8 +2,9 @@
 
 A report is a list of :class:`Section`; a section holds paragraphs (``str``), :class:`Table` and
 :class:`Image` parts. Tables are formatted once (:func:`formatted`, 3 decimals), so the HTML and the
-Markdown show the same text. Images are embedded as base64 PNG: the page needs no network and no
-other file, so it opens from disk and in the MLflow UI's artifact viewer alike.
+Markdown show the same text. Images are embedded as base64 (PNG for plots, JPEG for photo galleries):
+the page needs no network and no other file, so it opens from disk and in the MLflow UI's artifact
+viewer alike.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ class Table:
 
 @dataclass
 class Image:
-    png: bytes
+    data: bytes
     caption: str
+    mime: str = "image/png"
 
 
 @dataclass
@@ -93,8 +95,8 @@ def _html_part(part: str | Table | Image) -> str:
     if isinstance(part, Table):
         return _html_table(part)
     if isinstance(part, Image):
-        data = base64.b64encode(part.png).decode("ascii")
-        return (f'<figure><img alt="{html.escape(part.caption)}" src="data:image/png;base64,{data}">'
+        data = base64.b64encode(part.data).decode("ascii")
+        return (f'<figure><img alt="{html.escape(part.caption)}" src="data:{part.mime};base64,{data}">'
                 f"<figcaption>{html.escape(part.caption)}</figcaption></figure>")
     return f"<p>{html.escape(part)}</p>"
 

@@ -95,3 +95,23 @@ def test_real_photos_study_figures(real_study):
     parent = next(r for n, r in real_study.items() if n.startswith("study"))
     figures = {a.path for a in MlflowClient().list_artifacts(parent.info.run_id, "figures")}
     assert {"figures/compare_val_mean_class_acc.png", "figures/compare_loss.png"} <= figures
+
+
+def test_real_photos_report_embeds_the_galleries_as_jpeg_a_fraction_of_their_png(real_study, tmp_path):
+    """Photo galleries dominate a report's weight: as JPEG at the page's width they take a fraction of
+    the PNG artifacts they show, and the page stays light."""
+    from pathlib import Path
+
+    from sceneml.report import Image
+    from sceneml.tasks.report import build_sections, study_runs
+
+    parent = next(r for n, r in real_study.items() if n.startswith("study"))
+    _, sections = build_sections(study_runs(parent.info.run_id))
+    photos = [p for s in sections for p in s.parts if isinstance(p, Image) and p.mime == "image/jpeg"]
+    local = Path(mlflow.artifacts.download_artifacts(run_id=real_study["analyze v1"].info.run_id,
+                                                     dst_path=str(tmp_path)))
+    pngs = sum(f.stat().st_size for folder in ("galleries", "audit") for f in (local / folder).glob("*.png"))
+    jpegs = sum(len(p.data) for p in photos)
+    assert jpegs < pngs / 3, (jpegs, pngs)
+    html = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/report/report.html")
+    assert html.count("data:image/jpeg;base64,") == len(photos) == 20

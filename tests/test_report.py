@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -188,3 +189,29 @@ def test_headless_chromium_renders_the_comparison_table(study, tmp_path):
 
     pixels = np.asarray(PILImage.open(shot).convert("L"))
     assert pixels.shape == (1800, 1280) and pixels.std() > 10  # a page, not a blank screen
+
+
+@pytest.mark.slow
+def test_photo_galleries_are_embedded_as_jpeg_at_the_width_the_page_shows(study, tmp_path):
+    """The galleries of photos go into the page as JPEG no wider than the page, the plots as PNG, and the
+    page is lighter than the PNG galleries it shows."""
+    import io
+
+    from PIL import Image as PILImage
+
+    from sceneml.tasks.report import DISPLAY_WIDTH, build_sections, study_runs
+
+    _, exp_id = study
+    parent, children = _study(exp_id)
+    _, sections = build_sections(study_runs(parent.info.run_id))
+    images = [part for section in sections for part in section.parts if isinstance(part, Image)]
+    photos = [i for i in images if i.mime == "image/jpeg"]
+    assert len(photos) == 12 + 6 + 2  # top and bottom per class, Grad-CAM per class, the label issues twice
+    assert all(i.mime == "image/png" for i in images if i not in photos) and len(images) > len(photos)
+    for image in photos:
+        decoded = PILImage.open(io.BytesIO(image.data))
+        assert decoded.format == "JPEG" and decoded.width <= DISPLAY_WIDTH
+    analysis = children["analyze v1"].info.run_id
+    local = Path(mlflow.artifacts.download_artifacts(run_id=analysis, dst_path=str(tmp_path)))
+    pngs = sum(f.stat().st_size for folder in ("galleries", "audit") for f in (local / folder).glob("*.png"))
+    assert sum(len(i.data) for i in photos) < pngs  # on photos (test_real_photos.py) a fraction of it

@@ -295,7 +295,7 @@ def _analysis_section(runs: StudyRuns) -> Section:
             for end, which in (("top", "highest"), ("bottom", "lowest")):
                 png = _bytes(run_id, f"galleries/gallery_{cls}_{end}.png")
                 if png is not None:
-                    parts.append(Image(png, f"{cls}: the images with the {which} score for {cls}"))
+                    parts.append(photos(png, f"{cls}: the images with the {which} score for {cls}"))
     stats = _text(run_id, "activations/activation_stats.csv")
     if stats is not None:
         frame = pd.read_csv(io.StringIO(stats))
@@ -339,11 +339,11 @@ def _audit_section(runs: StudyRuns, champion: Run | None, top: int = 10) -> Sect
         for path, caption in (("audit/label_issues.png", "The likely label errors"),
                               ("audit/label_issues_gradcam.png", "Grad-CAM on the likely label errors")):
             if (png := _bytes(run_id, path)) is not None:
-                parts.append(Image(png, caption))
+                parts.append(photos(png, caption))
         index = _text(run_id, "galleries/gallery_index.csv")
         for cls in dict.fromkeys(pd.read_csv(io.StringIO(index))["class"]) if index is not None else []:
             if (png := _bytes(run_id, f"galleries/gradcam_{cls}_bottom.png")) is not None:
-                parts.append(Image(png, f"Grad-CAM: where the champion looks in the {cls} images it scores lowest"))
+                parts.append(photos(png, f"Grad-CAM: where the champion looks in the {cls} images it scores lowest"))
     return Section("Data audit", parts or ["No audit was logged by these runs."])
 
 
@@ -400,6 +400,23 @@ def _bytes(run_id: str, path: str) -> bytes | None:
         except Exception:
             return None
         return Path(local).read_bytes()
+
+
+DISPLAY_WIDTH = 1200  # px: the page's width (sceneml.report's CSS), so no image carries more pixels than shown
+
+
+def photos(png: bytes, caption: str, quality: int = 85) -> Image:
+    """A gallery of photos as JPEG at the width the page shows it: PNG keeps every pixel of a photo
+    losslessly, several MB a gallery, which made a full study's page tens of MB."""
+    from PIL import Image as PILImage
+
+    picture = PILImage.open(io.BytesIO(png)).convert("RGB")
+    if picture.width > DISPLAY_WIDTH:
+        picture = picture.resize((DISPLAY_WIDTH, round(picture.height * DISPLAY_WIDTH / picture.width)),
+                                 PILImage.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", quality=quality, optimize=True)
+    return Image(buffer.getvalue(), caption, "image/jpeg")
 
 
 def _png(figure) -> bytes:
