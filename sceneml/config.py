@@ -101,6 +101,9 @@ class TrainConfig:
                          resume=True)
     momentum: float = param(0.9, "momentum of sgd and rmsprop", resume=True, search=True)
     weight_decay: float = param(0.0001, "decoupled for adamw, L2 for the others", resume=True, search=True)
+    label_smoothing: float = param(0.0, "share of each training target spread evenly over all classes, as "
+                                        "torchvision's --label-smoothing; validation losses stay unsmoothed",
+                                   resume=True, search=True)
     scheduler: str = param("none", "learning-rate schedule over the epochs", choices=SCHEDULERS, resume=True,
                            search=True)
     epochs: int = param(3, "training epochs", resume=True, search=True)
@@ -140,6 +143,8 @@ class TrainConfig:
             raise SceneMLError(FP16_NEEDS_CUDA)  # before any work; the engine checks device=auto too
         if not self.lr > 0:
             raise SceneMLError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.label_smoothing < 1:
+            raise SceneMLError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.epochs < 1:
             raise SceneMLError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 2:

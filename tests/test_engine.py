@@ -126,3 +126,24 @@ def test_ddp_on_two_processes_takes_the_step_of_one_process_on_the_global_batch(
     assert len(moved) > 20  # the step changed the network
     for k, v in model.state_dict().items():
         torch.testing.assert_close(ddp[k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_label_smoothing_trains_on_the_smoothed_loss_computed_by_hand():
+    """One step of train_one_epoch with label_smoothing=0.1 reports (1 - e) * CE + e * mean_k(-log p_k),
+    written out here (torch's cross_entropy(label_smoothing=...) agrees), and steps along its gradient."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 4)
+    x, y = torch.randn(8, 5), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    eps, lr = 0.1, 0.5
+    logits = model(x)
+    log_p = torch.log_softmax(logits.double(), dim=1)
+    by_hand = ((1 - eps) * -log_p[torch.arange(8), y] + eps * -log_p.mean(dim=1)).mean()
+    assert by_hand.item() == pytest.approx(torch.nn.functional.cross_entropy(logits, y, label_smoothing=eps).item(),
+                                           rel=1e-6)
+    grads = torch.autograd.grad(by_hand, list(model.parameters()))
+    expected = [p.detach().double() - lr * g for p, g in zip(model.parameters(), grads)]
+    loss = train_one_epoch(model, build_optimizer("sgd", model.parameters(), lr, 0.0, 0.0), [(x, y)], 8,
+                           progress=False, label_smoothing=eps)
+    assert loss.main == pytest.approx(by_hand.item(), rel=1e-6)
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.detach().double(), e, rtol=1e-5, atol=1e-6)

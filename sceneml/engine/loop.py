@@ -91,7 +91,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
                     progress: bool = True, desc: str = "train",
                     reduce_losses: Callable[[torch.Tensor], torch.Tensor] | None = None,
                     on_step: Callable[[], None] | None = None, amp_dtype: torch.dtype | None = None,
-                    scaler: torch.amp.GradScaler | None = None) -> EpochLoss:
+                    scaler: torch.amp.GradScaler | None = None, label_smoothing: float = 0.0) -> EpochLoss:
     """One pass over ``batches``. Returns the mean training losses (weighted by batch size). The caller
     sets the training mode.
 
@@ -101,6 +101,8 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
     ``on_step`` is called after every optimizer step.
     A batch of a single image is skipped (BatchNorm cannot train on it).
     ``amp_dtype`` runs the forward pass under autocast; ``scaler`` (fp16) scales the loss.
+    ``label_smoothing`` spreads that share of each target over all classes (the losses returned and
+    handed on are the smoothed ones, which the optimizer minimises).
     """
     pending: list[torch.Tensor] = []
     sums, seen = None, 0  # (main, total) loss sums, on the device
@@ -124,10 +126,10 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
             continue
         with torch.autocast(x.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             logits, aux = split_logits(model(x))
-            main = F.cross_entropy(logits.float(), y)
+            main = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
             loss = main
             for aux_logits in aux:
-                loss = loss + AUX_LOSS_WEIGHT * F.cross_entropy(aux_logits.float(), y)
+                loss = loss + AUX_LOSS_WEIGHT * F.cross_entropy(aux_logits.float(), y, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -251,7 +253,7 @@ class EpochTrainer:
                 else contextlib.nullcontext():
             loss = train_one_epoch(self.trained, self.optimizer, batches, n, on_losses=on_losses,
                                    progress=progress, desc=f"epoch {epoch}/{cfg.epochs}", on_step=on_step,
-                                   amp_dtype=self.amp_dtype, scaler=self.scaler,
+                                   amp_dtype=self.amp_dtype, scaler=self.scaler, label_smoothing=cfg.label_smoothing,
                                    reduce_losses=distributed.mean_over_ranks if ctx is not None else None)
         if ctx is not None:
             loss = EpochLoss(*(distributed.weighted_mean_over_ranks(v, n, self.device) for v in loss))
