@@ -21,7 +21,7 @@ from sceneml.params import REQUIRED, Param, check_choices, param, params_of
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "googlenet", "mobilenet_v3_small", "efficientnet_b0")
 OPTIMIZERS = ("adamw", "adam", "rmsprop", "sgd")
-SCHEDULERS = ("none", "cosine", "step")
+SCHEDULERS = ("none", "cosine", "step", "linear")
 # The metrics a "best epoch" and the champion can be chosen by; val_loss is the one where lower wins.
 SELECT_METRICS = ("val_mean_class_acc", "val_mAP", "val_acc", "val_loss")
 LOWER_IS_BETTER = frozenset({"val_loss"})
@@ -104,8 +104,11 @@ class TrainConfig:
     label_smoothing: float = param(0.0, "share of each training target spread evenly over all classes, as "
                                         "torchvision's --label-smoothing; validation losses stay unsmoothed",
                                    resume=True, search=True)
-    scheduler: str = param("none", "learning-rate schedule over the epochs", choices=SCHEDULERS, resume=True,
-                           search=True)
+    scheduler: str = param("none", "learning-rate schedule over the epochs after the warmup: cosine to 0, a tenth "
+                                   "every third of them (step), or linear to 0 at the end", choices=SCHEDULERS,
+                           resume=True, search=True)
+    warmup_epochs: int = param(0, "epochs whose lr rises linearly from lr/100 to lr before the schedule, as "
+                                  "torchvision's --lr-warmup-epochs", resume=True, search=True)
     epochs: int = param(3, "training epochs", resume=True, search=True)
     batch_size: int = param(32, "images per optimizer step (over all processes)", resume=True, search=True)
     image_size: int = param(0, "pixels per side; 0 = native (64 synthetic, 150 folder data)", resume=True,
@@ -143,6 +146,9 @@ class TrainConfig:
             raise SceneMLError(FP16_NEEDS_CUDA)  # before any work; the engine checks device=auto too
         if not self.lr > 0:
             raise SceneMLError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup_epochs < max(self.epochs, 1):
+            raise SceneMLError(f"warmup_epochs must be in 0 .. epochs - 1 ({self.epochs - 1}), "
+                               f"got {self.warmup_epochs}")
         if not 0 <= self.label_smoothing < 1:
             raise SceneMLError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.epochs < 1:

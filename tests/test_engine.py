@@ -18,12 +18,13 @@ from sceneml.models import build_model
 LR, EPOCHS = 0.1, 6
 
 
-def _lrs(name: str, epochs: int = EPOCHS, resume_after: int | None = None, tmp_path=None) -> list[float]:
+def _lrs(name: str, epochs: int = EPOCHS, resume_after: int | None = None, tmp_path=None,
+         warmup: int = 0) -> list[float]:
     """The lr of each epoch as `train` logs it (read before the epoch's scheduler step); with
     ``resume_after`` the model, optimizer and schedule go through a checkpoint file at that epoch."""
     model = torch.nn.Linear(2, 2)
     opt = build_optimizer("sgd", model.parameters(), LR, 0.9, 0.0)
-    sched = build_scheduler(name, opt, epochs)
+    sched = build_scheduler(name, opt, epochs, warmup)
     out = []
     for epoch in range(1, epochs + 1):
         out.append(opt.param_groups[0]["lr"])
@@ -33,7 +34,7 @@ def _lrs(name: str, epochs: int = EPOCHS, resume_after: int | None = None, tmp_p
             save_checkpoint(tmp_path / "last.pt", model, opt, sched, epoch, {})
             model = torch.nn.Linear(2, 2)
             opt = build_optimizer("sgd", model.parameters(), LR, 0.9, 0.0)
-            sched = build_scheduler(name, opt, epochs)
+            sched = build_scheduler(name, opt, epochs, warmup)
             assert restore_checkpoint(load_checkpoint(tmp_path / "last.pt"), model, opt, sched) == epoch
     return out
 
@@ -50,9 +51,24 @@ def test_step_schedule_divides_by_ten_every_third_of_the_run():
     assert build_scheduler("none", build_optimizer("sgd", torch.nn.Linear(2, 2).parameters(), LR, 0, 0), 3) is None
 
 
-@pytest.mark.parametrize("name", ["cosine", "step"])
-def test_a_resumed_schedule_continues_where_it_stopped(name, tmp_path):
-    assert _lrs(name, resume_after=2, tmp_path=tmp_path) == _lrs(name)
+def test_linear_schedule_reaches_zero_when_the_last_epoch_ends():
+    assert _lrs("linear") == pytest.approx([LR * (1 - t / EPOCHS) for t in range(EPOCHS)], rel=1e-12)
+
+
+@pytest.mark.parametrize("name, after", [
+    ("none", [1, 1, 1, 1]),
+    ("linear", [1, 0.75, 0.5, 0.25]),
+    ("cosine", [(1 + math.cos(math.pi * t / 4)) / 2 for t in range(4)]),
+])
+def test_warmup_rises_linearly_from_a_hundredth_then_the_schedule_runs_over_the_remaining_epochs(name, after):
+    # torchvision's warmup: factor 0.01 at the first epoch, rising linearly to 1 at epoch `warmup`
+    warm = [0.01, 0.01 + (1 - 0.01) / 2]
+    assert _lrs(name, warmup=2) == pytest.approx([LR * f for f in warm + after], rel=1e-9)
+
+
+@pytest.mark.parametrize("name, warmup", [("cosine", 0), ("step", 0), ("linear", 0), ("cosine", 2), ("none", 3)])
+def test_a_resumed_schedule_continues_where_it_stopped(name, warmup, tmp_path):
+    assert _lrs(name, resume_after=2, tmp_path=tmp_path, warmup=warmup) == _lrs(name, warmup=warmup)
 
 
 def test_random_crop_samples_a_box_inside_the_image_with_the_documented_area_and_aspect():

@@ -53,15 +53,30 @@ def build_optimizer(name: str, params, lr: float, momentum: float, weight_decay:
     raise SceneMLError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
-def build_scheduler(name: str, optimizer: torch.optim.Optimizer, epochs: int):
-    """An epoch-level LR schedule (stepped once per epoch), or None."""
+WARMUP_START = 0.01  # the first warmup epoch's share of lr (torchvision's --lr-warmup-decay)
+
+
+def build_scheduler(name: str, optimizer: torch.optim.Optimizer, epochs: int, warmup_epochs: int = 0):
+    """An epoch-level LR schedule (stepped once per epoch), or None: ``warmup_epochs`` of linear warmup
+    from ``WARMUP_START`` x lr, then ``name`` over the remaining epochs, as torchvision's references do."""
+    lr_sched = torch.optim.lr_scheduler
+    rest = epochs - warmup_epochs
     if name == "none":
-        return None
-    if name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-    if name == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, epochs // 3), gamma=0.1)
-    raise SceneMLError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+        main = None
+    elif name == "cosine":
+        main = lr_sched.CosineAnnealingLR(optimizer, T_max=rest)
+    elif name == "step":
+        main = lr_sched.StepLR(optimizer, step_size=max(1, rest // 3), gamma=0.1)
+    elif name == "linear":  # to zero when the last epoch ends (the budgeted-training schedule)
+        main = lr_sched.LinearLR(optimizer, start_factor=1.0, end_factor=0.0, total_iters=rest)
+    else:
+        raise SceneMLError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    if warmup_epochs == 0:
+        return main
+    warmup = lr_sched.LinearLR(optimizer, start_factor=WARMUP_START, total_iters=warmup_epochs)
+    if main is None:
+        return warmup
+    return lr_sched.SequentialLR(optimizer, [warmup, main], milestones=[warmup_epochs])
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:

@@ -165,7 +165,7 @@ def _train(cfg: TrainConfig, run_name: str, nested: bool, ctx: distributed.DistC
         freeze_backbone(cfg.arch, model)
     model = model.to(device, memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
-    scheduler = build_scheduler(cfg.scheduler, optimizer, cfg.epochs)
+    scheduler = build_scheduler(cfg.scheduler, optimizer, cfg.epochs, cfg.warmup_epochs)
     trainer = EpochTrainer(cfg, data, model, optimizer, device, ctx)
     on_step = _fault_injector(run_name)
 
