@@ -142,7 +142,6 @@ def new_store(folder: Path) -> str:
     migrations take about a second a store, a copy a few milliseconds. Its Default experiment keeps
     artifacts in ``folder/mlruns/0``, as a store created there would."""
     import shutil
-    import sqlite3
     import tempfile
 
     if not _TEMPLATE:
@@ -152,11 +151,20 @@ def new_store(folder: Path) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     db = folder / "mlflow.db"
     shutil.copyfile(_TEMPLATE[0], db)
-    with sqlite3.connect(db) as con:
-        con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
-                    (str(folder / "mlruns" / "0"),))
-    con.close()
+    _relocate_artifacts(db, lambda experiment: str(folder / "mlruns" / str(experiment)))
     return f"sqlite:///{db}"
+
+
+def _relocate_artifacts(db: Path, location) -> None:
+    """Point every experiment of the sqlite store ``db`` at ``location(experiment_id)``: where its new
+    runs and models write their files (the runs it already holds keep theirs)."""
+    import sqlite3
+
+    with sqlite3.connect(db) as con:
+        for (experiment,) in con.execute("SELECT experiment_id FROM experiments").fetchall():
+            con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
+                        (location(experiment), experiment))
+    con.close()
 
 
 @contextlib.contextmanager
@@ -194,16 +202,11 @@ def study_copy(study_store, tmp_path):
     session's store stays as every other test expects it, whatever the order. The copy's runs and models
     keep their artifacts where the study wrote them; new ones go into tmp_path."""
     import shutil
-    import sqlite3
 
     uri, exp_id = study_store
     db = tmp_path / "mlflow.db"
     shutil.copyfile(uri.removeprefix("sqlite:///"), db)
-    with sqlite3.connect(db) as con:  # new runs and models of the copy write their files here
-        for (experiment,) in con.execute("SELECT experiment_id FROM experiments").fetchall():
-            con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
-                        ((tmp_path / "artifacts" / str(experiment)).as_uri(), experiment))
-    con.close()
+    _relocate_artifacts(db, lambda experiment: (tmp_path / "artifacts" / str(experiment)).as_uri())
     with using_store(f"sqlite:///{db}", tmp_path) as copied:
         yield copied, exp_id
 

@@ -139,9 +139,7 @@ def _log_verdict(parent_id: str, runs: list[Child], children: dict[str, str], me
     higher = metric not in LOWER_IS_BETTER
     rows = summarize({c: [v for _, v in sorted(r.items())] for c, r in by_repeat.items()}, higher)
     if cfg.repeats > 1:
-        table = pd.DataFrame([dataclasses.asdict(r) for r in rows])
-        with_retries(mlflow.log_table, table, "comparison.json", run_id=parent_id)
-        with_retries(mlflow.log_text, table.to_csv(index=False), "comparison.csv", run_id=parent_id)
+        _log_frame(parent_id, pd.DataFrame([dataclasses.asdict(r) for r in rows]), "comparison")
     found = verdict(by_repeat, higher, seed=cfg.train.seed, rerun_hint=f"repeats={max(5, cfg.repeats)}")
     if found is not None:
         set_tags(parent_id, {TAG_VERDICT: found.sentence})
@@ -152,6 +150,12 @@ def _log_verdict(parent_id: str, runs: list[Child], children: dict[str, str], me
             buffer.flush()
         print(f"verdict: {found.sentence}", flush=True)
     return rows[0].config
+
+
+def _log_frame(run_id: str, table: pd.DataFrame, name: str) -> None:
+    """``table`` as ``<name>.json`` (an MLflow table, shown in the UI) and ``<name>.csv``."""
+    with_retries(mlflow.log_table, table, f"{name}.json", run_id=run_id)
+    with_retries(mlflow.log_text, table.to_csv(index=False), f"{name}.csv", run_id=run_id)
 
 
 def try_log_report(parent_id: str) -> str | None:
@@ -186,10 +190,7 @@ def _log_comparison(parent_id: str, children: dict[str, str], failures: dict[str
                         for h in sorted(client.get_metric_history(run_id, "val_loss"), key=lambda h: h.step)]
     for name, why in failures.items():
         rows.append({"run": name, "run_id": None, "optimizer": name.split("-lr")[0], "failed": why})
-    table = pd.DataFrame(rows)
-    # the children have ended, so the parent is the active run again
-    with_retries(mlflow.log_table, table, f"{table_name}.json", run_id=parent_id)
-    with_retries(mlflow.log_text, table.to_csv(index=False), f"{table_name}.csv", run_id=parent_id)
+    _log_frame(parent_id, pd.DataFrame(rows), table_name)
     study_name = mlflow.get_run(parent_id).info.run_name
     log_figure(plots.compare_runs(curves, select_metric, f"{select_metric} per epoch: {study_name}"),
                f"figures/compare_{select_metric}.png")

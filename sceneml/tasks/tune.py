@@ -36,7 +36,7 @@ from sceneml.tracking.runs import (
     set_tags,
     task_run,
 )
-from sceneml.tracking.store import init_store, schema_race, with_retries
+from sceneml.tracking.store import init_store, schema_race, with_retries, without_password
 
 log = logging.getLogger(__name__)
 PARENT_ATTR = "mlflow_parent_run_id"
@@ -100,9 +100,7 @@ def describe_storage(text: str) -> str:
     """The storage for logs and params, without a password."""
     if "://" not in text:
         return str(Path(text).expanduser().resolve()) if text else str(default_journal())
-    from sqlalchemy.engine import make_url
-
-    return make_url(text).render_as_string(hide_password=True)
+    return without_password(text)
 
 
 # ---------------------------------------------------------------------------------- the search

@@ -58,7 +58,7 @@ def task_run(run_name: str | None = None, nested: bool = False, run_id: str | No
     into ``system/*`` metrics while the run is active, every 10 s (``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``);
     a resumed run continues their steps.
     """
-    system = {"log_system_metrics": True} if system_metrics else {}
+    system = system_metrics or None  # None: MLflow's own setting (MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING)
     init_store()
     launched = launched_by_mlflow_run()
     if run_id:
@@ -67,20 +67,20 @@ def task_run(run_name: str | None = None, nested: bool = False, run_id: str | No
             # `mlflow run -P resume=X` created a fresh run for this launch; say where the work went
             set_tags(launched, {"sceneml.resumed_into": run_id,
                                 "mlflow.note.content": f"This launch resumed run {run_id}."})
-        context = mlflow.start_run(run_id=run_id, **system)
+        context = mlflow.start_run(run_id=run_id, log_system_metrics=system)
     elif launched and mlflow.active_run() is None:
-        context = mlflow.start_run(run_id=launched, **system)
+        context = mlflow.start_run(run_id=launched, log_system_metrics=system)
         _ADOPTED.add(launched)
         if run_name:  # `mlflow run` names its runs at random; say what this one is
             set_tags(launched, {"mlflow.runName": run_name})
     elif parent_run_id:  # a child sits in its parent's experiment, whatever this process's active one is
         context = mlflow.start_run(run_name=run_name, experiment_id=experiment_of(parent_run_id),
-                                   tags={"mlflow.parentRunId": parent_run_id}, **system)
+                                   tags={"mlflow.parentRunId": parent_run_id}, log_system_metrics=system)
     elif nested and mlflow.active_run() is not None:
         context = mlflow.start_run(run_name=run_name, nested=True,
-                                   experiment_id=mlflow.active_run().info.experiment_id, **system)
+                                   experiment_id=mlflow.active_run().info.experiment_id, log_system_metrics=system)
     else:
-        context = mlflow.start_run(run_name=run_name, nested=nested, **system)
+        context = mlflow.start_run(run_name=run_name, nested=nested, log_system_metrics=system)
     with context as run:
         try:
             if task or tags:

@@ -25,7 +25,6 @@ from sceneml.errors import StoreUnreachable
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 ATTEMPTS = 8  # 0.2 s doubling: about 50 s of waiting in all before the error goes to the caller
-# how long a task waits for a tracking server that does not answer, before any run
 
 
 def reach_within_s() -> int:
@@ -91,20 +90,22 @@ def init_store() -> None:
         except mlflow.exceptions.MlflowException as exc:
             if not store_busy(exc) and not uri.startswith(("http://", "https://")):
                 raise
-            raise StoreUnreachable(f"the tracking store {_redacted(uri)} failed its first request "
+            raise StoreUnreachable(f"the tracking store {without_password(uri)} failed its first request "
                                    f"({str(exc).splitlines()[0][:160]})") from None
     finally:
         if lock is not None:
             lock.close()  # releases the flock
 
 
-def _redacted(uri: str) -> str:
-    """``uri`` without a password (postgresql://user:secret@host/db)."""
-    head, at, tail = uri.rpartition("@")
-    if not at or "://" not in head:
+def without_password(uri: str) -> str:
+    """``uri`` with its password as ``***`` (postgresql://user:secret@host/db), for messages, logs and
+    params; SQLAlchemy's URL parser reads every ``scheme://`` URI, and a name that is not one is kept."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(uri).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
         return uri
-    scheme, _, user = head.partition("://")
-    return f"{scheme}://{user.split(':', 1)[0]}:***@{tail}"
 
 
 def _wait_for_server(uri: str) -> None:
@@ -118,7 +119,7 @@ def _wait_for_server(uri: str) -> None:
 
     def warn_once(state: tenacity.RetryCallState) -> None:
         if state.attempt_number == 1:
-            log.warning("tracking server %s does not answer; trying for up to %d s", _redacted(uri), within_s)
+            log.warning("tracking server %s does not answer; trying for up to %d s", without_password(uri), within_s)
 
     try:
         tenacity.Retrying(retry=tenacity.retry_if_exception_type(requests.RequestException),
@@ -126,6 +127,6 @@ def _wait_for_server(uri: str) -> None:
                           wait=tenacity.wait_exponential(multiplier=0.5, max=10), before_sleep=warn_once,
                           reraise=True)(requests.get, uri.rstrip("/") + "/health", timeout=10)
     except requests.RequestException as exc:
-        raise StoreUnreachable(f"the tracking server {_redacted(uri)} did not answer within {within_s} s "
+        raise StoreUnreachable(f"the tracking server {without_password(uri)} did not answer within {within_s} s "
                                f"({type(exc).__name__}); start it, or set MLFLOW_TRACKING_URI to one that runs") \
             from None
