@@ -66,6 +66,19 @@ def _experiment(default: str = "sceneml"):
                  none_is_empty=True)
 
 
+def _storage(alone: str = ""):
+    return param("", "Optuna storage the workers share: an SQLAlchemy URL or a journal file; none = optuna.journal "
+                     "beside the MLflow store" + alone)
+
+
+def _study_name(entry: str, alone: str = ""):
+    return param("", f"the search's name, shared by its workers; none = {entry}-<arch>-<data>" + alone)
+
+
+def _search_name(entry: str, given: str, train: TrainConfig) -> str:
+    return given or re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{entry}-{train.arch}-{train.data}")
+
+
 def _n_images():
     return param(200, "images per data set for activation statistics and spectra")
 
@@ -305,6 +318,10 @@ class StudyConfig:
                             "batch order, the augmentation and the train/val division (the test split stays), "
                             "the same in every configuration, so repeats are paired and the study says whether "
                             "its best configuration is really better")
+    # with neither, the study runs in this process alone; with either, any number of workers started
+    # with the same command share its grid
+    study_name: str = _study_name("main", alone=" (with storage given; with neither, this process runs alone)")
+    storage: str = _storage(alone=" (with study_name given; with neither, this process runs alone)")
 
     def children(self) -> list[Child]:
         """Every child's config, each validated before the first one trains. A configuration named
@@ -327,6 +344,13 @@ class StudyConfig:
                     out.append(Child(config if self.repeats == 1 else f"{config}-r{r}", config, r, train.validate()))
         return out
 
+    def name(self) -> str:
+        return _search_name("main", self.study_name, self.train)
+
+    @property
+    def shared(self) -> bool:
+        return bool(self.study_name or self.storage)
+
     def validate(self) -> StudyConfig:
         self.children()
         check_model_name(self.model_name)
@@ -341,9 +365,8 @@ class TuneConfig:
     n_trials: int = param(20, "trials over all workers of the search")
     space: str = param("", "YAML/JSON search space file; none = the default space (docs/search.md)")
     pruner: str = param("median", "stops trials that fall behind, per epoch", choices=PRUNERS)
-    storage: str = param("", "Optuna storage: an SQLAlchemy URL or a journal file; none = optuna.journal "
-                             "beside the MLflow store")
-    study_name: str = param("", "the search's name, shared by its workers; none = tune-<arch>-<data>")
+    storage: str = _storage()
+    study_name: str = _study_name("tune")
     model_name: str = _model_name()
     experiment: str = _experiment()
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
@@ -359,7 +382,7 @@ class TuneConfig:
         return self
 
     def name(self) -> str:
-        return self.study_name or re.sub(r"[^A-Za-z0-9_.-]+", "_", f"tune-{self.train.arch}-{self.train.data}")
+        return _search_name("tune", self.study_name, self.train)
 
 
 # ------------------------------------------------------------------------------ entry points

@@ -19,7 +19,7 @@ import traceback
 from pathlib import Path
 
 _PRELOAD = ["sceneml.cli", "sceneml.tasks.train", "sceneml.tasks.select", "sceneml.tasks.evaluate",
-            "sceneml.tasks.tune"]
+            "sceneml.tasks.tune", "sceneml.tasks.study"]
 _context: list = []
 
 

@@ -1,7 +1,8 @@
 """The team set-up for real: `mlflow server` on a throwaway PostgreSQL with proxied artifacts.
 
 Four trainings at once, `select` and `evaluate` over HTTP, the server killed and restarted while a run
-is stopped mid-epoch, and two `tune` workers sharing an Optuna study in the same PostgreSQL.
+is stopped mid-epoch, and two `tune` workers and two `main` workers each sharing an Optuna study in the
+same PostgreSQL.
 Skipped (with the reason) where no PostgreSQL server binaries are installed; `.ci/run` installs them.
 """
 
@@ -187,3 +188,24 @@ def test_two_tune_workers_share_one_search_in_postgres(server, tmp_path):
     trials = sorted(int(r.data.tags["sceneml.trial"]) for r in runs if "sceneml.trial" in r.data.tags
                     and r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id)
     assert trials == [0, 1], "\n".join(o[-2500:] for pair in outputs for o in pair)
+
+
+def test_two_main_workers_share_one_study_in_postgres(server, tmp_path):
+    """`main` with an SQLAlchemy storage: two workers train the 2 x 2 grid, each cell once, under one parent."""
+    cmd = ["main", "--optimizers", "adamw,sgd", "--repeats", "2", "--data", "synthetic:20", "--image-size", "32",
+           "--epochs", "1", "--batch-size", "16", "--weights", "none", "--n-images", "20", "--quiet",
+           "--storage", f"{server['db']}/optuna", "--study-name", "pg-grid", "--experiment", "pg-main"]
+    env = subprocess_env(MLFLOW_TRACKING_URI=server["uri"])
+    workers = [sceneml(cmd, env, tmp_path) for _ in range(2)]
+    outputs = [w.communicate(timeout=600) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], [e[-1500:] for _, e in outputs]
+    client = MlflowClient(server["uri"])
+    runs = client.search_runs([client.get_experiment_by_name("pg-main").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("sceneml.task") == "study"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    trained = sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id
+                     and "sceneml.config" in r.data.tags)
+    assert trained == ["adamw-lr0.001-r0", "adamw-lr0.001-r1", "sgd-lr0.001-r0", "sgd-lr0.001-r1"], \
+        "\n".join(o[-2500:] for pair in outputs for o in pair)
+    assert sum("champion:" in out for out, _ in outputs) == 1
+    assert parents[0].data.tags["sceneml.verdict"].startswith("`")

@@ -252,6 +252,7 @@ def test_two_studies_with_one_model_name_each_evaluate_their_own_champion(tracki
     `sceneml@champion` moves to B's version under A. A's evaluate and analyze must still score the
     version A's select registered, trained by A's own child."""
     from sceneml.config import AnalyzeConfig, SelectConfig, StudyConfig
+    from sceneml.tasks import search
     from sceneml.tasks import study as study_task
     from sceneml.tasks.select import select
 
@@ -262,13 +263,13 @@ def test_two_studies_with_one_model_name_each_evaluate_their_own_champion(tracki
 
     b = study_task.study(tiny(seed=1))
     b_parent = MlflowClient().get_run(b["champion_run_id"]).data.tags["mlflow.parentRunId"]
-    real_evaluate = study_task.evaluate
+    real_evaluate = search.evaluate
 
     def b_crowns_meanwhile(cfg, nested=False):
         select(SelectConfig("two-studies", b_parent), nested=True)  # B's select moves the alias back to B
         return real_evaluate(cfg, nested)
 
-    monkeypatch.setattr(study_task, "evaluate", b_crowns_meanwhile)
+    monkeypatch.setattr(search, "evaluate", b_crowns_meanwhile)
     a = study_task.study(tiny(seed=2))
     client = MlflowClient()
     assert str(client.get_model_version_by_alias("sceneml", "champion").version) == str(b["version"])  # it moved
@@ -366,3 +367,50 @@ def test_repeated_runs_give_a_table_with_intervals_and_a_verdict_recomputed_from
     first = report.split("## ")[1]
     assert parent.data.tags["sceneml.verdict"] in first
     assert f"{table['mean'][0]:.3f}" in first and f"{table['ci_low'][0]:.3f}" in first
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_study_and_train_each_configuration_and_repeat_once(tracking_uri, tmp_path):
+    """Two `main` workers started with the same command on one journal: the four cells of the grid
+    (2 optimizers x 2 repeats) are trained once each, under one parent, and one worker crowns."""
+    import optuna
+
+    from .processes import sceneml
+
+    uri = tracking_uri
+    cmd = ["main", "--optimizers", "adamw,sgd", "--repeats", "2", "--data", "synthetic:20", "--image-size", "32",
+           "--epochs", "1", "--batch-size", "16", "--weights", "none", "--n-images", "20", "--quiet",
+           "--study-name", "shared-grid", "--experiment", "shared"]
+    workers = [sceneml(cmd, subprocess_env(MLFLOW_TRACKING_URI=uri), tmp_path) for _ in range(2)]
+    outputs = [w.communicate(timeout=600) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], [err[-2000:] for _, err in outputs]
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("shared").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("sceneml.task") == "study"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    trained = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+               and "sceneml.config" in r.data.tags]
+    names = sorted(r.info.run_name for r in trained)
+    assert names == ["adamw-lr0.001-r0", "adamw-lr0.001-r1", "sgd-lr0.001-r0", "sgd-lr0.001-r1"]  # each once
+    assert all(r.data.params["seed"] == str(42 + int(r.info.run_name[-1])) for r in trained)
+    assert all(out.count("== ") >= 1 for out, _ in outputs)  # both workers trained
+    assert sum("champion:" in out for out, _ in outputs) == 1  # one worker crowned
+    assert parent.data.params["study_name"] == "shared-grid"
+    assert parent.data.params["storage"] == str(tmp_path / "optuna.journal")
+    table = pd.read_csv(io.StringIO(mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/comparison.csv")))
+    assert sorted(table["config"]) == ["adamw-lr0.001", "sgd-lr0.001"] and list(table["n"]) == [2, 2]
+    # the verdict, recomputed from the two workers' children: the best mean's share of won pairs
+    value = {r.info.run_name: r.data.metrics["val_mean_class_acc_best"] for r in trained}
+    best, other = table["config"]
+    wins = [np.sign(value[f"{best}-r{r}"] - value[f"{other}-r{r}"]) / 2 + 0.5 for r in (0, 1)]
+    assert parent.data.metrics["verdict_p_better"] == pytest.approx(np.mean(wins))
+    champion = client.get_model_version_by_alias("sceneml", "champion")
+    assert champion.tags["sceneml.run_id"] in {r.info.run_id for r in trained
+                                               if r.data.tags["sceneml.config"] == table["config"][0]}
+    journal = optuna.storages.journal.JournalFileBackend(str(tmp_path / "optuna.journal"))
+    trials = optuna.load_study(study_name="shared-grid", storage=optuna.storages.JournalStorage(journal)).trials
+    counted = [t for t in trials if t.number < 4]
+    assert all(t.state.name == "COMPLETE" for t in counted)
+    assert sorted((t.params["config"], t.params["repeat"]) for t in counted) == \
+        [(c, r) for c in ("adamw-lr0.001", "sgd-lr0.001") for r in (0, 1)]

@@ -1,7 +1,9 @@
 """`main`: the whole study as one MLflow run tree.
 
 parent run
- |- <optimizer>-lr<lr>   one nested training run per optimizer x learning rate (x repeat: -r<r>)
+ |- <optimizer>-lr<lr>   one nested training run per optimizer x learning rate (x repeat: -r<r>), in an
+ |                       order Optuna's grid sampler draws; any number of workers share the grid
+ |                       (study_name, storage: :mod:`sceneml.tasks.search`, the driver of `tune` too)
  |- select               registers the best epoch checkpoint of the best configuration, alias `champion`
  |- evaluate             the champion on the test split of its own training run
  |- analyze              galleries, activation statistics and eigen-spectra of the champion
@@ -22,37 +24,34 @@ import platform
 import time
 
 import mlflow
+import optuna
 import pandas as pd
 from mlflow import MlflowClient
 
 from sceneml import plots
 from sceneml.comparison import summarize, verdict
-from sceneml.config import (
-    LOWER_IS_BETTER,
-    AnalyzeConfig,
-    Child,
-    EvaluateConfig,
-    SelectConfig,
-    StudyConfig,
-    TrainConfig,
+from sceneml.config import LOWER_IS_BETTER, Child, StudyConfig
+from sceneml.tasks.search import (
+    ERROR_ATTR,
+    RUN_ATTR,
+    GridSampler,
+    Plan,
+    Search,
+    counted_trials,
+    crown_champion,
+    describe_storage,
+    drive,
+    try_log_report,
 )
-from sceneml.errors import SceneMLError
-from sceneml.tasks.analyze import analyze
-from sceneml.tasks.evaluate import evaluate
-from sceneml.tasks.report import log_report
-from sceneml.tasks.select import select
-from sceneml.tasks.train import train
 from sceneml.tracking.runs import (
     TAG_CONFIG,
     TAG_VERDICT,
     MetricBuffer,
     choose_experiment,
     log_figure,
-    log_params_once,
     set_tags,
-    task_run,
 )
-from sceneml.tracking.store import with_retries
+from sceneml.tracking.store import init_store, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -60,71 +59,72 @@ log = logging.getLogger(__name__)
 def study(cfg: StudyConfig) -> dict:
     """The `main` task: train every child, then select, evaluate and analyze the champion."""
     cfg.validate()  # every child's params are checked before the first one trains
+    init_store()
     choose_experiment(cfg.experiment, "main")
-    runs = cfg.children()
+    children = cfg.children()
+    by_cell = {(c.config, c.repeat): c for c in children}
+    configs = list(dict.fromkeys(c.config for c in children))
     base = cfg.train
-    with task_run(f"study {base.arch} {base.data}", task="study") as parent:
-        parent_id = parent.info.run_id
-        log_params_once(parent_id, {"optimizers": cfg.optimizers, "lrs": cfg.lrs, "repeats": cfg.repeats,
-                                    "model_name": cfg.model_name,
-                                    "experiment": cfg.experiment, "n_images": cfg.analyze.n_images,
-                                    "compare": cfg.analyze.compare,
-                                    **{k: v for k, v in base.as_params().items() if k not in ("optimizer", "lr")}})
-        set_tags(parent_id, {"sceneml.machine": f"{platform.node()}: {platform.platform()}, {os.cpu_count()} CPUs, "
-                                                f"Python {platform.python_version()}"})
-        started = time.perf_counter()
-        children, failures = {}, {}
-        for child in runs:
-            print(f"== training {child.name}", flush=True)
-            try:
-                children[child.name] = train(child.train, run_name=child.name, nested=True,
-                                             tags={TAG_CONFIG: child.config})
-            except Exception as exc:  # one failed child must not kill the study
-                failures[child.name] = f"{type(exc).__name__}: {exc}"
-                log.error("child %s failed: %s", child.name, failures[child.name])
-        if not children:
-            raise SceneMLError(f"every child run failed: {failures}")
-        set_tags(parent_id, {"sceneml.failed_children": ",".join(failures) or "none"})
+    metric = base.select_metric
+    grid = {"config": configs, "repeat": list(range(cfg.repeats))}
+    # trial n trains cell n of the grid, shuffled alike in every worker (seeded): each cell once
+    sampler = GridSampler(grid, seed=base.seed)
+    search = Search(
+        name=cfg.name(), task="study", run_name=f"study {base.arch} {base.data}", n_trials=len(children),
+        metric=metric, direction="minimize" if metric in LOWER_IS_BETTER else "maximize", storage=cfg.storage,
+        shared=cfg.shared,
+        sampler_for=lambda n: sampler,
+        pruner=optuna.pruners.NopPruner(),
+        params={"optimizers": cfg.optimizers, "lrs": cfg.lrs, "repeats": cfg.repeats, "model_name": cfg.model_name,
+                "experiment": cfg.experiment, "n_images": cfg.analyze.n_images, "compare": cfg.analyze.compare,
+                **({"study_name": cfg.name(), "storage": describe_storage(cfg.storage)} if cfg.shared else {}),
+                **{k: v for k, v in base.as_params().items() if k not in ("optimizer", "lr")}},
+        note="The training runs of this study nest here, then select, evaluate and analyze of its champion.")
 
-        best_config = _log_verdict(parent_id, [c for c in runs if c.name in children], children,
-                                   base.select_metric, cfg)
-        # with one run per configuration the best epoch of all is crowned, as the best configuration's is
-        summary = crown_champion(parent_id, base, cfg.analyze, cfg.model_name,
-                                 config=best_config if cfg.repeats > 1 else None)
-        # with repeats, comparison.* compares the configurations (above) and children.* lists the runs
-        _log_comparison(parent_id, children, failures, summary["champion_run_id"], summary, base.select_metric,
-                        "comparison" if cfg.repeats == 1 else "children")
-        summary["study_seconds"] = time.perf_counter() - started
-        buffer = MetricBuffer(parent_id)
-        buffer.add_many({k: summary[k] for k in ("study_seconds", "test_acc", "test_mAP", "test_mean_class_acc")}, 0)
-        buffer.flush()
-        summary["report"] = try_log_report(parent_id)
-    if summary["report"]:
-        print(f"report: {summary['report']}", flush=True)
-    print(f"champion: {summary['champion_run_id']} epoch {summary['champion_epoch']} -> {cfg.model_name} "
-          f"v{summary['version']}; test_acc={summary['test_acc']:.4f} test_mAP={summary['test_mAP']:.4f}",
-          flush=True)
+    def plan(trial: optuna.Trial) -> Plan:
+        cell = (trial.suggest_categorical("config", configs), trial.suggest_categorical("repeat", grid["repeat"]))
+        child = by_cell[cell]
+        return Plan(child.name, child.train, {TAG_CONFIG: child.config})
+
+    def finish(optuna_study: optuna.Study, parent_id: str) -> dict:
+        return _finish_study(cfg, children, optuna_study, parent_id)
+
+    summary = drive(search, plan, finish)
+    if "champion_run_id" in summary:
+        if summary["report"]:
+            print(f"report: {summary['report']}", flush=True)
+        print(f"champion: {summary['champion_run_id']} epoch {summary['champion_epoch']} -> {cfg.model_name} "
+              f"v{summary['version']}; test_acc={summary['test_acc']:.4f} test_mAP={summary['test_mAP']:.4f}",
+              flush=True)
     return summary
 
 
-def crown_champion(parent_id: str, train_cfg: TrainConfig, analyze_cfg: AnalyzeConfig, model_name: str,
-                   config: str | None = None) -> dict:
-    """How `main` and `tune` both end, inside their active parent run: register the best epoch of the
-    parent's children (of configuration ``config`` only, when given) as ``<model_name>@champion`` (by
-    ``train_cfg.select_metric``), evaluate it on the
-    test split and analyze it, as nested runs. Evaluate and analyze read the *version* select
-    registered, not the alias: another study with the same model name may move the alias meanwhile.
-    Returns the champion's run, epoch and version and the test metrics."""
-    experiment = mlflow.get_experiment(mlflow.get_run(parent_id).info.experiment_id).name
-    chosen = select(SelectConfig(experiment, parent_id, train_cfg.select_metric, model_name), nested=True,
-                    config=config)
-    uri = f"models:/{model_name}/{chosen['champion_version']}"
-    test_metrics = evaluate(EvaluateConfig(uri, train_cfg.data, "test", train_cfg.device, train_cfg.quiet),
-                            nested=True)
-    analyze(dataclasses.replace(analyze_cfg, model_uri=uri, data=train_cfg.data, split="test",
-                                device=train_cfg.device, quiet=train_cfg.quiet), nested=True)
-    return {"champion_run_id": chosen["champion_run_id"], "champion_epoch": chosen["champion_epoch"],
-            "version": chosen["champion_version"], **test_metrics}
+def _finish_study(cfg: StudyConfig, children: list[Child], optuna_study: optuna.Study, parent_id: str) -> dict:
+    """Inside the parent, once every child has ended (in whichever worker): the verdict, the champion,
+    the tables, the figures and the report."""
+    set_tags(parent_id, {"sceneml.machine": f"{platform.node()}: {platform.platform()}, {os.cpu_count()} CPUs, "
+                                            f"Python {platform.python_version()}"})
+    ended = {t.user_attrs.get("run_name"): t for t in counted_trials(optuna_study, len(children))}
+    trained = {name: t.user_attrs[RUN_ATTR] for name, t in ended.items() if RUN_ATTR in t.user_attrs}
+    failures = {name: t.user_attrs.get(ERROR_ATTR, "interrupted") for name, t in ended.items() if name not in trained}
+    for name, why in failures.items():
+        log.error("child %s failed: %s", name, why)
+    set_tags(parent_id, {"sceneml.failed_children": ",".join(failures) or "none"})
+    runs = {c.name: trained[c.name] for c in children if c.name in trained}  # in grid order
+    metric = cfg.train.select_metric
+    best_config = _log_verdict(parent_id, [c for c in children if c.name in runs], runs, metric, cfg)
+    # with one run per configuration the best epoch of all is crowned, as the best configuration's is
+    summary = crown_champion(parent_id, cfg.train, cfg.analyze, cfg.model_name,
+                             config=best_config if cfg.repeats > 1 else None)
+    # with repeats, comparison.* compares the configurations (above) and children.* lists the runs
+    _log_comparison(parent_id, runs, failures, summary["champion_run_id"], summary, metric,
+                    "comparison" if cfg.repeats == 1 else "children")
+    summary["study_seconds"] = time.time() - mlflow.get_run(parent_id).info.start_time / 1000
+    buffer = MetricBuffer(parent_id)
+    buffer.add_many({k: summary[k] for k in ("study_seconds", "test_acc", "test_mAP", "test_mean_class_acc")}, 0)
+    buffer.flush()
+    summary["report"] = try_log_report(parent_id)
+    return summary
 
 
 def _log_verdict(parent_id: str, runs: list[Child], children: dict[str, str], metric: str, cfg: StudyConfig) -> str:
@@ -156,17 +156,6 @@ def _log_frame(run_id: str, table: pd.DataFrame, name: str) -> None:
     """``table`` as ``<name>.json`` (an MLflow table, shown in the UI) and ``<name>.csv``."""
     with_retries(mlflow.log_table, table, f"{name}.json", run_id=run_id)
     with_retries(mlflow.log_text, table.to_csv(index=False), f"{name}.csv", run_id=run_id)
-
-
-def try_log_report(parent_id: str) -> str | None:
-    """The report of the study, logged to it; a failure is a warning, since the write-up must not cost
-    the study and `mlflow run . -e report` rebuilds it. Returns the HTML's URI, or None."""
-    try:
-        return log_report(parent_id)["html"]
-    except Exception as exc:
-        log.warning("the study report failed (%s: %s); rebuild it with: mlflow run . -e report -P study_run_id=%s",
-                    type(exc).__name__, exc, parent_id)
-        return None
 
 
 def _log_comparison(parent_id: str, children: dict[str, str], failures: dict[str, str], champion_run_id: str,
