@@ -307,25 +307,41 @@ def _csv(uri: str) -> pd.DataFrame:
 
 
 @pytest.mark.slow
-def test_repeated_runs_give_a_table_with_intervals_and_a_verdict_recomputed_from_the_children(tracking_uri):
-    """adamw at lr 0.001 against lr 1e-07, three paired repeats: 1e-07 cannot learn in two epochs, so the
-    verdict says 0.001 beats it with P = 1; the table and the interval recompute from the children."""
+def test_two_workers_share_a_repeated_study_whose_table_and_verdict_recompute_from_the_children(tracking_uri, tmp_path):
+    """adamw at lr 0.001 against lr 1e-07, three paired repeats, the grid shared by two `main` workers on one
+    journal: each of the six cells is trained once, one worker crowns. 1e-07 cannot learn in two epochs, so
+    the verdict says 0.001 beats it with P = 1; the table and the interval recompute from the children."""
+    import optuna
     from scipy import stats
 
-    from sceneml.config import AnalyzeConfig, StudyConfig
-    from sceneml.tasks.study import study
+    from .processes import sceneml
 
-    cfg = StudyConfig("adamw", "0.001,0.0000001", repeats=3, experiment="repeats",
-                      train=TrainConfig(data="synthetic:30", epochs=2, batch_size=16, image_size=32, weights="none",
-                                        quiet=True),
-                      analyze=AnalyzeConfig(n_images=10, k=2, quiet=True))
-    summary = study(cfg)
+    cmd = ["main", "--optimizers", "adamw", "--lrs", "0.001,0.0000001", "--repeats", "3", "--data", "synthetic:30",
+           "--epochs", "2", "--batch-size", "16", "--image-size", "32", "--weights", "none", "--n-images", "10",
+           "--quiet", "--study-name", "shared-grid", "--experiment", "repeats"]
+    workers = [sceneml(cmd, subprocess_env(MLFLOW_TRACKING_URI=tracking_uri), tmp_path) for _ in range(2)]
+    outputs = [w.communicate(timeout=600) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert all("== adamw-lr" in out for out, _ in outputs)  # both workers trained
+    assert sum("champion:" in out for out, _ in outputs) == 1  # one worker crowned
     client = MlflowClient()
     exp = client.get_experiment_by_name("repeats").experiment_id
     runs = client.search_runs([exp])
-    parent = next(r for r in runs if r.data.tags.get("sceneml.task") == "study")
-    children = {r.info.run_name: r for r in runs if r.data.tags.get("sceneml.config")}
+    parents = [r for r in runs if r.data.tags.get("sceneml.task") == "study"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    assert (parent.data.params["study_name"], parent.data.params["storage"]) == \
+        ("shared-grid", str(tmp_path / "optuna.journal"))
+    trained = [r for r in runs if r.data.tags.get("sceneml.config")]
+    children = {r.info.run_name: r for r in trained}
+    assert len(trained) == 6 and all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in trained)
     assert sorted(children) == sorted(f"adamw-lr{lr}-r{r}" for lr in ("0.001", "1e-07") for r in range(3))
+    journal = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "optuna.journal")))
+    cells = [t for t in optuna.load_study(study_name="shared-grid", storage=journal).trials if t.number < 6]
+    assert all(t.state.name == "COMPLETE" for t in cells)
+    assert sorted((t.params["config"], t.params["repeat"]) for t in cells) == \
+        sorted((c, r) for c in ("adamw-lr0.001", "adamw-lr1e-07") for r in range(3))
     for name, run in children.items():
         assert run.data.tags["sceneml.config"] == name.rsplit("-r", 1)[0]
         assert run.data.params["seed"] == str(42 + int(name.rsplit("-r", 1)[1]))
@@ -356,9 +372,9 @@ def test_repeated_runs_give_a_table_with_intervals_and_a_verdict_recomputed_from
     assert parent.data.tags["sceneml.verdict"] == \
         "`adamw-lr0.001` beats `adamw-lr1e-07` in 3 of 3 paired repeats: P = 1.00 [1.00, 1.00]"
     # the champion: the best epoch of the best configuration's repeats
-    champion = client.get_run(summary["champion_run_id"])
+    champion = client.get_run(client.get_model_version_by_alias("sceneml", "champion").tags["sceneml.run_id"])
     assert champion.data.tags["sceneml.config"] == "adamw-lr0.001"
-    assert summary["champion_run_id"] in {children[f"adamw-lr0.001-r{r}"].info.run_id for r in range(3)}
+    assert champion.info.run_id in {children[f"adamw-lr0.001-r{r}"].info.run_id for r in range(3)}
     assert "children.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     # the report opens with the comparison of the configurations: the verdict and the table's numbers
     report = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/report/report.md")
@@ -368,49 +384,3 @@ def test_repeated_runs_give_a_table_with_intervals_and_a_verdict_recomputed_from
     assert parent.data.tags["sceneml.verdict"] in first
     assert f"{table['mean'][0]:.3f}" in first and f"{table['ci_low'][0]:.3f}" in first
 
-
-@pytest.mark.slow
-def test_two_workers_share_one_study_and_train_each_configuration_and_repeat_once(tracking_uri, tmp_path):
-    """Two `main` workers started with the same command on one journal: the four cells of the grid
-    (2 optimizers x 2 repeats) are trained once each, under one parent, and one worker crowns."""
-    import optuna
-
-    from .processes import sceneml
-
-    uri = tracking_uri
-    cmd = ["main", "--optimizers", "adamw,sgd", "--repeats", "2", "--data", "synthetic:20", "--image-size", "32",
-           "--epochs", "1", "--batch-size", "16", "--weights", "none", "--n-images", "20", "--quiet",
-           "--study-name", "shared-grid", "--experiment", "shared"]
-    workers = [sceneml(cmd, subprocess_env(MLFLOW_TRACKING_URI=uri), tmp_path) for _ in range(2)]
-    outputs = [w.communicate(timeout=600) for w in workers]
-    assert [w.returncode for w in workers] == [0, 0], [err[-2000:] for _, err in outputs]
-    client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name("shared").experiment_id])
-    parents = [r for r in runs if r.data.tags.get("sceneml.task") == "study"]
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    parent = parents[0]
-    trained = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
-               and "sceneml.config" in r.data.tags]
-    names = sorted(r.info.run_name for r in trained)
-    assert names == ["adamw-lr0.001-r0", "adamw-lr0.001-r1", "sgd-lr0.001-r0", "sgd-lr0.001-r1"]  # each once
-    assert all(r.data.params["seed"] == str(42 + int(r.info.run_name[-1])) for r in trained)
-    assert all(out.count("== ") >= 1 for out, _ in outputs)  # both workers trained
-    assert sum("champion:" in out for out, _ in outputs) == 1  # one worker crowned
-    assert parent.data.params["study_name"] == "shared-grid"
-    assert parent.data.params["storage"] == str(tmp_path / "optuna.journal")
-    table = pd.read_csv(io.StringIO(mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/comparison.csv")))
-    assert sorted(table["config"]) == ["adamw-lr0.001", "sgd-lr0.001"] and list(table["n"]) == [2, 2]
-    # the verdict, recomputed from the two workers' children: the best mean's share of won pairs
-    value = {r.info.run_name: r.data.metrics["val_mean_class_acc_best"] for r in trained}
-    best, other = table["config"]
-    wins = [np.sign(value[f"{best}-r{r}"] - value[f"{other}-r{r}"]) / 2 + 0.5 for r in (0, 1)]
-    assert parent.data.metrics["verdict_p_better"] == pytest.approx(np.mean(wins))
-    champion = client.get_model_version_by_alias("sceneml", "champion")
-    assert champion.tags["sceneml.run_id"] in {r.info.run_id for r in trained
-                                               if r.data.tags["sceneml.config"] == table["config"][0]}
-    journal = optuna.storages.journal.JournalFileBackend(str(tmp_path / "optuna.journal"))
-    trials = optuna.load_study(study_name="shared-grid", storage=optuna.storages.JournalStorage(journal)).trials
-    counted = [t for t in trials if t.number < 4]
-    assert all(t.state.name == "COMPLETE" for t in counted)
-    assert sorted((t.params["config"], t.params["repeat"]) for t in counted) == \
-        [(c, r) for c in ("adamw-lr0.001", "sgd-lr0.001") for r in (0, 1)]
