@@ -123,6 +123,8 @@ class TrainConfig:
     warmup_epochs: int = param(0, "epochs whose lr rises linearly from lr/100 to lr before the schedule, as "
                                   "torchvision's --lr-warmup-epochs", resume=True, search=True)
     epochs: int = param(3, "training epochs", resume=True, search=True)
+    early_stop: int = param(0, "patience in epochs: training stops once select_metric's best epoch (the rule select "
+                               "uses) is this many epochs behind, and logs stopped_epoch; 0 = off", resume=True)
     batch_size: int = param(32, "images per optimizer step (over all processes)", resume=True, search=True)
     image_size: int = param(0, "pixels per side; 0 = native (64 synthetic, 150 folder data)", resume=True,
                             search=True)
@@ -166,6 +168,8 @@ class TrainConfig:
             raise SceneMLError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.epochs < 1:
             raise SceneMLError(f"epochs must be >= 1, got {self.epochs}")
+        if self.early_stop < 0:
+            raise SceneMLError(f"early_stop must be >= 0 (0 = off), got {self.early_stop}")
         if self.batch_size < 2:
             raise SceneMLError(f"batch_size must be >= 2 (BatchNorm cannot train on one image), got {self.batch_size}")
         if not 0 <= self.seed < 2**32:

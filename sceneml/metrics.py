@@ -141,6 +141,12 @@ def best_index(values: Sequence[float], val_losses: Sequence[float], metric: str
     return best
 
 
+def patience_ran_out(history: Sequence[dict], metric: str, patience: int) -> bool:
+    """Early stopping: the best epoch so far (:func:`best_row`) is ``patience`` or more epochs behind the
+    last one. ``patience`` 0 never stops."""
+    return patience > 0 and bool(history) and history[-1]["epoch"] - best_row(history, metric)["epoch"] >= patience
+
+
 def best_row(history: Sequence[dict], metric: str) -> dict:
     """The best epoch's row of a run's history (rows hold ``metric`` and ``val_loss``), by :func:`best_index`."""
     return history[best_index([h[metric] for h in history], [h["val_loss"] for h in history], metric)]

@@ -164,6 +164,7 @@ def test_same_seed_same_metrics_and_resume_matches_a_straight_run(tracking_uri, 
     (dict(seed=-5), r"seed must be in 0 .. 2\*\*32 - 1"),
     (dict(seed=2**32), r"seed must be in 0 .. 2\*\*32 - 1"),
     (dict(batch_size=1), "batch_size must be >= 2"),
+    (dict(early_stop=-1), "early_stop must be >= 0"),
 ])
 def test_bad_values_fail_before_training(bad, match):
     with pytest.raises(SceneMLError, match=match):
@@ -209,6 +210,45 @@ def test_freeze_backbone_trains_the_head_on_cached_features(tracking_uri):
     other = client.get_run(train(dataclasses.replace(cfg, optimizer="sgd", lr=0.01))).data.metrics
     assert set((cache_dir() / "features").glob("*.pt")) == files
     assert other["features_from_disk"] == 1.0
+
+
+def test_patience_runs_out_when_the_best_epoch_is_that_many_epochs_behind():
+    from sceneml.metrics import patience_ran_out
+
+    accs = [0.5, 0.6, 0.6, 0.55, 0.7, 0.7, 0.7]
+    history = [{"epoch": e, "val_mean_class_acc": a, "val_loss": 1.0} for e, a in enumerate(accs, 1)]
+    # best so far after each epoch: 1, 2, 2, 2, 5, 5, 5 (a tie at the same val loss keeps the earlier epoch)
+    ran_out = [patience_ran_out(history[:e], "val_mean_class_acc", 2) for e in range(1, 8)]
+    assert ran_out == [False, False, False, True, False, False, True]
+    assert not any(patience_ran_out(history[:e], "val_mean_class_acc", 0) for e in range(1, 8))  # 0 = off
+    # val_loss: lower is better, and a lower val loss breaks a tie of the select metric
+    losses = [{"epoch": e, "val_loss": v, "val_mean_class_acc": 0.5} for e, v in enumerate([0.9, 0.8, 0.85, 0.81], 1)]
+    assert patience_ran_out(losses, "val_loss", 2) and not patience_ran_out(losses[:3], "val_loss", 2)
+    # epoch 2's lower loss broke the tie of the select metric with epoch 1, epoch 3's higher one did not
+    metric = "val_mean_class_acc"
+    assert not patience_ran_out(losses[:2], metric, 1) and patience_ran_out(losses[:3], metric, 1)
+
+
+def test_early_stop_ends_the_run_at_the_first_epoch_whose_patience_ran_out(tracking_uri):
+    """A frozen backbone and lr 1e-12: every epoch scores exactly what epoch 1 scored, so epoch 1 stays
+    the best and patience 2 runs out after epoch 3, which the logged history must show by hand."""
+    cfg = TrainConfig(data="synthetic:12", epochs=8, early_stop=2, optimizer="sgd", lr=1e-12, momentum=0.0,
+                      weight_decay=0.0, freeze_backbone=True, image_size=32, weights="none", quiet=True)
+    client = MlflowClient()
+    run_id = train(cfg)
+    values = [(h.step, h.value) for h in client.get_metric_history(run_id, "val_mean_class_acc")]
+    losses = dict((h.step, h.value) for h in client.get_metric_history(run_id, "val_loss"))
+    best, stopped = None, None
+    for epoch, value in sorted(values):  # the first epoch two epochs after the best so far
+        if best is None or value > best[1] or (value == best[1] and losses[epoch] < losses[best[0]]):
+            best = (epoch, value)
+        if epoch - best[0] >= 2:
+            stopped = epoch
+            break
+    assert stopped == 3 and [e for e, _ in values] == [1, 2, 3]
+    metrics = client.get_run(run_id).data.metrics
+    assert metrics["stopped_epoch"] == 3 and metrics["best_epoch"] == 1
+    assert client.get_run(run_id).info.status == "FINISHED"
 
 
 def test_keep_checkpoints_drops_what_it_does_not_keep():

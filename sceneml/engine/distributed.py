@@ -97,6 +97,16 @@ def weighted_mean_over_ranks(mean: float, count: int, device: torch.device) -> f
     return float(t[0] / t[1])
 
 
+def main_process_says(flag: bool, device: torch.device) -> bool:
+    """Rank 0's ``flag`` on every rank (a decision only the main process can take, as early stopping)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    with waiting_for_ranks("rank 0's decision"):
+        dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
 def is_main_process() -> bool:
     """Rank 0, or the only process: a single process is just the trivial distributed case."""
     return not dist.is_initialized() or dist.get_rank() == 0

@@ -38,7 +38,7 @@ from sceneml.engine import distributed
 from sceneml.engine.checkpoint import load_checkpoint, restore_checkpoint, save_checkpoint
 from sceneml.engine.loop import EpochLoss, EpochTrainer, build_optimizer, build_scheduler, seed_everything
 from sceneml.errors import SceneMLError
-from sceneml.metrics import best_row, classification_metrics, confusion_matrix
+from sceneml.metrics import best_row, classification_metrics, confusion_matrix, patience_ran_out
 from sceneml.models import AUX_ARCHS, build_model, describe_device, freeze_backbone, pick_device
 from sceneml.params import param_text
 from sceneml.scores import scores_from_csv, scores_to_csv
@@ -182,6 +182,9 @@ def _train(cfg: TrainConfig, run_name: str, nested: bool, ctx: distributed.DistC
             log_run.log_data(weights_resolved, ctx.world_size if ctx else 1)
         try:
             for epoch in range(log_run.next_epoch if master else 1, cfg.epochs + 1):
+                # early stopping, decided before an epoch: a run resumed after its deciding epoch stops too
+                if distributed.main_process_says(master and log_run.patience_ran_out(), device):
+                    break
                 lr = optimizer.param_groups[0]["lr"]
                 train_loss, train_seconds = trainer.train_pass(epoch, log_run.on_losses if master else None, on_step,
                                                                progress)
@@ -421,6 +424,17 @@ class RunLog:
         client = MlflowClient()
         return {k: v for k, v in values.items()
                 if not any(m.step == step for m in client.get_metric_history(self.run_id, k))}
+
+    def patience_ran_out(self) -> bool:
+        """``early_stop``: the best epoch is that many epochs behind; logs ``stopped_epoch`` (once)."""
+        if not patience_ran_out(self.history, self.cfg.select_metric, self.cfg.early_stop):
+            return False
+        stopped = self.history[-1]["epoch"]
+        log.info("%s: early stop after epoch %d of %d: %s has not improved for %d epochs", self.run_name, stopped,
+                 self.cfg.epochs, self.cfg.select_metric, self.cfg.early_stop)
+        self.metrics.add_many(self.not_logged({"stopped_epoch": stopped}, stopped) if self.resumed
+                              else {"stopped_epoch": stopped}, stopped)
+        return True
 
     def finish(self) -> None:
         """The best epoch by the select metric (the rule select uses too), its tags and the figures."""
