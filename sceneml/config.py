@@ -79,6 +79,11 @@ def _search_name(entry: str, given: str, train: TrainConfig) -> str:
     return given or re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{entry}-{train.arch}-{train.data}")
 
 
+def _tta():
+    return param(False, "horizontal-flip test-time augmentation: each image's probabilities are the mean of the "
+                        "softmax of the image and of its mirror image")
+
+
 def _n_images():
     return param(200, "images per data set for activation statistics and spectra")
 
@@ -215,6 +220,7 @@ class EvaluateConfig:
     split: str = param("test", "which split of the training run's manifest", choices=SPLITS)
     device: str = _device()
     quiet: bool = False
+    tta: bool = _tta()
 
     def validate(self) -> EvaluateConfig:
         check_choices(self)
@@ -231,6 +237,7 @@ class PredictConfig:
     output: str = param("predictions.csv", "CSV path (relative paths: to the current folder)")
     device: str = _device()
     quiet: bool = False
+    tta: bool = _tta()
 
     def validate(self) -> PredictConfig:
         check_device_name(self.device)

@@ -163,3 +163,19 @@ def test_label_smoothing_trains_on_the_smoothed_loss_computed_by_hand():
     assert loss.main == pytest.approx(by_hand.item(), rel=1e-6)
     for p, e in zip(model.parameters(), expected):
         torch.testing.assert_close(p.detach().double(), e, rtol=1e-5, atol=1e-6)
+
+
+def test_tta_is_the_mean_of_the_softmax_of_each_image_and_of_its_mirror_image():
+    """predict_log_probs(tta=True) against two plain predictions, of the images and of the images
+    mirrored in numpy (uint8, before any batching), averaged by hand."""
+    from sceneml.engine.loop import predict_log_probs, predict_scores
+
+    seed_everything(0)
+    model = build_model("resnet18", 6, "none")[0].eval()
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    cpu = torch.device("cpu")
+    plain = predict_scores(model, pixels, cpu, batch_size=2)
+    mirrored = predict_scores(model, np.ascontiguousarray(pixels[:, :, ::-1]), cpu, batch_size=2)
+    tta = predict_log_probs(model, pixels, cpu, batch_size=2, tta=True)
+    np.testing.assert_allclose(np.exp(tta), (plain + mirrored) / 2, rtol=1e-6, atol=1e-9)
+    assert not np.allclose(plain, mirrored)  # the mirror image is another input: the mean is not trivial

@@ -152,6 +152,28 @@ def test_predict_writes_one_row_per_file_and_an_error_for_an_unreadable_one(pred
 
 
 @pytest.mark.slow
+def test_predict_with_tta_gives_the_mean_of_each_image_and_its_mirror_image(study_copy, images, tmp_path):
+    """`predict -P tta=true` against two plain predictions, of the files and of mirrored copies (PNG)."""
+    from PIL import Image, ImageOps
+
+    from sceneml.config import PredictConfig
+    from sceneml.tasks.predict import predict
+
+    mirrored = tmp_path / "mirrored"
+    mirrored.mkdir()
+    for f in sorted(images.glob("*.png")):
+        ImageOps.mirror(Image.open(f).convert("RGB")).save(mirrored / f.name)
+    tables = {}
+    for name, folder, tta in (("plain", images, False), ("mirror", mirrored, False), ("tta", images, True)):
+        predict(PredictConfig(input=str(folder), output=str(tmp_path / f"{name}.csv"), quiet=True, tta=tta))
+        table = pd.read_csv(tmp_path / f"{name}.csv", keep_default_na=False)
+        tables[name] = table[table["error"] == ""].filter(like="prob_").to_numpy(dtype=float)
+    assert len(tables["tta"]) == 6
+    np.testing.assert_allclose(tables["tta"], (tables["plain"] + tables["mirror"]) / 2, rtol=1e-5, atol=1e-8)
+    assert not np.allclose(tables["plain"], tables["mirror"])
+
+
+@pytest.mark.slow
 def test_served_champion_answers_like_predict(study, images, predictions, tmp_path):
     uri, _ = study
     port = free_port()

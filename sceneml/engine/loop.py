@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -172,11 +173,12 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
 
 @torch.inference_mode()
 def predict_log_probs(model: nn.Module, pixels: np.ndarray, device: torch.device, batch_size: int = 256,
-                      progress: bool = False, desc: str = "eval") -> np.ndarray:
+                      progress: bool = False, desc: str = "eval", tta: bool = False) -> np.ndarray:
     """Log-softmax (n, C) in float64, in the order of ``pixels`` (the model is put in eval mode).
 
     Taken from the logits in float64: a probability that would underflow to 0 in a softmax still has
-    its exact log here, so a loss computed from these never hits a clipping floor.
+    its exact log here, so a loss computed from these never hits a clipping floor. ``tta``: the log of
+    the mean of the softmax of each image and of its mirror image (log-sum-exp of the two, less log 2).
     """
     model.eval()
     dummy = np.zeros(len(pixels), dtype=np.int64)
@@ -184,14 +186,18 @@ def predict_log_probs(model: nn.Module, pixels: np.ndarray, device: torch.device
     for x, _ in tqdm(iterate_batches(pixels, dummy, batch_size, device), desc=desc, disable=not progress,
                      leave=False, total=(len(pixels) + batch_size - 1) // batch_size):
         logits, _ = split_logits(model(x))
-        out.append(torch.log_softmax(logits.double(), dim=1).cpu())
+        log_p = torch.log_softmax(logits.double(), dim=1)
+        if tta:
+            mirrored = torch.log_softmax(split_logits(model(x.flip(-1)))[0].double(), dim=1)
+            log_p = torch.logaddexp(log_p, mirrored) - math.log(2)
+        out.append(log_p.cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 0))
 
 
 def predict_scores(model: nn.Module, pixels: np.ndarray, device: torch.device, batch_size: int = 256,
-                   progress: bool = False, desc: str = "eval") -> np.ndarray:
-    """Softmax probabilities (n, C) as float64, in the order of ``pixels``."""
-    return np.exp(predict_log_probs(model, pixels, device, batch_size, progress, desc))
+                   progress: bool = False, desc: str = "eval", tta: bool = False) -> np.ndarray:
+    """Softmax probabilities (n, C) as float64, in the order of ``pixels`` (``tta``: see predict_log_probs)."""
+    return np.exp(predict_log_probs(model, pixels, device, batch_size, progress, desc, tta))
 
 
 @torch.inference_mode()

@@ -36,12 +36,12 @@ def evaluate(cfg: EvaluateConfig, nested: bool = False) -> dict[str, float]:
         split = cfg.split
         data = model.load_split(cfg.data, split, progress=not cfg.quiet)
         log_probs = predict_log_probs(model.load_network(dev), data.pixels, dev, progress=not cfg.quiet,
-                                      desc=f"evaluate {split}")
+                                      desc=f"evaluate {split}", tta=cfg.tta)
         scores, log_p = np.exp(log_probs), log_probs[np.arange(len(data)), data.labels]
         classes = model.meta["classes"]
         metrics = classification_metrics(data.labels, scores, classes, split, log_p)
         run_id = run.info.run_id
-        log_params_once(run_id, {"model_uri": cfg.model_uri, "model_id": model.model_id, "split": split,
+        log_params_once(run_id, {"model_uri": cfg.model_uri, "model_id": model.model_id, "split": split, "tta": cfg.tta,
                                  "data_used": cfg.data or model.meta["data"],
                                  "training_run_id": model.training_run_id})
         artifact = f"scores_{split}.csv"

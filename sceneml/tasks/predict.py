@@ -44,10 +44,10 @@ def predict(cfg: PredictConfig) -> dict[str, float]:
                            "CSV path") from None
     with task_run(f"predict {Path(cfg.input).name}", task="predict") as run:
         model = resolve_model(cfg.model_uri)
-        table = predict_files(model, files, cfg.device, progress=not cfg.quiet)
+        table = predict_files(model, files, cfg.device, progress=not cfg.quiet, tta=cfg.tta)
         table.to_csv(out, index=False, float_format="%.17g")
         counts = {"predicted_images": len(table), "unreadable_images": int((table["error"] != "").sum())}
-        log_params_once(run.info.run_id, {"model_uri": cfg.model_uri, "input": cfg.input})
+        log_params_once(run.info.run_id, {"model_uri": cfg.model_uri, "input": cfg.input, "tta": cfg.tta})
         set_tags(run.info.run_id, {**model.tags(), **{f"sceneml.{k}": v for k, v in counts.items()}})
         with_retries(mlflow.log_artifact, str(out))
     n_bad = counts["unreadable_images"]
@@ -56,10 +56,10 @@ def predict(cfg: PredictConfig) -> dict[str, float]:
 
 
 def predict_files(resolved: ResolvedModel, files: list[Path], device: str = "auto", batch_size: int = 64,
-                  progress: bool = True) -> pd.DataFrame:
+                  progress: bool = True, tta: bool = False) -> pd.DataFrame:
     """One row per file: path, predicted class, ``prob_<class>`` columns, and an error (empty when fine)."""
     classes = resolved.meta["classes"]
-    model = resolved.load_pyfunc(device)
+    model = resolved.load_pyfunc(device, tta)
     frames = []
     for start in tqdm(range(0, len(files), batch_size), desc="predict", disable=not progress, leave=False):
         chunk = files[start:start + batch_size]

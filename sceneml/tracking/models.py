@@ -140,8 +140,8 @@ class ResolvedModel:
     def load_network(self, device: torch.device) -> torch.nn.Module:
         return mlflow.pytorch.load_model(self.pinned_uri).to(device)
 
-    def load_pyfunc(self, device: str):
-        return mlflow.pyfunc.load_model(self.pinned_uri, model_config={"device": device})
+    def load_pyfunc(self, device: str, tta: bool = False):
+        return mlflow.pyfunc.load_model(self.pinned_uri, model_config={"device": device, "tta": tta})
 
 
 def resolve_model(model_uri: str) -> ResolvedModel:

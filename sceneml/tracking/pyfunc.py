@@ -79,8 +79,10 @@ def save_model(path: str, mlflow_model, pytorch_model: torch.nn.Module, **kwargs
 class ImageClassifier:
     """What ``mlflow.pyfunc.load_model`` wraps for a sceneml checkpoint."""
 
-    def __init__(self, network: torch.nn.Module, classes: list[str], image_size: int, device: torch.device):
+    def __init__(self, network: torch.nn.Module, classes: list[str], image_size: int, device: torch.device,
+                 tta: bool = False):
         self.network, self.classes, self.image_size, self.device = network, classes, image_size, device
+        self.tta = tta  # model_config {"tta": true}: the mean of each image's and its mirror image's softmax
 
     def get_raw_model(self) -> torch.nn.Module:
         return self.network
@@ -112,7 +114,7 @@ class ImageClassifier:
         good = np.array([i for i in range(len(items)) if i not in errors], dtype=np.int64)
         probs = np.full((len(items), len(self.classes)), np.nan)
         if len(good):
-            probs[good] = predict_scores(self.network, pixels[good], self.device)
+            probs[good] = predict_scores(self.network, pixels[good], self.device, tta=self.tta)
         out = pd.DataFrame(probs, columns=[PROB_PREFIX + c for c in self.classes], index=index)
         predicted = ["" if i in errors else self.classes[int(np.argmax(probs[i]))] for i in range(len(items))]
         out.insert(0, PRED_COLUMN, predicted)
@@ -137,5 +139,6 @@ def _load_pyfunc(data_path: str, model_config: dict | None = None) -> ImageClass
     meta = Model.load(root / "MLmodel").metadata["sceneml"]
     device = pick_device((model_config or {}).get("device") or os.environ.get("SCENEML_DEVICE", "auto"))
     network = mlflow.pytorch.load_model(str(root)).to(device)
-    return ImageClassifier(network, list(meta["classes"]), int(meta["image_size"]), device)
+    tta = str((model_config or {}).get("tta", False)).lower() == "true"  # a served model_config may say "true"
+    return ImageClassifier(network, list(meta["classes"]), int(meta["image_size"]), device, tta)
 
