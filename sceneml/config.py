@@ -143,6 +143,13 @@ class TrainConfig:
     freeze_backbone: bool = param(False, "train the classifier head only (features computed once)", resume=True,
                                   search=True)
     random_crop: bool = param(False, "random-resized crops on top of flips", resume=True, search=True)
+    random_erase: float = param(0.0, "probability per training image of erasing a random box (2-33 % of the "
+                                     "area) to mid-grey, as torchvision's --random-erase", resume=True, search=True)
+    mixup_alpha: float = param(0.0, "MixUp of each training batch with lambda ~ Beta(alpha, alpha), as torchvision's "
+                                    "--mixup-alpha (0 = off; with cutmix_alpha, each batch draws one of the two)",
+                               resume=True, search=True)
+    cutmix_alpha: float = param(0.0, "CutMix of each training batch with lambda ~ Beta(alpha, alpha), as "
+                                     "torchvision's --cutmix-alpha (0 = off)", resume=True, search=True)
     device: str = _device()
     num_workers: str = param("auto", "image-decode threads: auto (CPU cores, at most 8) or a number")
     select_metric: str = _select_metric()
@@ -173,6 +180,15 @@ class TrainConfig:
             raise SceneMLError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.epochs < 1:
             raise SceneMLError(f"epochs must be >= 1, got {self.epochs}")
+        if not 0 <= self.random_erase <= 1:
+            raise SceneMLError(f"random_erase is a probability in [0, 1], got {self.random_erase}")
+        if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
+            raise SceneMLError(f"mixup_alpha and cutmix_alpha must be >= 0 (0 = off), got {self.mixup_alpha} and "
+                               f"{self.cutmix_alpha}")
+        if self.freeze_backbone and not self.random_crop and (self.random_erase or self.mixup_alpha or
+                                                              self.cutmix_alpha):
+            raise SceneMLError("random_erase, mixup_alpha and cutmix_alpha act on images, which freeze_backbone "
+                               "replaces by cached features; add random_crop=true to train on images")
         if self.early_stop < 0:
             raise SceneMLError(f"early_stop must be >= 0 (0 = off), got {self.early_stop}")
         if self.batch_size < 2:

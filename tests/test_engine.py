@@ -179,3 +179,68 @@ def test_tta_is_the_mean_of_the_softmax_of_each_image_and_of_its_mirror_image():
     tta = predict_log_probs(model, pixels, cpu, batch_size=2, tta=True)
     np.testing.assert_allclose(np.exp(tta), (plain + mirrored) / 2, rtol=1e-6, atol=1e-9)
     assert not np.allclose(plain, mirrored)  # the mirror image is another input: the mean is not trivial
+
+
+def _batch(b: int = 8, size: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, 3, size, size, generator=g), torch.randint(0, 6, (b,), generator=g)
+
+
+def test_mixup_blends_each_image_with_the_next_by_the_drawn_lambda_and_the_labels_sum_to_one():
+    from sceneml.engine.batches import mix_batch
+
+    x, y = _batch()
+    mixed, soft, lam = mix_batch(x, y, 6, mixup_alpha=0.4, cutmix_alpha=0.0, generator=torch.Generator().manual_seed(1))
+    xn, yn = x.numpy(), y.numpy()
+    np.testing.assert_allclose(mixed.numpy(), lam * xn + (1 - lam) * np.roll(xn, 1, axis=0), rtol=1e-6, atol=1e-6)
+    expected = lam * np.eye(6)[yn] + (1 - lam) * np.eye(6)[np.roll(yn, 1)]
+    np.testing.assert_allclose(soft.numpy(), expected, rtol=1e-6)
+    np.testing.assert_allclose(soft.sum(1).numpy(), 1.0, rtol=1e-6)
+    assert 0 < lam < 1
+
+
+def test_cutmix_pastes_a_box_of_one_minus_lambda_of_the_area_from_the_next_image():
+    from sceneml.engine.batches import mix_batch
+
+    x, y = _batch()
+    for seed in range(5):
+        mixed, soft, lam = mix_batch(x, y, 6, 0.0, 1.0, torch.Generator().manual_seed(seed))
+        pasted = (mixed != x).any(dim=1).numpy()  # (B, H, W): the pixels that came from another image
+        share = pasted.mean(axis=(1, 2))
+        np.testing.assert_allclose(share, 1 - lam, atol=1e-9)  # the same box in every image
+        assert torch.equal(mixed[pasted[:, None].repeat(3, 1)], x.roll(1, 0)[pasted[:, None].repeat(3, 1)])
+        np.testing.assert_allclose(soft.sum(1).numpy(), 1.0, rtol=1e-6)
+        assert soft[torch.arange(8), y].min() >= lam - 1e-6
+
+
+def test_mix_lambdas_follow_beta_alpha_alpha():
+    """Two thousand MixUp lambdas against scipy's Beta(0.4, 0.4) by a Kolmogorov-Smirnov test."""
+    from scipy import stats
+
+    from sceneml.engine.batches import mix_batch
+
+    x, y = _batch(b=2, size=2)
+    g = torch.Generator().manual_seed(3)
+    lams = [mix_batch(x, y, 6, 0.4, 0.0, g)[2] for _ in range(2000)]
+    assert stats.kstest(lams, stats.beta(0.4, 0.4).cdf).pvalue > 0.01
+    kinds = [mix_batch(x, y, 6, 0.4, 1.0, g) for _ in range(200)]
+    # with both on, each batch is one of the two: a CutMix keeps every pixel of one image or the other
+    pasted = [bool(((m == x) | (m == x.roll(1, 0))).all()) for m, _, _ in kinds]
+    assert 60 < sum(pasted) < 140
+
+
+def test_random_erase_fills_one_box_per_chosen_image_with_grey():
+    from sceneml.engine.batches import random_erase
+
+    x = torch.rand(400, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    out = random_erase(x, torch.Generator().manual_seed(1), p=0.5)
+    erased = (out == 0.5).all(dim=1) & (x != 0.5).any(dim=1)  # (B, H, W)
+    chosen = erased.flatten(1).any(1)
+    assert 160 < int(chosen.sum()) < 240  # p = 0.5 of 400 images
+    for box in erased[chosen]:
+        rows, cols = box.any(1).nonzero().flatten(), box.any(0).nonzero().flatten()
+        h, w = int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+        assert int(box.sum()) == h * w  # one filled rectangle
+        assert 0.005 < h * w / 32**2 <= 0.34 + 1e-9
+    assert torch.equal(out[~chosen], x[~chosen])  # the others are untouched
+    assert torch.equal(random_erase(x, torch.Generator().manual_seed(1), p=0.0), x)

@@ -165,6 +165,8 @@ def test_same_seed_same_metrics_and_resume_matches_a_straight_run(tracking_uri, 
     (dict(seed=2**32), r"seed must be in 0 .. 2\*\*32 - 1"),
     (dict(batch_size=1), "batch_size must be >= 2"),
     (dict(early_stop=-1), "early_stop must be >= 0"),
+    (dict(random_erase=1.5), r"random_erase is a probability in \[0, 1\]"),
+    (dict(cutmix_alpha=-1.0), "mixup_alpha and cutmix_alpha must be >= 0"),
 ])
 def test_bad_values_fail_before_training(bad, match):
     with pytest.raises(SceneMLError, match=match):
@@ -249,6 +251,18 @@ def test_early_stop_ends_the_run_at_the_first_epoch_whose_patience_ran_out(track
     metrics = client.get_run(run_id).data.metrics
     assert metrics["stopped_epoch"] == 3 and metrics["best_epoch"] == 1
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_run_with_mixup_cutmix_and_random_erase_trains_on_soft_targets(tracking_uri):
+    cfg = TrainConfig(data="synthetic:12", epochs=2, mixup_alpha=0.2, cutmix_alpha=1.0, random_erase=0.25,
+                      image_size=32, weights="none", quiet=True)
+    run = MlflowClient().get_run(train(cfg))
+    assert run.info.status == "FINISHED"
+    assert (run.data.params["mixup_alpha"], run.data.params["cutmix_alpha"], run.data.params["random_erase"]) == \
+        ("0.2", "1.0", "0.25")
+    assert np.isfinite(run.data.metrics["train_loss"]) and run.data.metrics["val_loss"] > 0
+    with pytest.raises(SceneMLError, match="add random_crop=true"):
+        TrainConfig(freeze_backbone=True, mixup_alpha=0.2).validate()
 
 
 def test_keep_checkpoints_drops_what_it_does_not_keep():

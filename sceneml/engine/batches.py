@@ -50,12 +50,60 @@ def random_resized_crop(x: torch.Tensor, generator: torch.Generator, scale=(0.5,
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
+def random_erase(x: torch.Tensor, generator: torch.Generator, p: float, scale=(0.02, 0.33),
+                 ratio=(0.3, 3.3), value: float = 0.5) -> torch.Tensor:
+    """torchvision's RandomErasing per image, on the batch: with probability ``p`` a box of ``scale`` of
+    the area and aspect in ``ratio`` (log-uniform), clipped to the image, is filled with mid-grey."""
+    b, _, height, width = x.shape
+    erase = torch.rand(b, generator=generator) < p
+    area = torch.empty(b).uniform_(*scale, generator=generator) * height * width
+    aspect = torch.exp(torch.empty(b).uniform_(np.log(ratio[0]), np.log(ratio[1]), generator=generator))
+    h = torch.sqrt(area * aspect).round().clamp(1, height)
+    w = torch.sqrt(area / aspect).round().clamp(1, width)
+    top = (torch.rand(b, generator=generator) * (height - h + 1)).floor()
+    left = (torch.rand(b, generator=generator) * (width - w + 1)).floor()
+    rows, cols = torch.arange(height).view(1, -1, 1), torch.arange(width).view(1, 1, -1)
+    box = ((rows >= top.view(-1, 1, 1)) & (rows < (top + h).view(-1, 1, 1))
+           & (cols >= left.view(-1, 1, 1)) & (cols < (left + w).view(-1, 1, 1)) & erase.view(-1, 1, 1))
+    return x.masked_fill(to_device(box, x.device).unsqueeze(1), value)
+
+
+def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, mixup_alpha: float, cutmix_alpha: float,
+              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """torchvision's references' MixUp or CutMix (one of those switched on, drawn with equal chance) on
+    one batch, each image mixed with the next one in the batch (``roll(1)``): lambda ~ Beta(alpha, alpha),
+    MixUp blends the pixels, CutMix pastes a box of 1 - lambda of the area (lambda is then the share the
+    clipped box leaves). Returns the images, soft targets (lambda on the image's class, 1 - lambda on the
+    other's; each row sums to 1) and lambda."""
+    alphas = [a for a in (("mixup", mixup_alpha), ("cutmix", cutmix_alpha)) if a[1] > 0]
+    draws = torch.rand(3, generator=generator, dtype=torch.float64).tolist()
+    kind, alpha = alphas[int(draws[0] * len(alphas))]
+    # Beta seeded from the epoch's generator (torch.distributions would draw from the global one)
+    lam = float(np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator))).beta(alpha, alpha))
+    target = F.one_hot(y, num_classes).to(x.dtype)
+    if kind == "mixup":
+        mixed = x.mul(lam).add_(x.roll(1, 0), alpha=1 - lam)
+    else:
+        height, width = x.shape[-2:]
+        cut_h, cut_w = int(height * np.sqrt(1 - lam)), int(width * np.sqrt(1 - lam))
+        cy, cx = int(draws[1] * height), int(draws[2] * width)
+        top, bottom = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
+        left, right = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
+        mixed = x.clone()
+        mixed[..., top:bottom, left:right] = x.roll(1, 0)[..., top:bottom, left:right]
+        lam = 1.0 - (bottom - top) * (right - left) / (height * width)
+    return mixed, target.mul(lam).add_(target.roll(1, 0), alpha=1 - lam), lam
+
+
 def iterate_batches(pixels: np.ndarray, labels: np.ndarray, batch_size: int, device: torch.device,
                     generator: torch.Generator | None = None, augment: bool = False,
-                    crop: bool = False, order: torch.Tensor | None = None,
+                    crop: bool = False, order: torch.Tensor | None = None, erase: float = 0.0,
+                    mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, num_classes: int = 0,
                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (images, labels) batches; shuffled and augmented when a generator is given. ``order``
-    (e.g. one rank's shard) replaces the shuffle."""
+    """Yield (images, labels) batches; shuffled and augmented when a generator is given: flips, then
+    random-resized crops (``crop``), random erasing (``erase``: the probability per image), then MixUp or
+    CutMix (an alpha > 0), whose labels are soft targets (B, num_classes). ``order`` (e.g. one rank's
+    shard) replaces the shuffle."""
     n = len(labels)
     if order is None:
         order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
@@ -69,6 +117,10 @@ def iterate_batches(pixels: np.ndarray, labels: np.ndarray, batch_size: int, dev
             x = torch.where(to_device(flip, device).view(-1, 1, 1, 1), x.flip(3), x)
             if crop:
                 x = random_resized_crop(x, generator)
+            if erase > 0:
+                x = random_erase(x, generator, erase)
+            if (mixup_alpha > 0 or cutmix_alpha > 0) and len(idx) > 1:
+                x, y, _ = mix_batch(x, y, num_classes, mixup_alpha, cutmix_alpha, generator)
         yield x, y
 
 

@@ -118,7 +118,8 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
     A batch of a single image is skipped (BatchNorm cannot train on it).
     ``amp_dtype`` runs the forward pass under autocast; ``scaler`` (fp16) scales the loss.
     ``label_smoothing`` spreads that share of each target over all classes (the losses returned and
-    handed on are the smoothed ones, which the optimizer minimises).
+    handed on are the smoothed ones, which the optimizer minimises). Labels are class indices, or soft
+    targets (B, C) from MixUp/CutMix: the cross-entropy takes either.
     """
     pending: list[torch.Tensor] = []
     sums, seen = None, 0  # (main, total) loss sums, on the device
@@ -266,7 +267,9 @@ class EpochTrainer:
                                               generator, order)
         else:
             batches = iterate_batches(train.pixels, train.labels, cfg.batch_size, self.device, generator,
-                                      augment=True, crop=cfg.random_crop, order=order)
+                                      augment=True, crop=cfg.random_crop, order=order, erase=cfg.random_erase,
+                                      mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha,
+                                      num_classes=len(self.data.classes))
         n = len(order) if order is not None else len(train)
         started = time.perf_counter()
         # DDP all-reduces the gradients inside backward(): a rank that stopped shows up there
