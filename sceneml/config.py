@@ -128,6 +128,9 @@ class TrainConfig:
     warmup_epochs: int = param(0, "epochs whose lr rises linearly from lr/100 to lr before the schedule, as "
                                   "torchvision's --lr-warmup-epochs", resume=True, search=True)
     epochs: int = param(3, "training epochs", resume=True, search=True)
+    ema: float = param(0.0, "decay of an exponential moving average of the weights, updated after every optimizer "
+                            "step, as torchvision's --model-ema-decay (0 = off; e.g. 0.99): validation, the logged "
+                            "checkpoints and so the champion are the averaged weights", resume=True, search=True)
     early_stop: int = param(0, "patience in epochs: training stops once select_metric's best epoch (the rule select "
                                "uses) is this many epochs behind, and logs stopped_epoch; 0 = off", resume=True)
     batch_size: int = param(32, "images per optimizer step (over all processes)", resume=True, search=True)
@@ -189,6 +192,8 @@ class TrainConfig:
                                                               self.cutmix_alpha):
             raise SceneMLError("random_erase, mixup_alpha and cutmix_alpha act on images, which freeze_backbone "
                                "replaces by cached features; add random_crop=true to train on images")
+        if not 0 <= self.ema < 1:
+            raise SceneMLError(f"ema is a decay in [0, 1) (0 = off), got {self.ema}")
         if self.early_stop < 0:
             raise SceneMLError(f"early_stop must be >= 0 (0 = off), got {self.early_stop}")
         if self.batch_size < 2:

@@ -244,3 +244,28 @@ def test_random_erase_fills_one_box_per_chosen_image_with_grey():
         assert 0.005 < h * w / 32**2 <= 0.34 + 1e-9
     assert torch.equal(out[~chosen], x[~chosen])  # the others are untouched
     assert torch.equal(random_erase(x, torch.Generator().manual_seed(1), p=0.0), x)
+
+
+def test_ema_follows_its_recurrence_computed_by_hand_over_three_steps():
+    from sceneml.engine.loop import make_ema
+
+    seed_everything(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    ema = make_ema(model, 0.9)
+    after: list[dict] = []
+
+    def on_step() -> None:
+        ema.update_parameters(model)
+        after.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 4, generator=g), torch.tensor([0, 1, 2, 0])) for _ in range(3)]
+    model.train()
+    train_one_epoch(model, optimizer, batches, 12, progress=False, on_step=on_step)
+    for key in ("0.weight", "0.bias", "1.running_mean", "1.running_var"):
+        by_hand = after[0][key]  # the first update copies the weights
+        for state in after[1:]:
+            by_hand = 0.9 * by_hand + 0.1 * state[key]
+        torch.testing.assert_close(ema.module.state_dict()[key], by_hand, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(ema.module[0].weight, model[0].weight)  # the average is not the last weights

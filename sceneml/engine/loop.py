@@ -80,6 +80,14 @@ def build_scheduler(name: str, optimizer: torch.optim.Optimizer, epochs: int, wa
     return lr_sched.SequentialLR(optimizer, [warmup, main], milestones=[warmup_epochs])
 
 
+def make_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    """torchvision's --model-ema: a copy of ``model`` whose weights (and BatchNorm buffers) follow
+    ``ema = decay * ema + (1 - decay) * weights`` after every optimizer step; the first update copies
+    the weights."""
+    swa = torch.optim.swa_utils
+    return swa.AveragedModel(model, multi_avg_fn=swa.get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``precision`` on ``device``; None means plain float32."""
     if name == "fp32":
@@ -243,6 +251,8 @@ class EpochTrainer:
             log.info("freeze_backbone: %d-d features of train and val ready in %.1fs; epochs train the head only",
                      self.cached["train"].shape[1], self.feature_cache_seconds)
         self.head = head_of(cfg.arch, model)
+        # ema: validation, the logged checkpoints and so the champion are the averaged weights
+        self.ema = make_ema(model, cfg.ema) if cfg.ema > 0 else None
         trained = self.head if self.cached is not None else model
         if self.ctx is not None:
             trained = torch.nn.parallel.DistributedDataParallel(
@@ -271,6 +281,13 @@ class EpochTrainer:
                                       mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha,
                                       num_classes=len(self.data.classes))
         n = len(order) if order is not None else len(train)
+        if self.ema is not None:
+            ema, model, after = self.ema, self.model, on_step
+
+            def on_step() -> None:
+                ema.update_parameters(model)
+                if after is not None:
+                    after()
         started = time.perf_counter()
         # DDP all-reduces the gradients inside backward(): a rank that stopped shows up there
         with distributed.waiting_for_ranks(f"epoch {epoch}'s gradient all-reduce") if ctx is not None \
@@ -283,8 +300,14 @@ class EpochTrainer:
             loss = EpochLoss(*(distributed.weighted_mean_over_ranks(v, n, self.device) for v in loss))
         return loss, time.perf_counter() - started
 
+    @property
+    def eval_model(self) -> nn.Module:
+        """What is validated and logged: the EMA weights when ``ema`` is on, else the trained ones."""
+        return self.ema.module if self.ema is not None else self.model
+
     def val_log_probs(self) -> np.ndarray:
         """Log-softmax on the whole val split (rank 0 only: no collective inside)."""
         if self.cached is not None:
-            return log_probs_from_features(self.head, self.cached["val"], self.device)
-        return predict_log_probs(self.model, self.data.splits["val"].pixels, self.device)
+            head = head_of(self.cfg.arch, self.eval_model) if self.ema is not None else self.head
+            return log_probs_from_features(head, self.cached["val"], self.device)
+        return predict_log_probs(self.eval_model, self.data.splits["val"].pixels, self.device)

@@ -326,6 +326,8 @@ class RunLog:
         trainer = self.trainer
         self.next_epoch = restore_checkpoint(state, trainer.model, trainer.optimizer, self.scheduler,
                                              trainer.scaler) + 1
+        if trainer.ema is not None:
+            trainer.ema.load_state_dict(state["ema"])
         self.history = json.loads(state["history"])
         # the checkpoints still there (a crash may have come between a deletion and this state's save)
         experiment_id = mlflow.get_run(self.run_id).info.experiment_id
@@ -371,7 +373,7 @@ class RunLog:
         val_metrics = classification_metrics(val.labels, scores, data.classes, "val", log_p)
         started = time.perf_counter()
         model_id = log_checkpoint(
-            trainer.model, name=checkpoint_name(self.run_name, epoch), step=epoch,
+            trainer.eval_model, name=checkpoint_name(self.run_name, epoch), step=epoch,
             params={"arch": cfg.arch, "optimizer": cfg.optimizer, "lr": cfg.lr, "epoch": epoch},
             tags={TAG_EPOCH: epoch, TAG_DIGEST: data.digest, "sceneml.run_id": self.run_id},
             metadata={"sceneml": {**self.meta, "epoch": epoch}})
@@ -385,6 +387,7 @@ class RunLog:
         scores_csv = scores_to_csv(val.paths, val.labels, scores, data.classes, log_p)
         ckpt = local_checkpoint_path(self.run_id)
         save_checkpoint(ckpt, trainer.model, trainer.optimizer, self.scheduler, epoch, {
+            **({"ema": trainer.ema.state_dict()} if trainer.ema is not None else {}),
             "history": json.dumps(self.history), "models": json.dumps(self.models),
             "batch_losses": json.dumps(self.batch_losses), "val_scores": scores_csv}, trainer.scaler)
         with_retries(mlflow.log_artifact, str(ckpt), "checkpoints")
