@@ -21,7 +21,7 @@ from sceneml.params import REQUIRED, Param, check_choices, param, params_of
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "googlenet", "mobilenet_v3_small", "efficientnet_b0")
 OPTIMIZERS = ("adamw", "adam", "rmsprop", "sgd")
-SCHEDULERS = ("none", "cosine", "step", "linear")
+SCHEDULERS = ("none", "cosine", "step", "linear", "onecycle")
 # The metrics a "best epoch" and the champion can be chosen by; val_loss is the one where lower wins.
 SELECT_METRICS = ("val_mean_class_acc", "val_mAP", "val_acc", "val_loss")
 LOWER_IS_BETTER = frozenset({"val_loss"})
@@ -123,7 +123,9 @@ class TrainConfig:
                                         "torchvision's --label-smoothing; validation losses stay unsmoothed",
                                    resume=True, search=True)
     scheduler: str = param("none", "learning-rate schedule over the epochs after the warmup: cosine to 0, a tenth "
-                                   "every third of them (step), or linear to 0 at the end", choices=SCHEDULERS,
+                                   "every third of them (step), linear to 0 at the end, or onecycle (per step: up "
+                                   "from lr/25 over 30 % of the steps, then down to lr/25e4; its own warmup)",
+                           choices=SCHEDULERS,
                            resume=True, search=True)
     warmup_epochs: int = param(0, "epochs whose lr rises linearly from lr/100 to lr before the schedule, as "
                                   "torchvision's --lr-warmup-epochs", resume=True, search=True)
@@ -176,6 +178,8 @@ class TrainConfig:
             raise SceneMLError(FP16_NEEDS_CUDA)  # before any work; the engine checks device=auto too
         if not self.lr > 0:
             raise SceneMLError(f"lr must be > 0, got {self.lr}")
+        if self.scheduler == "onecycle" and self.warmup_epochs:
+            raise SceneMLError("scheduler=onecycle warms up by itself (30 % of the steps): set warmup_epochs=0")
         if not 0 <= self.warmup_epochs < max(self.epochs, 1):
             raise SceneMLError(f"warmup_epochs must be in 0 .. epochs - 1 ({self.epochs - 1}), "
                                f"got {self.warmup_epochs}")

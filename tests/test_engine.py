@@ -13,6 +13,7 @@ import torch
 from sceneml.engine.batches import random_resized_crop
 from sceneml.engine.checkpoint import load_checkpoint, restore_checkpoint, save_checkpoint
 from sceneml.engine.loop import build_optimizer, build_scheduler, seed_everything, train_one_epoch
+from sceneml.errors import SceneMLError
 from sceneml.models import build_model
 
 LR, EPOCHS = 0.1, 6
@@ -269,3 +270,37 @@ def test_ema_follows_its_recurrence_computed_by_hand_over_three_steps():
             by_hand = 0.9 * by_hand + 0.1 * state[key]
         torch.testing.assert_close(ema.module.state_dict()[key], by_hand, rtol=1e-6, atol=1e-7)
     assert not torch.allclose(ema.module[0].weight, model[0].weight)  # the average is not the last weights
+
+
+def test_onecycle_follows_its_closed_form_step_by_step_and_across_a_checkpoint(tmp_path):
+    """Smith's 1cycle as half cosines by hand: from lr/25 up to lr at step 0.3 T - 1, then down to
+    lr/25e4 at the last step T - 1; a schedule restored from a checkpoint mid-way continues it."""
+    def cos(start: float, end: float, t: float) -> float:
+        return end + (start - end) / 2 * (1 + math.cos(math.pi * t))
+
+    total, top = 12, 0.3 * 12 - 1
+    expected = [cos(LR / 25, LR, i / top) if i <= top else cos(LR, LR / 25 / 1e4, (i - top) / (total - 1 - top))
+                for i in range(total)]
+
+    def lrs(resume_at: int | None = None) -> list[float]:
+        model = torch.nn.Linear(2, 2)
+        opt = build_optimizer("sgd", model.parameters(), LR, 0.9, 0.0)
+        sched = build_scheduler("onecycle", opt, 3, steps_per_epoch=4)
+        out = []
+        for i in range(total):
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+            if i == resume_at:
+                save_checkpoint(tmp_path / "last.pt", model, opt, sched, 1, {})
+                model = torch.nn.Linear(2, 2)
+                opt = build_optimizer("sgd", model.parameters(), LR, 0.9, 0.0)
+                sched = build_scheduler("onecycle", opt, 3, steps_per_epoch=4)
+                restore_checkpoint(load_checkpoint(tmp_path / "last.pt"), model, opt, sched)
+        assert opt.param_groups[0]["momentum"] == 0.9  # the optimizer's own momentum, not cycled
+        return out
+
+    assert lrs() == pytest.approx(expected, rel=1e-9)
+    assert lrs(resume_at=4) == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(SceneMLError, match="warms up by itself"):
+        build_scheduler("onecycle", torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=LR), 3, warmup_epochs=1)

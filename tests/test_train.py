@@ -238,9 +238,11 @@ def test_patience_runs_out_when_the_best_epoch_is_that_many_epochs_behind():
 @pytest.mark.slow
 def test_early_stop_ends_the_run_at_the_first_epoch_whose_patience_ran_out(tracking_uri):
     """A frozen backbone and lr 1e-12: every epoch scores exactly what epoch 1 scored, so epoch 1 stays
-    the best and patience 2 runs out after epoch 3, which the logged history must show by hand."""
+    the best and patience 2 runs out after epoch 3, which the logged history must show by hand. The
+    schedule is onecycle, stepped per batch: epoch 1 starts at lr/25 and the run steps it without error."""
     cfg = TrainConfig(data="synthetic:12", epochs=8, early_stop=2, optimizer="sgd", lr=1e-12, momentum=0.0,
-                      weight_decay=0.0, freeze_backbone=True, image_size=32, weights="none", quiet=True)
+                      weight_decay=0.0, freeze_backbone=True, image_size=32, weights="none", quiet=True,
+                      scheduler="onecycle")
     client = MlflowClient()
     run_id = train(cfg)
     values = [(h.step, h.value) for h in client.get_metric_history(run_id, "val_mean_class_acc")]
@@ -255,6 +257,8 @@ def test_early_stop_ends_the_run_at_the_first_epoch_whose_patience_ran_out(track
     assert stopped == 3 and [e for e, _ in values] == [1, 2, 3]
     metrics = client.get_run(run_id).data.metrics
     assert metrics["stopped_epoch"] == 3 and metrics["best_epoch"] == 1
+    lrs = [h.value for h in sorted(client.get_metric_history(run_id, "lr"), key=lambda h: h.step)]
+    assert lrs[0] == pytest.approx(1e-12 / 25) and lrs[1] > lrs[0]  # rising through the first 30 % of the steps
     assert client.get_run(run_id).info.status == "FINISHED"
 
 

@@ -57,11 +57,24 @@ def build_optimizer(name: str, params, lr: float, momentum: float, weight_decay:
 WARMUP_START = 0.01  # the first warmup epoch's share of lr (torchvision's --lr-warmup-decay)
 
 
-def build_scheduler(name: str, optimizer: torch.optim.Optimizer, epochs: int, warmup_epochs: int = 0):
-    """An epoch-level LR schedule (stepped once per epoch), or None: ``warmup_epochs`` of linear warmup
-    from ``WARMUP_START`` x lr, then ``name`` over the remaining epochs, as torchvision's references do."""
+PER_STEP_SCHEDULERS = ("onecycle",)  # stepped after every optimizer step; the others once per epoch
+
+
+def build_scheduler(name: str, optimizer: torch.optim.Optimizer, epochs: int, warmup_epochs: int = 0,
+                    steps_per_epoch: int = 1):
+    """An LR schedule, or None: ``warmup_epochs`` of linear warmup from ``WARMUP_START`` x lr, then
+    ``name`` over the remaining epochs, as torchvision's references do, stepped once per epoch; or
+    ``onecycle`` (Smith's 1cycle, torch's OneCycleLR with its defaults: up from lr/25 over the first 30 %
+    of the steps, then down to lr/25e4, both along a half cosine), stepped after each of the
+    ``epochs * steps_per_epoch`` steps."""
     lr_sched = torch.optim.lr_scheduler
     rest = epochs - warmup_epochs
+    if name == "onecycle":
+        if warmup_epochs:
+            raise SceneMLError("scheduler=onecycle warms up by itself (30 % of the steps): set warmup_epochs=0")
+        # the momentum stays the optimizer's own (its `momentum` param) rather than cycling
+        return lr_sched.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
+                                   total_steps=epochs * steps_per_epoch, cycle_momentum=False)
     if name == "none":
         main = None
     elif name == "cosine":
@@ -261,6 +274,13 @@ class EpochTrainer:
         self.trained = torch.compile(trained) if cfg.compile else trained
         self.amp_dtype = resolve_precision(cfg.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps of one epoch on this rank (at most: a last batch of one image makes none)."""
+        n = len(self.data.splits["train"])
+        if self.ctx is not None:
+            n = len(distributed.shard_order(n, self.ctx, self.cfg.seed, 1))
+        return math.ceil(n / self.cfg.batch_size)
 
     def train_pass(self, epoch: int, on_losses: Callable[[list[float]], None] | None = None,
                    on_step: Callable[[], None] | None = None, progress: bool = False) -> tuple[EpochLoss, float]:

@@ -36,7 +36,14 @@ from sceneml.data.duplicates import duplicate_counts
 from sceneml.data.sources import cache_dir
 from sceneml.engine import distributed
 from sceneml.engine.checkpoint import load_checkpoint, restore_checkpoint, save_checkpoint
-from sceneml.engine.loop import EpochLoss, EpochTrainer, build_optimizer, build_scheduler, seed_everything
+from sceneml.engine.loop import (
+    PER_STEP_SCHEDULERS,
+    EpochLoss,
+    EpochTrainer,
+    build_optimizer,
+    build_scheduler,
+    seed_everything,
+)
 from sceneml.errors import SceneMLError
 from sceneml.metrics import best_row, classification_metrics, confusion_matrix, patience_ran_out
 from sceneml.models import AUX_ARCHS, build_model, describe_device, freeze_backbone, pick_device
@@ -165,9 +172,11 @@ def _train(cfg: TrainConfig, run_name: str, nested: bool, ctx: distributed.DistC
         freeze_backbone(cfg.arch, model)
     model = model.to(device, memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
-    scheduler = build_scheduler(cfg.scheduler, optimizer, cfg.epochs, cfg.warmup_epochs)
     trainer = EpochTrainer(cfg, data, model, optimizer, device, ctx)
+    scheduler = build_scheduler(cfg.scheduler, optimizer, cfg.epochs, cfg.warmup_epochs, trainer.steps_per_epoch())
     on_step = _fault_injector(run_name)
+    if cfg.scheduler in PER_STEP_SCHEDULERS:
+        on_step = _then(scheduler.step, on_step)
 
     # One loop for every rank; only the main process opens the run, validates, logs and checkpoints.
     opened = task_run(run_name, nested=nested, run_id=cfg.resume or None, task="train", parent_run_id=parent_run_id,
@@ -188,7 +197,7 @@ def _train(cfg: TrainConfig, run_name: str, nested: bool, ctx: distributed.DistC
                 lr = optimizer.param_groups[0]["lr"]
                 train_loss, train_seconds = trainer.train_pass(epoch, log_run.on_losses if master else None, on_step,
                                                                progress)
-                if scheduler is not None:
+                if scheduler is not None and cfg.scheduler not in PER_STEP_SCHEDULERS:
                     scheduler.step()
                 if master:
                     log_run.end_epoch(epoch, lr, train_loss, train_seconds)
@@ -205,6 +214,15 @@ def _train(cfg: TrainConfig, run_name: str, nested: bool, ctx: distributed.DistC
             log_run.metrics.drain()
             log_run.finish()
     return run.info.run_id if master else ""
+
+
+def _then(first: Callable[[], object], then: Callable[[], None] | None) -> Callable[[], None]:
+    """One after-step callback that calls ``first``, then ``then`` (if any)."""
+    def step() -> None:
+        first()
+        if then is not None:
+            then()
+    return step
 
 
 def superseded_epochs(history: list[dict], models: dict[int, str], keep: str, metric: str) -> list[int]:
