@@ -22,6 +22,7 @@ from sceneml.params import REQUIRED, Param, check_choices, param, params_of
 ARCHS = ("resnet18", "resnet34", "resnet50", "googlenet", "mobilenet_v3_small", "efficientnet_b0")
 OPTIMIZERS = ("adamw", "adam", "rmsprop", "sgd")
 SCHEDULERS = ("none", "cosine", "step", "linear", "onecycle")
+AUTO_AUGMENT = ("none", "trivial", "randaugment")  # torchvision's TrivialAugmentWide, RandAugment
 # The metrics a "best epoch" and the champion can be chosen by; val_loss is the one where lower wins.
 SELECT_METRICS = ("val_mean_class_acc", "val_mAP", "val_acc", "val_loss")
 LOWER_IS_BETTER = frozenset({"val_loss"})
@@ -148,6 +149,9 @@ class TrainConfig:
     freeze_backbone: bool = param(False, "train the classifier head only (features computed once)", resume=True,
                                   search=True)
     random_crop: bool = param(False, "random-resized crops on top of flips", resume=True, search=True)
+    auto_augment: str = param("none", "an automatic augmentation policy on each training image, as torchvision's "
+                                      "--auto-augment: trivial (TrivialAugmentWide) or randaugment (RandAugment)",
+                              choices=AUTO_AUGMENT, resume=True, search=True)
     random_erase: float = param(0.0, "probability per training image of erasing a random box (2-33 % of the "
                                      "area) to mid-grey, as torchvision's --random-erase", resume=True, search=True)
     mixup_alpha: float = param(0.0, "MixUp of each training batch with lambda ~ Beta(alpha, alpha), as torchvision's "
@@ -193,9 +197,9 @@ class TrainConfig:
             raise SceneMLError(f"mixup_alpha and cutmix_alpha must be >= 0 (0 = off), got {self.mixup_alpha} and "
                                f"{self.cutmix_alpha}")
         if self.freeze_backbone and not self.random_crop and (self.random_erase or self.mixup_alpha or
-                                                              self.cutmix_alpha):
-            raise SceneMLError("random_erase, mixup_alpha and cutmix_alpha act on images, which freeze_backbone "
-                               "replaces by cached features; add random_crop=true to train on images")
+                                                              self.cutmix_alpha or self.auto_augment != "none"):
+            raise SceneMLError("auto_augment, random_erase, mixup_alpha and cutmix_alpha act on images, which "
+                               "freeze_backbone replaces by cached features; add random_crop=true to train on images")
         if not 0 <= self.ema < 1:
             raise SceneMLError(f"ema is a decay in [0, 1) (0 = off), got {self.ema}")
         if self.early_stop < 0:

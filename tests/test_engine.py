@@ -304,3 +304,19 @@ def test_onecycle_follows_its_closed_form_step_by_step_and_across_a_checkpoint(t
     assert lrs(resume_at=4) == pytest.approx(expected, rel=1e-9)
     with pytest.raises(SceneMLError, match="warms up by itself"):
         build_scheduler("onecycle", torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=LR), 3, warmup_epochs=1)
+
+
+@pytest.mark.parametrize("policy", ["trivial", "randaugment"])
+def test_auto_augment_draws_an_op_per_image_from_the_epochs_generator(policy):
+    from sceneml.engine.batches import auto_augment
+
+    one = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    x = one.repeat(16, 1, 1, 1)  # sixteen copies of one image
+    state = torch.random.get_rng_state()
+    out = auto_augment(x, policy, torch.Generator().manual_seed(5))
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is left as it was
+    assert torch.equal(out, auto_augment(x, policy, torch.Generator().manual_seed(5)))  # seeded: a resume repeats it
+    assert out.shape == x.shape and out.dtype == torch.float32 and out.min() >= 0 and out.max() <= 1
+    distinct = {tuple(o.flatten()[:64].tolist()) for o in out}
+    assert len(distinct) >= 6  # copies of one image come out differently: each drew its own op
+    assert not torch.equal(out, auto_augment(x, policy, torch.Generator().manual_seed(6)))

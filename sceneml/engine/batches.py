@@ -50,6 +50,22 @@ def random_resized_crop(x: torch.Tensor, generator: torch.Generator, scale=(0.5,
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
+def auto_augment(x: torch.Tensor, policy: str, generator: torch.Generator) -> torch.Tensor:
+    """torchvision's TrivialAugmentWide (``trivial``) or RandAugment (``randaugment``) with their default
+    settings, as torchvision's --auto-augment, on each image of the batch (an op and magnitude of its
+    own) as uint8, like the PIL images of the references. torchvision draws from the global RNG: it is
+    seeded here from the epoch's generator, inside a fork that leaves the global state as it was."""
+    from torchvision.transforms import v2
+
+    op = v2.TrivialAugmentWide() if policy == "trivial" else v2.RandAugment()
+    seed = int(torch.randint(2**62, (1,), generator=generator))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        images = x.mul(255).round_().to(torch.uint8)
+        out = torch.stack([op(image) for image in images])
+    return out.float().div_(255.0).contiguous(memory_format=torch.channels_last)
+
+
 def random_erase(x: torch.Tensor, generator: torch.Generator, p: float, scale=(0.02, 0.33),
                  ratio=(0.3, 3.3), value: float = 0.5) -> torch.Tensor:
     """torchvision's RandomErasing per image, on the batch: with probability ``p`` a box of ``scale`` of
@@ -97,11 +113,12 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, mixup_alpha: f
 
 def iterate_batches(pixels: np.ndarray, labels: np.ndarray, batch_size: int, device: torch.device,
                     generator: torch.Generator | None = None, augment: bool = False,
-                    crop: bool = False, order: torch.Tensor | None = None, erase: float = 0.0,
+                    crop: bool = False, order: torch.Tensor | None = None, policy: str = "none", erase: float = 0.0,
                     mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, num_classes: int = 0,
                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (images, labels) batches; shuffled and augmented when a generator is given: flips, then
-    random-resized crops (``crop``), random erasing (``erase``: the probability per image), then MixUp or
+    random-resized crops (``crop``), an auto-augment ``policy``, random erasing (``erase``: the
+    probability per image), then MixUp or
     CutMix (an alpha > 0), whose labels are soft targets (B, num_classes). ``order`` (e.g. one rank's
     shard) replaces the shuffle."""
     n = len(labels)
@@ -117,6 +134,8 @@ def iterate_batches(pixels: np.ndarray, labels: np.ndarray, batch_size: int, dev
             x = torch.where(to_device(flip, device).view(-1, 1, 1, 1), x.flip(3), x)
             if crop:
                 x = random_resized_crop(x, generator)
+            if policy != "none":
+                x = auto_augment(x, policy, generator)
             if erase > 0:
                 x = random_erase(x, generator, erase)
             if (mixup_alpha > 0 or cutmix_alpha > 0) and len(idx) > 1:
