@@ -67,6 +67,8 @@ def save_model(path: str, mlflow_model, pytorch_model: torch.nn.Module, **kwargs
     kwargs["code_paths"] = [str(Path(sceneml.__file__).parent)]
     mlflow.pytorch.save_model(pytorch_model, path, mlflow_model=mlflow_model, **kwargs)
     mlflow_model.flavors["python_function"]["loader_module"] = __name__
+    # the keys a load may set (MLflow ignores, with a warning, a model_config key not logged here)
+    mlflow_model.flavors["python_function"][mlflow.pyfunc.MODEL_CONFIG] = {"device": None, "tta": False}
     mlflow_model.signature = ModelSignature(
         inputs=Schema([ColSpec("string", IMAGE_COLUMN)]),
         outputs=Schema([ColSpec("string", PRED_COLUMN), *(ColSpec("double", PROB_PREFIX + c) for c in classes),
