@@ -35,7 +35,7 @@ test: install
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -p randomly --randomly-seed=$(ORDER_SEED) --durations=10
 
 lint: install
-	$(VENV)/bin/ruff check sceneml entrypoints tests benchmarks
+	$(VENV)/bin/ruff check sceneml entrypoints tests benchmarks tools
 
 # the MLflow UI on this folder's store; switch it to "Model training" (top left) for runs and models
 ui: install
