@@ -171,19 +171,26 @@ def test_a_server_restart_while_a_run_is_mid_epoch_loses_nothing(server):
         list(range(1, n_batches + 1))
 
 
-def test_two_tune_workers_share_one_search_in_postgres(server, tmp_path):
-    storage = f"{server['db']}/optuna"
-    cmd = ["tune", "--data", "synthetic:30", "--image-size", "32",
-           "--epochs", "1", "--weights", "none", "--n-images", "30", "--quiet", "--n-trials", "2", "--pruner", "none",
-           "--storage", storage, "--experiment", "pg-tune"]
+def _two_workers(server: dict, tmp_path, cmd: list[str], experiment: str, task: str):
+    """Two `python -m sceneml` workers of one shared search, against the server; returns the experiment's
+    runs, the one parent (FINISHED, tagged ``task``) in a list, and each worker's (stdout, stderr)."""
     env = subprocess_env(MLFLOW_TRACKING_URI=server["uri"])
     workers = [sceneml(cmd, env, tmp_path) for _ in range(2)]
     outputs = [w.communicate(timeout=600) for w in workers]
     assert [w.returncode for w in workers] == [0, 0], [e[-1500:] for _, e in outputs]
     client = MlflowClient(server["uri"])
-    runs = client.search_runs([client.get_experiment_by_name("pg-tune").experiment_id])
-    parents = [r for r in runs if r.data.tags.get("sceneml.task") == "tune"]
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    parents = [r for r in runs if r.data.tags.get("sceneml.task") == task]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    return runs, parents, outputs
+
+
+def test_two_tune_workers_share_one_search_in_postgres(server, tmp_path):
+    storage = f"{server['db']}/optuna"
+    cmd = ["tune", "--data", "synthetic:30", "--image-size", "32",
+           "--epochs", "1", "--weights", "none", "--n-images", "30", "--quiet", "--n-trials", "2", "--pruner", "none",
+           "--storage", storage, "--experiment", "pg-tune"]
+    runs, parents, outputs = _two_workers(server, tmp_path, cmd, "pg-tune", "tune")
     assert parents[0].data.params["storage"] == storage  # no password here to hide
     trials = sorted(int(r.data.tags["sceneml.trial"]) for r in runs if "sceneml.trial" in r.data.tags
                     and r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id)
@@ -195,14 +202,7 @@ def test_two_main_workers_share_one_study_in_postgres(server, tmp_path):
     cmd = ["main", "--optimizers", "adamw,sgd", "--repeats", "2", "--data", "synthetic:20", "--image-size", "32",
            "--epochs", "1", "--batch-size", "16", "--weights", "none", "--n-images", "20", "--quiet",
            "--storage", f"{server['db']}/optuna", "--study-name", "pg-grid", "--experiment", "pg-main"]
-    env = subprocess_env(MLFLOW_TRACKING_URI=server["uri"])
-    workers = [sceneml(cmd, env, tmp_path) for _ in range(2)]
-    outputs = [w.communicate(timeout=600) for w in workers]
-    assert [w.returncode for w in workers] == [0, 0], [e[-1500:] for _, e in outputs]
-    client = MlflowClient(server["uri"])
-    runs = client.search_runs([client.get_experiment_by_name("pg-main").experiment_id])
-    parents = [r for r in runs if r.data.tags.get("sceneml.task") == "study"]
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    runs, parents, outputs = _two_workers(server, tmp_path, cmd, "pg-main", "study")
     trained = sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id
                      and "sceneml.config" in r.data.tags)
     assert trained == ["adamw-lr0.001-r0", "adamw-lr0.001-r1", "sgd-lr0.001-r0", "sgd-lr0.001-r1"], \

@@ -405,3 +405,37 @@ def test_batch_losses_are_queued_while_the_store_is_locked_and_all_written_after
     history = MlflowClient().get_metric_history(run_id, "train_batch_loss")
     assert sorted((m.step, m.value) for m in history) == [(s, 1.0 / s) for s in range(1, 41)]
     assert MlflowClient().get_run(run_id).data.tags["sceneml.heartbeat"] == "host 1 40"  # the later beat
+
+
+def test_a_data_set_two_runs_log_at_once_is_linked_to_both_after_one_retry(tracking_uri, monkeypatch):
+    """MLflow's SQL store looks a data set up, then inserts it if missing: two workers logging one new
+    data set together both miss it, and the second insert fails on the unique key (seen with two `tune`
+    workers). Triggered exactly: run B's lookup answers as if run A's insert were not there yet."""
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.tracking.dbmodels.models import SqlDataset
+    from sqlalchemy.orm import Query
+
+    from sceneml.tracking.store import insert_race, with_retries
+
+    dataset = mlflow.data.from_pandas(pd.DataFrame({"x": [1, 2]}), name="scenes")
+    with mlflow.start_run() as a:
+        mlflow.log_input(dataset, context="training")
+    real_all, stale = Query.all, [True]
+
+    def lookup_before_a_inserted(query):
+        if stale[0] and query.column_descriptions[0]["entity"] is SqlDataset:
+            stale[0] = False
+            return []
+        return real_all(query)
+
+    monkeypatch.setattr(Query, "all", lookup_before_a_inserted)
+    with mlflow.start_run() as b:
+        with pytest.raises(MlflowException, match="UNIQUE constraint failed: datasets"):
+            mlflow.log_input(dataset, context="training")  # the race, without a retry
+        stale[0] = True
+        with_retries(mlflow.log_input, dataset, context="training", transient=insert_race)
+    assert not stale[0]  # the retried call met the race again, and its second try found A's row
+    digests = {r: [i.dataset.digest for i in MlflowClient().get_run(r).inputs.dataset_inputs]
+               for r in (a.info.run_id, b.info.run_id)}
+    assert digests[a.info.run_id] == digests[b.info.run_id] == [dataset.digest]

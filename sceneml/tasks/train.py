@@ -70,7 +70,7 @@ from sceneml.tracking.runs import (
     task_of,
     task_run,
 )
-from sceneml.tracking.store import init_store, with_retries
+from sceneml.tracking.store import init_store, insert_race, with_retries
 
 log = logging.getLogger(__name__)
 CHECKPOINT_ARTIFACT = "checkpoints/last.pt"
@@ -313,7 +313,7 @@ class RunLog:
         dataset = mlflow.data.from_pandas(pd.read_csv(io.StringIO(data.manifest)),
                                           source=str(data.source.root), name=f"{data.source.kind}-splits",
                                           digest=data.digest)
-        with_retries(mlflow.log_input, dataset, context="training")
+        with_retries(mlflow.log_input, dataset, context="training", transient=insert_race)
         with_retries(mlflow.log_text, data.manifest, "data/split_manifest.csv")
         log_json(data.class_to_idx, "data/class_to_idx.json")
         log_json(dict(zip(data.classes, class_keys(data.classes))), "data/class_keys.json")

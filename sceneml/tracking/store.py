@@ -45,6 +45,13 @@ def store_busy(exc: BaseException) -> bool:
     return any(isinstance(e, sqlalchemy.exc.OperationalError) for e in _causes(exc))
 
 
+def insert_race(exc: BaseException) -> bool:
+    """Busy, or two runs logged the same new data set at once (tune's or main's workers): MLflow's SQL
+    store looks for the data set, finds none in both, and the slower insert fails on the unique key
+    (IntegrityError); on the next try it finds the row the other one wrote and links to it."""
+    return store_busy(exc) or any(isinstance(e, sqlalchemy.exc.IntegrityError) for e in _causes(exc))
+
+
 def schema_race(exc: BaseException) -> bool:
     """Workers started together race to create a database's tables (PostgreSQL: "duplicate type
     studydirection"); the loser finds them made on its next try."""
