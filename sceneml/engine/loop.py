@@ -93,6 +93,15 @@ def build_scheduler(name: str, optimizer: torch.optim.Optimizer, epochs: int, wa
     return lr_sched.SequentialLR(optimizer, [warmup, main], milestones=[warmup_epochs])
 
 
+def then(first: Callable[[], object], after: Callable[[], None] | None) -> Callable[[], None]:
+    """One after-step callback that calls ``first``, then ``after`` (if any)."""
+    def step() -> None:
+        first()
+        if after is not None:
+            after()
+    return step
+
+
 def make_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
     """torchvision's --model-ema: a copy of ``model`` whose weights (and BatchNorm buffers) follow
     ``ema = decay * ema + (1 - decay) * weights`` after every optimizer step; the first update copies
@@ -303,12 +312,8 @@ class EpochTrainer:
                                       num_classes=len(self.data.classes))
         n = len(order) if order is not None else len(train)
         if self.ema is not None:
-            ema, model, after = self.ema, self.model, on_step
-
-            def on_step() -> None:
-                ema.update_parameters(model)
-                if after is not None:
-                    after()
+            ema, model = self.ema, self.model
+            on_step = then(lambda: ema.update_parameters(model), on_step)
         started = time.perf_counter()
         # DDP all-reduces the gradients inside backward(): a rank that stopped shows up there
         with distributed.waiting_for_ranks(f"epoch {epoch}'s gradient all-reduce") if ctx is not None \

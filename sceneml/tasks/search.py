@@ -26,7 +26,7 @@ import optuna
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from sceneml.config import AnalyzeConfig, EvaluateConfig, SelectConfig, TrainConfig
+from sceneml.config import LOWER_IS_BETTER, AnalyzeConfig, EvaluateConfig, SelectConfig, TrainConfig
 from sceneml.errors import SceneMLError
 from sceneml.tasks.analyze import analyze
 from sceneml.tasks.evaluate import evaluate
@@ -52,13 +52,16 @@ class Search:
     run_name: str  # the parent run's name
     n_trials: int
     metric: str  # each trial's value: its run's best epoch of this metric
-    direction: str  # "maximize" or "minimize"
     storage: str  # an SQLAlchemy URL, a journal file, or "" (beside the MLflow store)
     shared: bool  # False: in memory, this process alone
     sampler_for: Callable[[int], optuna.samplers.BaseSampler]  # what samples trial n (and a new study: n=0)
     pruner: optuna.pruners.BasePruner
     params: dict  # the parent's params
     note: str  # the parent's description in the MLflow UI
+
+    @property
+    def direction(self) -> str:
+        return "minimize" if self.metric in LOWER_IS_BETTER else "maximize"
 
 
 @dataclass(frozen=True)

@@ -71,8 +71,7 @@ def study(cfg: StudyConfig) -> dict:
     sampler = GridSampler(grid, seed=base.seed)
     search = Search(
         name=cfg.name(), task="study", run_name=f"study {base.arch} {base.data}", n_trials=len(children),
-        metric=metric, direction="minimize" if metric in LOWER_IS_BETTER else "maximize", storage=cfg.storage,
-        shared=cfg.shared,
+        metric=metric, storage=cfg.storage, shared=cfg.shared,
         sampler_for=lambda n: sampler,
         pruner=optuna.pruners.NopPruner(),
         params={"optimizers": cfg.optimizers, "lrs": cfg.lrs, "repeats": cfg.repeats, "model_name": cfg.model_name,

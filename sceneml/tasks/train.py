@@ -43,6 +43,7 @@ from sceneml.engine.loop import (
     build_optimizer,
     build_scheduler,
     seed_everything,
+    then,
 )
 from sceneml.errors import SceneMLError
 from sceneml.metrics import best_row, classification_metrics, confusion_matrix, patience_ran_out
@@ -176,7 +177,7 @@ def _train(cfg: TrainConfig, run_name: str, nested: bool, ctx: distributed.DistC
     scheduler = build_scheduler(cfg.scheduler, optimizer, cfg.epochs, cfg.warmup_epochs, trainer.steps_per_epoch())
     on_step = _fault_injector(run_name)
     if cfg.scheduler in PER_STEP_SCHEDULERS:
-        on_step = _then(scheduler.step, on_step)
+        on_step = then(scheduler.step, on_step)
 
     # One loop for every rank; only the main process opens the run, validates, logs and checkpoints.
     opened = task_run(run_name, nested=nested, run_id=cfg.resume or None, task="train", parent_run_id=parent_run_id,
@@ -214,15 +215,6 @@ def _train(cfg: TrainConfig, run_name: str, nested: bool, ctx: distributed.DistC
             log_run.metrics.drain()
             log_run.finish()
     return run.info.run_id if master else ""
-
-
-def _then(first: Callable[[], object], then: Callable[[], None] | None) -> Callable[[], None]:
-    """One after-step callback that calls ``first``, then ``then`` (if any)."""
-    def step() -> None:
-        first()
-        if then is not None:
-            then()
-    return step
 
 
 def superseded_epochs(history: list[dict], models: dict[int, str], keep: str, metric: str) -> list[int]:

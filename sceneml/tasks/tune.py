@@ -14,7 +14,7 @@ import warnings
 
 import optuna
 
-from sceneml.config import LOWER_IS_BETTER, TuneConfig
+from sceneml.config import TuneConfig
 from sceneml.space import Dimension, load_space
 from sceneml.tasks.search import Plan, Search, crown_champion, describe_storage, drive, try_log_report
 from sceneml.tracking.runs import choose_experiment, log_csv, log_figure
@@ -34,7 +34,7 @@ def tune(cfg: TuneConfig) -> dict:
     metric = cfg.train.select_metric
     search = Search(
         name=cfg.name(), task="tune", run_name=f"tune {cfg.name()}", n_trials=cfg.n_trials, metric=metric,
-        direction="minimize" if metric in LOWER_IS_BETTER else "maximize", storage=cfg.storage, shared=True,
+        storage=cfg.storage, shared=True,
         # each trial draws from a sampler seeded by its number: the same first trials with one worker or many
         sampler_for=lambda n: optuna.samplers.TPESampler(seed=cfg.train.seed + n),
         pruner=make_pruner(cfg.pruner, cfg.train.epochs),
