@@ -141,7 +141,9 @@ class ResolvedModel:
         return mlflow.pytorch.load_model(self.pinned_uri).to(device)
 
     def load_pyfunc(self, device: str, tta: bool = False):
-        model = mlflow.pyfunc.load_model(self.pinned_uri, model_config={"device": device, "tta": tta})
+        # a model logged before tta existed does not take the key: asked only when wanted
+        config = {"device": device, **({"tta": True} if tta else {})}
+        model = mlflow.pyfunc.load_model(self.pinned_uri, model_config=config)
         if tta and "tta" not in model.metadata.flavors["python_function"].get(mlflow.pyfunc.MODEL_CONFIG, {}):
             raise SceneMLError(f"model {self.model_id} was logged without the tta option of its pyfunc; score it "
                                "with evaluate -P tta=true, or retrain it to predict with tta")
