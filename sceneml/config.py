@@ -131,6 +131,10 @@ class TrainConfig:
     warmup_epochs: int = param(0, "epochs whose lr rises linearly from lr/100 to lr before the schedule, as "
                                   "torchvision's --lr-warmup-epochs", resume=True, search=True)
     epochs: int = param(3, "training epochs", resume=True, search=True)
+    time_budget: float = param(0.0, "minutes the training may take (0 = off): the first epoch measures, then the "
+                                    "epochs are set so that training, validation and checkpoints fit (epochs is "
+                                    "ignored; logged as epochs_resolved) and the lr falls linearly to 0 when the last "
+                                    "one ends (budgeted training)", resume=True)
     ema: float = param(0.0, "decay of an exponential moving average of the weights, updated after every optimizer "
                             "step, as torchvision's --model-ema-decay (0 = off; e.g. 0.99): validation, the logged "
                             "checkpoints and so the champion are the averaged weights", resume=True, search=True)
@@ -182,6 +186,11 @@ class TrainConfig:
             raise SceneMLError(FP16_NEEDS_CUDA)  # before any work; the engine checks device=auto too
         if not self.lr > 0:
             raise SceneMLError(f"lr must be > 0, got {self.lr}")
+        if self.time_budget < 0:
+            raise SceneMLError(f"time_budget is in minutes, >= 0 (0 = off), got {self.time_budget}")
+        if self.time_budget > 0 and (self.scheduler != "none" or self.warmup_epochs):
+            raise SceneMLError("time_budget shapes the lr schedule itself (linear to 0 when the budget ends): leave "
+                               "scheduler=none and warmup_epochs=0")
         if self.scheduler == "onecycle" and self.warmup_epochs:
             raise SceneMLError("scheduler=onecycle warms up by itself (30 % of the steps): set warmup_epochs=0")
         if not 0 <= self.warmup_epochs < max(self.epochs, 1):

@@ -171,6 +171,8 @@ def test_same_seed_same_metrics_and_resume_matches_a_straight_run(tracking_uri, 
     (dict(random_erase=1.5), r"random_erase is a probability in \[0, 1\]"),
     (dict(cutmix_alpha=-1.0), "mixup_alpha and cutmix_alpha must be >= 0"),
     (dict(ema=1.0), r"ema is a decay in \[0, 1\)"),
+    (dict(time_budget=5, scheduler="cosine"), "time_budget shapes the lr schedule itself"),
+    (dict(time_budget=-1), "time_budget is in minutes"),
     (dict(freeze_backbone=True, mixup_alpha=0.2), "act on images, which freeze_backbone replaces by cached features"),
 ])
 def test_bad_values_fail_before_training(bad, match):
@@ -261,6 +263,45 @@ def test_early_stop_ends_the_run_at_the_first_epoch_whose_patience_ran_out(track
     lrs = [h.value for h in sorted(client.get_metric_history(run_id, "lr"), key=lambda h: h.step)]
     assert lrs[0] == pytest.approx(1e-12 / 25) and lrs[1] > lrs[0]  # rising through the first 30 % of the steps
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+@pytest.mark.slow
+def test_a_time_budget_fits_its_epochs_and_ends_the_lr_line_at_zero_within_it(tracking_uri):
+    """An 18 s budget: the first epoch measures, the run does the epochs that fit (param epochs_resolved)
+    and ends within the budget plus a tenth and a minute; the lr of epoch e is lr (1 - (e - 1) / E), a
+    line reaching 0 when the last of the E epochs ends (fewer epochs if later ones ran slower)."""
+    import time
+
+    cfg = TrainConfig(data="synthetic:30", image_size=32, batch_size=16, weights="none", quiet=True, time_budget=0.3)
+    started = time.monotonic()
+    run_id = train(cfg)
+    elapsed = time.monotonic() - started
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    assert elapsed <= 0.3 * 60 * 1.1 + 60 and elapsed >= 0.3 * 60 / 2, elapsed
+    planned = int(run.data.params["epochs_resolved"])
+    lrs = [h.value for h in sorted(client.get_metric_history(run_id, "lr"), key=lambda h: h.step)]
+    assert 2 <= len(lrs) <= planned and run.data.params["epochs"] == "3"  # the epochs param is not what ran
+    assert lrs[0] == pytest.approx(0.001) and all(a > b > 0 for a, b in zip(lrs, lrs[1:]))
+    if len(lrs) == planned:
+        assert lrs == pytest.approx([0.001 * (1 - (e - 1) / planned) for e in range(1, planned + 1)], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_resumed_time_budget_run_keeps_its_plan(tracking_uri, monkeypatch):
+    cfg = TrainConfig(data="synthetic:30", image_size=32, batch_size=16, weights="none", quiet=True, time_budget=0.3)
+    steps_per_epoch = -(-int(0.7 * 180) // 16)  # 126 training images
+    monkeypatch.setenv(FAULT_ENV, f"{steps_per_epoch + 2}:interrupt")  # Ctrl-C in epoch 2, after the plan
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.delenv(FAULT_ENV)
+    client = MlflowClient()
+    stopped = client.search_runs([mlflow.get_experiment_by_name("Default").experiment_id])[0]
+    planned = int(stopped.data.params["epochs_resolved"])
+    run_id = train(dataclasses.replace(cfg, resume=stopped.info.run_id))
+    lrs = [h.value for h in sorted(client.get_metric_history(run_id, "lr"), key=lambda h: h.step)]
+    assert len(lrs) == planned  # the resumed process did the epochs planned before, not a new count
+    assert lrs == pytest.approx([0.001 * (1 - (e - 1) / planned) for e in range(1, planned + 1)], rel=1e-6)
 
 
 @pytest.mark.slow

@@ -93,6 +93,30 @@ def build_scheduler(name: str, optimizer: torch.optim.Optimizer, epochs: int, wa
     return lr_sched.SequentialLR(optimizer, [warmup, main], milestones=[warmup_epochs])
 
 
+@dataclass
+class BudgetPlan:
+    """``time_budget``: how many epochs fit, and the lr factor of each optimizer step. ``epochs`` is 0 until
+    the first epoch has measured how long an epoch takes (training, validation, checkpoint and logging);
+    until then the lr stays at its full value, afterwards it falls linearly to 0 at the end of the last
+    epoch, the schedule of Li, Yumer & Ramanan's "Budgeted Training" (ICLR 2020)."""
+
+    budget_s: float
+    started: float  # time.monotonic() when the task started
+    steps_per_epoch: int
+    epochs: int = 0
+
+    def factor(self, step: int) -> float:
+        return 1.0 if not self.epochs else max(0.0, 1.0 - step / (self.epochs * self.steps_per_epoch))
+
+    def fit(self, done: int, epoch_seconds: float) -> int:
+        """The epochs that fit once ``done`` epochs took ``epoch_seconds`` each (at least ``done``; never
+        more than planned before); a tenth of an epoch is kept for the run's end."""
+        left = self.budget_s - (time.monotonic() - self.started) - 0.1 * epoch_seconds
+        fits = done + max(0, int(left // epoch_seconds))
+        self.epochs = fits if not self.epochs else max(done, min(self.epochs, fits))
+        return self.epochs
+
+
 def then(first: Callable[[], object], after: Callable[[], None] | None) -> Callable[[], None]:
     """One after-step callback that calls ``first``, then ``after`` (if any)."""
     def step() -> None:

@@ -10,6 +10,7 @@ resumable checkpoint, so a crash loses at most the epoch in progress.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -38,6 +39,7 @@ from sceneml.engine import distributed
 from sceneml.engine.checkpoint import load_checkpoint, restore_checkpoint, save_checkpoint
 from sceneml.engine.loop import (
     PER_STEP_SCHEDULERS,
+    BudgetPlan,
     EpochLoss,
     EpochTrainer,
     build_optimizer,
@@ -141,23 +143,25 @@ def train(cfg: TrainConfig, run_name: str | None = None, nested: bool = False, o
     is not active in this process (a `tune` worker); ``tags`` are set on the run when it opens.
     """
     cfg.validate()
+    started = time.monotonic()  # a time_budget counts from here
     if os.environ.get("RANK", "0") == "0":
         init_store()  # a store that does not answer fails here, before the data are decoded
     if cfg.resume:
         check_resume(cfg)
     ctx, device_name = distributed.setup(cfg.device, cfg.dist_timeout)
-    if ctx is not None and (cfg.resume or on_epoch is not None):
-        raise SceneMLError("resume and tune under torchrun are not supported: run them in a single process")
+    if ctx is not None and (cfg.resume or on_epoch is not None or cfg.time_budget):
+        raise SceneMLError("resume, tune and time_budget under torchrun are not supported: run them in a single "
+                           "process")
     try:
         return _train(cfg, run_name or f"{cfg.optimizer}-lr{cfg.lr:g}", nested, ctx, pick_device(device_name),
-                      on_epoch, parent_run_id, tags)
+                      on_epoch, parent_run_id, tags, started)
     finally:
         distributed.teardown()
 
 
 def _train(cfg: TrainConfig, run_name: str, nested: bool, ctx: distributed.DistContext | None,
            device: torch.device, on_epoch: OnEpoch | None = None, parent_run_id: str | None = None,
-           tags: dict | None = None) -> str:
+           tags: dict | None = None, started: float = 0.0) -> str:
     seed_everything(cfg.seed)
     master = distributed.is_main_process()
     progress = not cfg.quiet and master
@@ -174,9 +178,14 @@ def _train(cfg: TrainConfig, run_name: str, nested: bool, ctx: distributed.DistC
     model = model.to(device, memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
     trainer = EpochTrainer(cfg, data, model, optimizer, device, ctx)
-    scheduler = build_scheduler(cfg.scheduler, optimizer, cfg.epochs, cfg.warmup_epochs, trainer.steps_per_epoch())
+    plan = BudgetPlan(cfg.time_budget * 60, started, trainer.steps_per_epoch()) if cfg.time_budget else None
+    if plan is not None:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, plan.factor)
+    else:
+        scheduler = build_scheduler(cfg.scheduler, optimizer, cfg.epochs, cfg.warmup_epochs, trainer.steps_per_epoch())
+    per_step = plan is not None or cfg.scheduler in PER_STEP_SCHEDULERS
     on_step = _fault_injector(run_name)
-    if cfg.scheduler in PER_STEP_SCHEDULERS:
+    if per_step:
         on_step = then(scheduler.step, on_step)
 
     # One loop for every rank; only the main process opens the run, validates, logs and checkpoints.
@@ -186,26 +195,49 @@ def _train(cfg: TrainConfig, run_name: str, nested: bool, ctx: distributed.DistC
         log_run = RunLog(run.info.run_id, run_name, cfg, data, trainer, scheduler) if master else None
         if master:
             set_tags(run.info.run_id, heartbeat())
+        replan = plan is not None
+
+        def follow_plan() -> None:
+            """The lr of the budget's line from this step on (the checkpoint's optimizer holds the last one)."""
+            for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+                group["lr"] = base * plan.factor(scheduler.last_epoch)
+
         if master and cfg.resume:
             log_run.restore()
+            resolved = log_run.logged_params().get("epochs_resolved") if plan is not None else None
+            if resolved is not None:  # a resume keeps the plan (one cut short in its first epoch makes one)
+                plan.epochs, replan = int(resolved), False
+                log_run.use_epochs(plan.epochs)
+                follow_plan()
         elif master:
             log_run.log_data(weights_resolved, ctx.world_size if ctx else 1)
+
+        def last_epoch(current: int) -> int:
+            """cfg.epochs; under a time_budget the plan's, or this one while the first epoch measures."""
+            return cfg.epochs if plan is None else plan.epochs or current
+
+        epoch = log_run.next_epoch if master else 1
         try:
-            for epoch in range(log_run.next_epoch if master else 1, cfg.epochs + 1):
+            while epoch <= last_epoch(epoch):
                 # early stopping, decided before an epoch: a run resumed after its deciding epoch stops too
                 if distributed.main_process_says(master and log_run.patience_ran_out(), device):
                     break
                 lr = optimizer.param_groups[0]["lr"]
+                epoch_started = time.monotonic()
                 train_loss, train_seconds = trainer.train_pass(epoch, log_run.on_losses if master else None, on_step,
                                                                progress)
-                if scheduler is not None and cfg.scheduler not in PER_STEP_SCHEDULERS:
+                if scheduler is not None and not per_step:
                     scheduler.step()
                 if master:
                     log_run.end_epoch(epoch, lr, train_loss, train_seconds)
+                if replan and master:
+                    log_run.fit_budget(plan, epoch, time.monotonic() - epoch_started)
+                    follow_plan()
                 distributed.barrier()  # the other ranks wait here while the main process validates and logs
-                if on_epoch is not None and epoch < cfg.epochs and on_epoch(epoch, log_run.history[-1]):
-                    log.info("%s: stopped after epoch %d of %d", run_name, epoch, cfg.epochs)
+                if on_epoch is not None and epoch < last_epoch(epoch) and on_epoch(epoch, log_run.history[-1]):
+                    log.info("%s: stopped after epoch %d of %d", run_name, epoch, last_epoch(epoch))
                     break
+                epoch += 1
         except BaseException:
             if master:  # write the batch losses queued in the background, also on errors and signals
                 with contextlib.suppress(Exception):  # without hiding the error that got us here
@@ -286,6 +318,7 @@ class RunLog:
         self.last_beat = time.monotonic()  # the run's heartbeat is written when it opens
         self.logged_steps = 0  # train_batch_loss steps already in the run (a resumed run's crashed epoch)
         self.log_seconds = 0.0  # time spent writing to MLflow in the current epoch
+        self.epoch_seconds: list[float] = []  # a time_budget's measure of this process's epochs
         # what every checkpoint carries as MLflow model metadata (under "sceneml"), besides its epoch
         self.meta = {"classes": data.classes, "image_size": data.image_size, "arch": cfg.arch, "data": cfg.data,
                      "data_digest": data.digest, "training_run_id": run_id}
@@ -437,6 +470,26 @@ class RunLog:
         client = MlflowClient()
         return {k: v for k, v in values.items()
                 if not any(m.step == step for m in client.get_metric_history(self.run_id, k))}
+
+    def logged_params(self) -> dict[str, str]:
+        return MlflowClient().get_run(self.run_id).data.params
+
+    def use_epochs(self, epochs: int) -> None:
+        """The run's epochs as a time budget resolved them (the summary's step, the progress bars)."""
+        self.cfg = dataclasses.replace(self.cfg, epochs=epochs)
+        self.trainer.cfg = self.cfg
+
+    def fit_budget(self, plan: BudgetPlan, done: int, epoch_seconds: float) -> None:
+        """``time_budget``: after the first epoch, the epochs that fit (param ``epochs_resolved``); after
+        each later one, fewer if epochs turn out slower than the first (the lr line then ends sooner)."""
+        first = not plan.epochs
+        self.epoch_seconds.append(epoch_seconds)
+        epochs = plan.fit(done, max(self.epoch_seconds) if first else sum(self.epoch_seconds) / len(self.epoch_seconds))
+        if first:
+            log_params_once(self.run_id, {"epochs_resolved": epochs})
+            log.info("%s: time_budget %.1f min: %d epochs of %.1f s fit", self.run_name, self.cfg.time_budget, epochs,
+                     epoch_seconds)
+        self.use_epochs(epochs)
 
     def patience_ran_out(self) -> bool:
         """``early_stop``: the best epoch is that many epochs behind; logs ``stopped_epoch`` (once)."""
