@@ -35,6 +35,7 @@ PRUNERS = ("median", "hyperband", "none")
 DEDUPE = ("none", "cross_split")  # cross_split: drop val/test copies of training images
 SPLITS = ("train", "val", "test")
 FP16_NEEDS_CUDA = "precision=fp16 needs a CUDA device; on the CPU use bf16 or fp32"
+ONECYCLE_WARMS_UP = "scheduler=onecycle warms up by itself (30 % of the steps): set warmup_epochs=0"
 
 
 # ------------------------------------------------------------- parameters several tasks share
@@ -192,7 +193,7 @@ class TrainConfig:
             raise SceneMLError("time_budget shapes the lr schedule itself (linear to 0 when the budget ends): leave "
                                "scheduler=none and warmup_epochs=0")
         if self.scheduler == "onecycle" and self.warmup_epochs:
-            raise SceneMLError("scheduler=onecycle warms up by itself (30 % of the steps): set warmup_epochs=0")
+            raise SceneMLError(ONECYCLE_WARMS_UP)  # before any work; build_scheduler checks it too
         if not 0 <= self.warmup_epochs < max(self.epochs, 1):
             raise SceneMLError(f"warmup_epochs must be in 0 .. epochs - 1 ({self.epochs - 1}), "
                                f"got {self.warmup_epochs}")

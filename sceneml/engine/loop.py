@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from sceneml.config import FP16_NEEDS_CUDA, OPTIMIZERS, SCHEDULERS, TrainConfig
+from sceneml.config import FP16_NEEDS_CUDA, ONECYCLE_WARMS_UP, OPTIMIZERS, SCHEDULERS, TrainConfig
 from sceneml.data import PreparedData
 from sceneml.engine import distributed
 from sceneml.engine.batches import iterate_batches, iterate_feature_batches
@@ -71,7 +71,7 @@ def build_scheduler(name: str, optimizer: torch.optim.Optimizer, epochs: int, wa
     rest = epochs - warmup_epochs
     if name == "onecycle":
         if warmup_epochs:
-            raise SceneMLError("scheduler=onecycle warms up by itself (30 % of the steps): set warmup_epochs=0")
+            raise SceneMLError(ONECYCLE_WARMS_UP)
         # the momentum stays the optimizer's own (its `momentum` param) rather than cycling
         return lr_sched.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
                                    total_steps=epochs * steps_per_epoch, cycle_momentum=False)

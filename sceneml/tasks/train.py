@@ -484,7 +484,7 @@ class RunLog:
         each later one, fewer if epochs turn out slower than the first (the lr line then ends sooner)."""
         first = not plan.epochs
         self.epoch_seconds.append(epoch_seconds)
-        epochs = plan.fit(done, max(self.epoch_seconds) if first else sum(self.epoch_seconds) / len(self.epoch_seconds))
+        epochs = plan.fit(done, sum(self.epoch_seconds) / len(self.epoch_seconds))
         if first:
             log_params_once(self.run_id, {"epochs_resolved": epochs})
             log.info("%s: time_budget %.1f min: %d epochs of %.1f s fit", self.run_name, self.cfg.time_budget, epochs,
