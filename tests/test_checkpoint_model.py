@@ -18,7 +18,7 @@ from sceneml.tracking.models import log_checkpoint
 
 from .conftest import REPO, subprocess_env
 
-SIZES = (32, 100, 150, 512)
+SIZES = (32, 100, 150, 320)
 
 LOAD_SCRIPT = """
 import json, sys, torch, mlflow, torchvision
@@ -32,7 +32,7 @@ m.get_submodule(module).register_forward_hook(lambda mod, inp, out: calls.append
 out = {"class": type(m).__name__, "is_torchvision": isinstance(m, getattr(torchvision.models, arch_class))}
 g = torch.Generator().manual_seed(0)
 with torch.no_grad():
-    for size in (32, 100, 150, 512):
+    for size in (32, 100, 150, 320):
         x = torch.rand(3, 3, size, size, generator=g)
         out[str(size)] = m(x).tolist()
 out["one"] = list(m(torch.rand(1, 3, 100, 100)).shape)

@@ -22,7 +22,7 @@ from .conftest import mlflow_run_in_tmp
 def test_two_process_ddp_logs_one_run_with_all_reduced_losses_and_whole_split_validation(tmp_path):
     uri, exp_id, _ = mlflow_run_in_tmp(tmp_path, "ddp", "train_ddp", {
         "nproc": "2", "data": "synthetic:30", "epochs": "2", "weights": "none", "batch_size": "16",
-        "device": "cpu", "keep_checkpoints": "all"})
+        "device": "cpu", "keep_checkpoints": "all", "image_size": "32"})
     client = MlflowClient()
     (run,) = client.search_runs([exp_id])  # rank 1 trained too, but only rank 0 talks to MLflow
     assert run.info.status == "FINISHED"
@@ -47,7 +47,7 @@ def test_two_process_ddp_logs_one_run_with_all_reduced_losses_and_whole_split_va
               for m in mlflow.search_logged_models(experiment_ids=[exp_id], output_format="list")}
     manifest = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/data/split_manifest.csv")
     classes = json.loads(params["classes"])
-    val = load_split_from_manifest("synthetic:30", manifest, classes, 64, "val", progress=False)
+    val = load_split_from_manifest("synthetic:30", manifest, classes, 32, "val", progress=False)
     for epoch in (1, 2):
         paths, labels, logged_scores, _, _ = scores_from_csv(
             mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/val_scores/epoch_{epoch:03d}.csv"))

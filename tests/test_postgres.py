@@ -83,9 +83,9 @@ def _start_server(tmp: Path, db: str, port: int, log_name: str) -> subprocess.Po
     return server
 
 
-def _stop(server: subprocess.Popen) -> None:
+def _stop(server: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
     if server.poll() is None:
-        os.killpg(server.pid, signal.SIGTERM)
+        os.killpg(server.pid, sig)
         server.wait(timeout=60)
 
 
@@ -156,7 +156,7 @@ def test_a_server_restart_while_a_run_is_mid_epoch_loses_nothing(server):
                    server["tmp"])
     wait_for(lambda: proc.poll() is None and psutil.Process(proc.pid).status() == psutil.STATUS_STOPPED, 300,
              "the stop in epoch 2", proc)
-    _stop(server["proc"])  # the server goes away mid-epoch ...
+    _stop(server["proc"], signal.SIGKILL)  # the server dies mid-epoch ...
     os.kill(proc.pid, signal.SIGCONT)  # ... the run goes on and its next writes fail and retry ...
     server["proc"] = _start_server(server["tmp"], server["db"], server["port"], "server-2.log")  # ... it is back
     _, err = proc.communicate(timeout=600)
@@ -187,7 +187,7 @@ def _two_workers(server: dict, tmp_path, cmd: list[str], experiment: str, task: 
 
 def test_two_tune_workers_share_one_search_in_postgres(server, tmp_path):
     storage = f"{server['db']}/optuna"
-    cmd = ["tune", "--data", "synthetic:30", "--image-size", "32",
+    cmd = ["tune", "--data", "synthetic:30", "--image-size", "32", "--arch", "mobilenet_v3_small",
            "--epochs", "1", "--weights", "none", "--n-images", "30", "--quiet", "--n-trials", "2", "--pruner", "none",
            "--storage", storage, "--experiment", "pg-tune"]
     runs, parents, outputs = _two_workers(server, tmp_path, cmd, "pg-tune", "tune")
@@ -200,8 +200,9 @@ def test_two_tune_workers_share_one_search_in_postgres(server, tmp_path):
 def test_two_main_workers_share_one_study_in_postgres(server, tmp_path):
     """`main` with an SQLAlchemy storage: two workers train the 2 x 2 grid, each cell once, under one parent."""
     cmd = ["main", "--optimizers", "adamw,sgd", "--repeats", "2", "--data", "synthetic:20", "--image-size", "32",
-           "--epochs", "1", "--batch-size", "16", "--weights", "none", "--n-images", "20", "--quiet",
-           "--storage", f"{server['db']}/optuna", "--study-name", "pg-grid", "--experiment", "pg-main"]
+           "--arch", "mobilenet_v3_small", "--epochs", "1", "--batch-size", "16", "--weights", "none",
+           "--n-images", "20", "--quiet", "--storage", f"{server['db']}/optuna", "--study-name", "pg-grid",
+           "--experiment", "pg-main"]
     runs, parents, outputs = _two_workers(server, tmp_path, cmd, "pg-main", "study")
     trained = sorted(r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id
                      and "sceneml.config" in r.data.tags)

@@ -24,10 +24,12 @@ from .processes import Process, run_sceneml, sceneml
 
 # 32 px: these tests are about crashes and stores, not accuracy (a later --image-size wins). A process
 # where the test is about processes (signals, concurrency, limits); in-process otherwise.
-TRAIN = ["train", "--data", "synthetic:30", "--weights", "none",
+# The process-level cases (signals, crashes, concurrent writers, resume) do not depend on the network:
+# the smallest listed one trains and checkpoints in a third of ResNet18's time.
+TRAIN = ["train", "--data", "synthetic:30", "--weights", "none", "--arch", "mobilenet_v3_small",
          "--batch-size", "16", "--quiet", "--device", "cpu", "--image-size", "32"]
-SMALL = TrainConfig(data="synthetic:30", weights="none", batch_size=16, quiet=True, device="cpu", image_size=32,
-                    epochs=3)
+SMALL = TrainConfig(data="synthetic:30", weights="none", arch="mobilenet_v3_small", batch_size=16, quiet=True,
+                    device="cpu", image_size=32, epochs=3)
 EPOCH_KEYS = ("train_loss", "val_loss", "val_acc", "val_mAP", "val_mean_class_acc")
 
 
@@ -125,7 +127,7 @@ def test_ctrl_c_under_mlflow_run_ends_the_run_killed_not_failed(tmp_path):
     log = tmp_path / "run.log"
     cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "train", "--env-manager", "local",
            "--experiment-name", "signals", "-P", "data=synthetic:30", "-P", "weights=none", "-P", "batch_size=16",
-           "-P", "epochs=3", "-P", "device=cpu"]
+           "-P", "epochs=3", "-P", "device=cpu", "-P", "arch=mobilenet_v3_small", "-P", "image_size=32"]
     with log.open("w") as err:
         proc = subprocess.Popen(cmd, env=_env(uri, **PAUSE_IN_EPOCH_2), cwd=tmp_path, stdout=subprocess.DEVNULL,
                                 stderr=err, start_new_session=True)  # its own group, as in a terminal
@@ -145,21 +147,17 @@ def test_ctrl_c_under_mlflow_run_ends_the_run_killed_not_failed(tmp_path):
 
 
 def test_a_refused_resume_changes_nothing_about_the_old_run(tracking_uri):
-    from sceneml.config import TrainConfig
-    from sceneml.errors import SceneMLError
-    from sceneml.tasks.train import train
 
-    cfg = TrainConfig(data="synthetic:30", weights="none", epochs=1, batch_size=16, image_size=32, quiet=True)
+    cfg = dataclasses.replace(SMALL, epochs=1)
     finished = train(cfg)
     client = MlflowClient()
     with mlflow.start_run(run_name="select") as run:
         mlflow.set_tag("sceneml.task", "select")
     # an interrupted training run: resumable, but only with the same data and model
     killed = client.create_run(client.get_run(finished).info.experiment_id, tags={"sceneml.task": "train"})
-    for key, value in {"data": "synthetic:30", "batch_size": "16", "lr": "1e-3", "arch": "resnet18"}.items():
+    for key, value in {"data": "synthetic:30", "batch_size": "16", "lr": "1e-3", "arch": SMALL.arch}.items():
         client.log_param(killed.info.run_id, key, value)
     client.set_terminated(killed.info.run_id, "KILLED")
-    import dataclasses
 
     cases = [(finished, {}, "has FINISHED; there is nothing to resume"),
              (run.info.run_id, {}, "is a select run, not a training run"),

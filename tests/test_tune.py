@@ -16,9 +16,11 @@ from sceneml.space import DEFAULT_SPACE, load_space, parse_space
 from .conftest import new_store, subprocess_env
 from .processes import Process, sceneml
 
-# 30 synthetic images per class at 32 px, 2 epochs: a trial takes a few seconds
+# 30 synthetic images per class at 32 px, 2 epochs of the smallest listed network: a trial takes a few
+# seconds (the search, not the network, is what these tests are about)
 TINY = ["--data", "synthetic:30", "--image-size", "32", "--epochs", "2", "--weights", "none", "--n-images", "30",
-        "--quiet"]
+        "--arch", "mobilenet_v3_small", "--quiet"]
+STUDY = "tune-mobilenet_v3_small-synthetic_30"  # the default study name: tune-<arch>-<data>
 
 
 # ------------------------------------------------------------------------------------ the space file
@@ -112,9 +114,10 @@ def _search_runs(tmp_path: Path):
 
 @pytest.mark.slow
 def test_seeded_search_prunes_survives_a_crashing_trial_and_registers_the_best_epoch(tmp_path):
-    # half the lr range cannot learn in 2 epochs: the median pruner must stop some of those trials
+    # half the lr range cannot learn in 2 epochs: the median pruner must stop some of those trials (ResNet18:
+    # the smaller network does not learn in 2 epochs at any lr, so nothing would fall behind)
     (tmp_path / "space.yaml").write_text("optimizer: [adamw, sgd]\nlr: {low: 1.0e-7, high: 1.0e-2, log: true}\n")
-    out = _finish(_tune(tmp_path, "--n-trials", "6", "--space", "space.yaml", "--seed", "3",
+    out = _finish(_tune(tmp_path, "--n-trials", "6", "--space", "space.yaml", "--seed", "3", "--arch", "resnet18",
                         env={"SCENEML_FAULT_AT_STEP": "1:raise@trial-4"}))
     parent, trials, others = _search_runs(tmp_path)
     assert sorted(trials) == list(range(6)) and parent.info.status == "FINISHED"
@@ -158,7 +161,7 @@ def test_two_workers_started_together_share_one_search(tmp_path):
     assert sum("champion:" in out for out in outputs) == 1  # one worker finished the search
     assert [n for n in others if n == "select"] == ["select"]
     assert parent.info.status == "FINISHED"
-    study = optuna.load_study(study_name="tune-resnet18-synthetic_30", storage=optuna.storages.JournalStorage(
+    study = optuna.load_study(study_name=STUDY, storage=optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(tmp_path / "optuna.journal"))))
     counted = [t for t in study.trials if t.number < 6]
     assert len(counted) == 6 and all(t.state.name == "COMPLETE" for t in counted)
@@ -177,6 +180,6 @@ def test_a_worker_interrupted_mid_trial_leaves_it_failed_and_the_next_worker_fin
     _finish(_tune(tmp_path, "--n-trials", "2", "--epochs", "1", "--pruner", "none"))  # a new worker joins
     parent, trials, others = _search_runs(tmp_path)
     assert sorted(trials) == [0, 1] and parent.info.status == "FINISHED" and "select" in others
-    study = optuna.load_study(study_name="tune-resnet18-synthetic_30", storage=optuna.storages.JournalStorage(
+    study = optuna.load_study(study_name=STUDY, storage=optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(tmp_path / "optuna.journal"))))
     assert [t.state.name for t in sorted(study.trials, key=lambda t: t.number)] == ["COMPLETE", "FAIL"]
