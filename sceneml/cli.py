@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 
 import click
 
-from sceneml.config import ENTRY_POINTS, EntryPoint
+from sceneml.config import ENTRY_POINTS, RECIPE, EntryPoint, recipe_default
 from sceneml.errors import SceneMLError, StoreUnreachable
 from sceneml.params import Param, build
 
@@ -36,6 +36,17 @@ def none_is_empty(_ctx, _param, value):
     return value
 
 
+class RecipeOr(click.ParamType):
+    """A recipe parameter's value: ``recipe`` (the recipe's value, filled in by the config) or one of
+    ``kind``."""
+
+    def __init__(self, kind: click.ParamType) -> None:
+        self.kind, self.name = kind, f"{kind.name}|recipe"
+
+    def convert(self, value, param, ctx):
+        return value if value == RECIPE else self.kind.convert(value, param, ctx)
+
+
 def option(p: Param) -> Callable:
     """The click option of a declared parameter: its default shown as MLproject spells it, its choices
     in the help. The values are checked by the config's ``validate``, the same check an in-process
@@ -46,7 +57,13 @@ def option(p: Param) -> Callable:
     # the default as MLproject spells it (none, true/false): click converts it through the type. A
     # boolean takes a value (MLproject passes `--quiet false`) or stands alone as a flag (`--quiet`).
     flag = {"is_flag": False, "flag_value": "true"} if p.type is bool else {}
-    return click.option(p.option, p.name, type=_CLICK_TYPES[p.type], default=p.text(), show_default=True,
+    kind, names = click.types.convert_type(_CLICK_TYPES[p.type]), [p.option]
+    if p.default == RECIPE:
+        # MLproject leaves recipe parameters out of its list (sceneml.mlproject), so `mlflow run` passes
+        # one only when it is given, spelt as -P wrote it: `--label_smoothing 0.1`
+        kind, help_text = RecipeOr(kind), f"{help_text} [{recipe_default(p.name)}]"
+        names += [f"--{p.name}"] if "_" in p.name else []
+    return click.option(*names, p.name, type=kind, default=p.text(), show_default=True,
                         help=help_text, callback=none_is_empty if p.none_is_empty else None, **flag)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from sceneml.config import ENTRY_POINTS, TRAIN_DDP_DEFAULTS, EntryPoint
+from sceneml.config import ENTRY_POINTS, RECIPE, TRAIN_DDP_DEFAULTS, EntryPoint, recipe_default
 from sceneml.params import Param
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,17 +33,29 @@ def _yaml_value(p: Param, default: object) -> str:
     return f'"{text}"'
 
 
+def listed(entry: EntryPoint) -> list[Param]:
+    """The parameters MLproject lists: all but the recipe's. `mlflow run` passes an unlisted one only
+    when given (``-P lr=0.01`` becomes ``--lr 0.01``) and logs it only then, so a recipe's value is
+    logged by the run itself, as the value it trained with, never as the word "recipe"."""
+    return [p for p in entry.params if p.default != RECIPE]
+
+
 def command(entry: EntryPoint) -> str:
-    """The MLproject command: every parameter passed as its option, through ``entrypoints/python``
-    (the interpreter that launched `mlflow run`)."""
-    args = " ".join(f"{p.option} {{{p.name}}}" for p in entry.params)
+    """The MLproject command: every listed parameter passed as its option, through
+    ``entrypoints/python`` (the interpreter that launched `mlflow run`)."""
+    args = " ".join(f"{p.option} {{{p.name}}}" for p in listed(entry))
     return f"sh entrypoints/python entrypoints/{entry.script} {args}"
 
 
 def _entry_yaml(name: str, entry: EntryPoint, defaults: dict[str, object]) -> list[str]:
     lines = [f"  # {name}: {entry.doc}" if name != "train_ddp" else "  # `train` under torchrun: one process per GPU "
-             "(gloo on the CPU)", f"  {name}:", "    parameters:"]
-    for p in entry.params:
+             "(gloo on the CPU)", f"  {name}:"]
+    unlisted = [p.name for p in entry.params if p not in listed(entry)]
+    if unlisted:
+        lines += [f"    # {line}" for line in _wrap(f"set by the recipe unless given with -P: {', '.join(unlisted)}",
+                                                     0, 100).splitlines()]
+    lines.append("    parameters:")
+    for p in listed(entry):
         spec = f"type: {mlflow_type(p)}"
         if not p.required:
             spec += f", default: {_yaml_value(p, defaults.get(p.name, p.default))}"
@@ -88,6 +100,8 @@ def render_parameters_md() -> str:
                 "|---|---|---|---|---|"]
         for p in entry.params:
             default = "(required)" if p.required else f"`{p.text()}`"
+            if p.default == RECIPE:
+                default = f"`recipe` ({recipe_default(p.name)})"
             rules = (" Must match on `resume`." if p.resume else "") + (" `tune` may search it." if p.search else "")
             choices = ", ".join(f"`{c}`" for c in p.choices)
             meaning = f"{p.help}.{rules}".replace("|", "\\|").replace("<", "&lt;")

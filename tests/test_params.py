@@ -13,8 +13,16 @@ import yaml
 
 from sceneml import mlproject
 from sceneml.cli import cli
-from sceneml.config import ENTRY_POINTS, RESUME_MUST_MATCH, SEARCHABLE, TRAIN_DDP_DEFAULTS, TrainConfig
-from sceneml.params import build, params_of
+from sceneml.config import (
+    ENTRY_POINTS,
+    RECIPE_PARAMS,
+    RECIPES,
+    RESUME_MUST_MATCH,
+    SEARCHABLE,
+    TRAIN_DDP_DEFAULTS,
+    TrainConfig,
+)
+from sceneml.params import build, param_text, params_of
 
 from .conftest import REPO
 
@@ -38,9 +46,11 @@ def test_the_generated_files_are_current():
 def test_mlproject_agrees_with_the_declarations_in_name_type_and_default(name):
     entry = ENTRY_POINTS["train" if name == "train_ddp" else name]
     overrides = TRAIN_DDP_DEFAULTS if name == "train_ddp" else {}
-    declared = {p.name: p for p in entry.params}
+    declared = {p.name: p for p in mlproject.listed(entry)}
     in_file = MLPROJECT[name]["parameters"]
     assert list(in_file) == list(declared)
+    # the recipe's parameters are the ones left out, and only they
+    assert {p.name for p in entry.params} - set(declared) == set(RECIPE_PARAMS) & {p.name for p in entry.params}
     for key, spec in in_file.items():
         p = declared[key]
         assert spec["type"] == TYPE_OF[p.type], key
@@ -51,7 +61,7 @@ def test_mlproject_agrees_with_the_declarations_in_name_type_and_default(name):
     # every parameter reaches the script, as its dashed option
     command = MLPROJECT[name]["command"]
     assert command.startswith(f"sh entrypoints/python entrypoints/{entry.script} ")
-    assert [w for w in command.split() if w.startswith("--")] == [p.option for p in entry.params]
+    assert [w for w in command.split() if w.startswith("--")] == [p.option for p in declared.values()]
 
 
 @pytest.mark.parametrize("name", list(ENTRY_POINTS))
@@ -59,7 +69,7 @@ def test_each_subcommand_has_every_mlproject_parameter_with_its_default_and_noth
     command = cli.commands[name]
     options = {o.name for o in command.params if isinstance(o, click.Option)}
     in_file = MLPROJECT[name]["parameters"]
-    assert options == set(in_file)
+    assert options == set(in_file) | (set(RECIPE_PARAMS) & {p.name for p in ENTRY_POINTS[name].params})
     # what `mlflow run` passes (every default, as MLproject spells it) parses to click's own defaults
     def opt(key: str) -> str:
         return "--" + key.replace("_", "-")
@@ -70,6 +80,26 @@ def test_each_subcommand_has_every_mlproject_parameter_with_its_default_and_noth
     # ... and builds the declared defaults (scheduler=none stays "none"; resume=none is empty)
     entry = ENTRY_POINTS[name]
     assert build(entry.config, parsed, entry.params) == dataclasses.replace(entry.config(), **required)
+
+
+def test_a_recipe_sets_its_parameters_and_each_one_given_overrides_it_even_at_another_recipes_value():
+    assert all(set(values) == set(RECIPE_PARAMS) for values in RECIPES.values())
+    for recipe, values in RECIPES.items():
+        assert {k: getattr(TrainConfig(recipe=recipe), k) for k in RECIPE_PARAMS} == values
+    fast, classic = RECIPES["fast"], RECIPES["classic"]
+    differ = [k for k in RECIPE_PARAMS if fast[k] != classic[k]]
+    assert differ  # else `fast` would be `classic`
+    # given explicitly at classic's value, the value holds under recipe=fast (it is not "unset")
+    given = {k: classic[k] for k in differ[:2]}
+    cfg = TrainConfig(recipe="fast", **given).validate()
+    assert {k: getattr(cfg, k) for k in RECIPE_PARAMS} == {**fast, **given}
+    # the same from a command line as `mlflow run` builds it: a recipe parameter arrives only when given,
+    # spelt as -P wrote it (--label_smoothing), the others as MLproject lists them
+    command, entry = cli.commands["train"], ENTRY_POINTS["train"]
+    parsed = command.make_context("train", ["--recipe=fast", *(f"--{k}={param_text(v)}" for k, v in given.items())])
+    assert build(TrainConfig, parsed.params, entry.params) == cfg
+    assert cfg.as_params()["recipe"] == "fast"
+    assert {k: cfg.as_params()[k] for k in RECIPE_PARAMS} == {**fast, **given}  # logged as it trained
 
 
 def test_the_resume_guard_and_the_search_space_come_from_the_declarations():

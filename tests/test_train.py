@@ -36,7 +36,8 @@ EPOCH_KEYS = ["train_loss", "val_loss", "val_acc", "val_mAP", "val_mean_class_ac
 def cli_run(tmp_path_factory, hermetic_env):
     """One real `.venv/bin/mlflow run . -e train` in a temporary sqlite store, shared by the tests below,
     as a user runs it without activating the venv: the venv not on PATH, and no ImageNet file for
-    `weights=auto`. Returns (tracking uri, the run, the finished process)."""
+    `weights=auto`; one recipe parameter given (label_smoothing), which MLproject does not list. Returns
+    (tracking uri, the run, the finished process)."""
     tmp = tmp_path_factory.mktemp("cli-train")
     uri = new_store(tmp)
     exp_id = MlflowClient(uri).create_experiment("train-test", artifact_location=(tmp / "artifacts").as_uri())
@@ -44,7 +45,8 @@ def cli_run(tmp_path_factory, hermetic_env):
     env.update(PATH="/usr/bin:/bin", MLFLOW_TRACKING_URI=uri, TORCH_HOME=str(tmp / "empty-torch-home"))
     proc = subprocess.run([str(Path(sys.executable).parent / "mlflow"), "run", str(REPO), "-e", "train",
                            "--env-manager", "local", "--experiment-id", exp_id, "-P", "data=synthetic:100",
-                           "-P", "epochs=3", "-P", "weights=auto", "-P", "keep_checkpoints=all"],
+                           "-P", "epochs=3", "-P", "weights=auto", "-P", "keep_checkpoints=all",
+                           "-P", "label_smoothing=0.05"],
                           env=env, cwd=tmp, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = MlflowClient(uri).search_runs([exp_id])
@@ -71,6 +73,9 @@ def test_cli_run_beats_chance_and_logs_every_key_with_its_steps(cli_run):
     assert json.loads(params["classes"]) == CLASSES and params["num_classes"] == "6"
     assert int(params["n_train"]) + int(params["n_val"]) + int(params["n_test"]) == 600
     assert params["weights_resolved"] == "none" and params["images_skipped"] == "0"
+    # a recipe parameter given with -P is logged as given, the others with the recipe's value, by the run
+    assert (params["recipe"], params["label_smoothing"], params["lr"], params["batch_size"], params["image_size"]) \
+        == ("classic", "0.05", "0.001", "32", "0")
     assert [i.dataset.digest for i in run.inputs.dataset_inputs] == [params["data_digest"]]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
     assert artifacts == {f"figures/{n}.png" for n in ("loss_curves", "val_per_class_ap", "val_per_class_acc",

@@ -1,0 +1,229 @@
+"""Test accuracy against wall time of the whole training process, on real photos, for three contenders:
+
+  naive    torchvision ImageFolder + DataLoader decoding JPEGs every epoch, 150 px, AdamW 1e-3 constant,
+           no augmentation: the plain loop of a tutorial. One process trains for the longest budget and
+           is scored on the test photos every ``--every`` minutes (the clock stops while it is scored): with
+           a constant lr, the model at minute m is what a run of m minutes gives.
+  classic  `python -m sceneml train --recipe classic --time-budget B`, one fresh process per budget
+  fast     `python -m sceneml train --recipe fast --time-budget B`, one fresh process per budget
+
+Every contender trains from scratch (ResNet18) on the same stratified 80 % of ``--data`` and is scored
+on the same held-out 20 % (never trained or validated on): a Kaggle-layout folder of links
+(``seg_train``/``seg_test``) that sceneml reads as its own train/test division. A sceneml run is
+scored by `evaluate` on its logged model (the best epoch by val_mean_class_acc), after the clock;
+its time is the whole `train` process, imports and decoding into an empty cache included.
+
+    python benchmarks/time_to_accuracy.py                              # 5, 10, 20 min each: ~2 h on 2 cores
+    python benchmarks/time_to_accuracy.py --contenders fast --budgets 15   # one row
+    python benchmarks/time_to_accuracy.py --naive-minutes 60           # the naive curve past the budgets
+    python benchmarks/time_to_accuracy.py --contenders fast --budgets 5 --set image_size=48   # a variant
+
+Writes ``<out>/time_to_accuracy.csv`` (one row per contender and time) and ``time_to_accuracy.png``,
+and prints the table and the ratio "naive minutes to reach the accuracy that fast reaches in
+``--target`` minutes" over ``--target``. Rows of a contender already in the CSV are kept (a second
+invocation adds the rest), so the two hours can be spent in pieces.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+INTEL_TRAIN = REPO.parent / "shared" / "data" / "intel-train"
+FIELDS = ("contender", "budget_min", "minutes", "test_acc", "epochs", "machine", "date")
+
+
+def held_out_layout(data: Path, out: Path, test_share: float, seed: int) -> Path:
+    """``out/seg_train/<class>/`` and ``out/seg_test/<class>/``: links to a stratified split of the training
+    photos of ``data`` (any layout sceneml reads). A test photo whose bytes equal a training photo's is
+    dropped: the Intel set holds such copies, and a copy in both parts would be scored as seen."""
+    import hashlib
+
+    from sklearn.model_selection import train_test_split
+
+    from sceneml.data.sources import list_images, resolve_source
+
+    _, items = list_images(resolve_source(str(data)).train_dir)
+    paths, labels = zip(*items)
+    train, test = train_test_split(list(paths), test_size=test_share, stratify=list(labels), random_state=seed)
+    digest = {path: hashlib.sha1(Path(path).read_bytes()).hexdigest() for path in paths}
+    seen = {digest[path] for path in train}
+    kept = [path for path in test if digest[path] not in seen]
+    print(f"{len(train)} training photos, {len(kept)} test photos ({len(test) - len(kept)} byte copies of training "
+          "photos dropped)", flush=True)
+    test = kept
+    for part, chosen in (("seg_train", train), ("seg_test", test)):
+        for path in chosen:
+            link = out / part / Path(path).parent.name / Path(path).name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.exists():
+                link.symlink_to(Path(path).resolve())
+    return out
+
+
+def naive(layout: Path, minutes: float, every: float, threads: int) -> list[dict]:
+    """The naive loop, scored every ``every`` minutes of its own clock (imports included) up to ``minutes``."""
+    started = time.monotonic()
+    import torch
+    import torch.nn.functional as F
+    import torchvision
+    from torchvision import transforms
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    tf = transforms.Compose([transforms.Resize((150, 150)), transforms.ToTensor(),
+                             transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    train_set = torchvision.datasets.ImageFolder(str(layout / "seg_train"), transform=tf)
+    test_set = torchvision.datasets.ImageFolder(str(layout / "seg_test"), transform=tf)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=32, shuffle=True, num_workers=2,
+                                         persistent_workers=True)
+    model = torchvision.models.resnet18(num_classes=len(train_set.classes))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    paused, rows, next_score, epoch = 0.0, [], every, 0
+
+    def clock() -> float:
+        return (time.monotonic() - started - paused) / 60
+
+    while clock() < minutes:
+        epoch += 1
+        for x, y in loader:
+            model.train()
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            if clock() >= next_score:
+                stop = time.monotonic()
+                rows.append({"minutes": round(clock(), 2), "test_acc": score(model, test_set), "epochs": epoch})
+                print(f"naive {rows[-1]}", flush=True)
+                paused += time.monotonic() - stop
+                next_score += every
+                if clock() >= minutes:
+                    break
+    return rows
+
+
+def score(model, dataset) -> float:
+    import torch
+
+    model.eval()
+    right = 0
+    with torch.no_grad():
+        for x, y in torch.utils.data.DataLoader(dataset, batch_size=128, num_workers=2):
+            right += int((model(x).argmax(1) == y).sum())
+    return right / len(dataset)
+
+
+def sceneml_run(layout: Path, recipe: str, budget: float, work: Path, threads: int, settings: list[str]) -> dict:
+    """One `train` process of ``budget`` minutes with an empty cache and store, then `evaluate` on seg_test.
+    ``settings``: ``name=value`` parameters given on top of the recipe."""
+    store = work / f"{recipe}-{budget:g}-{'-'.join(settings)}"
+    store.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}",
+           "SCENEML_CACHE": str(store / "cache"), "OMP_NUM_THREADS": str(threads)}
+    started = time.monotonic()
+    subprocess.run([sys.executable, "-m", "sceneml", "train", "--data", str(layout), "--recipe", recipe,
+                    "--time-budget", f"{budget:g}", "--weights", "none", "--quiet", "true",
+                    *(f"--{name.replace('_', '-')}={value}" for name, _, value in
+                      (setting.partition("=") for setting in settings))],
+                   env=env, cwd=store, check=True)
+    minutes = (time.monotonic() - started) / 60
+    import mlflow
+
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    run = client.search_runs([client.get_experiment_by_name("Default").experiment_id])[0]
+    out = subprocess.run([sys.executable, "-m", "sceneml", "evaluate", "--model-uri",
+                          f"models:/{run.data.tags['sceneml.best_model_id']}", "--split", "test"],
+                         env=env, cwd=store, check=True, capture_output=True, text=True).stdout
+    test_acc = float(out.split("test_acc = ")[1].split()[0])
+    return {"minutes": round(minutes, 2), "test_acc": test_acc, "epochs": int(run.data.params["epochs_resolved"])}
+
+
+def minutes_to_reach(curve: list[dict], accuracy: float) -> float | None:
+    """The first time a (minutes-sorted) curve reaches ``accuracy``, None if it never does."""
+    return next((r["minutes"] for r in sorted(curve, key=lambda r: r["minutes"]) if r["test_acc"] >= accuracy), None)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for contender, style in (("naive", "o-"), ("classic", "s-"), ("fast", "^-")):
+        mine = sorted((r for r in rows if r["contender"] == contender), key=lambda r: float(r["minutes"]))
+        if mine:
+            ax.plot([float(r["minutes"]) for r in mine], [float(r["test_acc"]) for r in mine], style, label=contender)
+    ax.set(xlabel="wall time of the whole process (min)", ylabel="test accuracy (held-out 20 %)",
+           title="Intel photos, ResNet18 from scratch, 2-core CPU")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=INTEL_TRAIN)
+    ap.add_argument("--contenders", default="naive,classic,fast")
+    ap.add_argument("--budgets", default="5,10,20", help="minutes, comma list (sceneml contenders)")
+    ap.add_argument("--naive-minutes", type=float, default=0, help="the naive run's length; 0 = the largest budget")
+    ap.add_argument("--every", type=float, default=2.5, help="minutes between the naive run's scores")
+    ap.add_argument("--target", type=float, default=15, help="the fast budget whose accuracy the naive run must reach")
+    ap.add_argument("--test-share", type=float, default=0.2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--machine", default=f"{os.cpu_count()}-core CPU")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="a train parameter on top of the recipe (repeatable); the rows are labelled with it")
+    args = ap.parse_args()
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = args.out / "time_to_accuracy.csv"
+    rows = list(csv.DictReader(table.open())) if table.exists() else []
+    budgets = [float(b) for b in args.budgets.split(",")]
+    today = time.strftime("%Y-%m-%d")
+    with tempfile.TemporaryDirectory(prefix="tta-") as tmp:
+        layout = held_out_layout(args.data, Path(tmp) / "data", args.test_share, args.seed)
+        for contender in args.contenders.split(","):
+            if contender == "naive":
+                found = naive(layout, args.naive_minutes or max(budgets), args.every, args.threads)
+                new = [{"budget_min": "", **r} for r in found]
+            else:
+                new = [{"budget_min": b, **sceneml_run(layout, contender, b, Path(tmp) / "runs", args.threads,
+                                                       args.set)} for b in budgets]
+            label = " ".join([contender, *args.set])
+            rows = [r for r in rows if r["contender"] != label or (contender != "naive" and float(
+                r["budget_min"]) not in budgets)]
+            rows += [{"contender": label, **r, "machine": args.machine, "date": today} for r in new]
+            with table.open("w", newline="") as f:  # after each contender: nothing lost on a crash
+                writer = csv.DictWriter(f, FIELDS)
+                writer.writeheader()
+                writer.writerows(rows)
+    plot(rows, args.out / "time_to_accuracy.png")
+    print(f"\n{'contender':9} {'budget':>6} {'minutes':>8} {'test_acc':>8} {'epochs':>6}")
+    for r in sorted(rows, key=lambda r: (r["contender"], float(r["minutes"]))):
+        print(f"{r['contender']:9} {r['budget_min']!s:>6} {float(r['minutes']):8.2f} {float(r['test_acc']):8.3f} "
+              f"{r['epochs']!s:>6}")
+    fast = [r for r in rows if r["contender"] == "fast" and float(r["budget_min"]) == args.target]
+    curve = [{"minutes": float(r["minutes"]), "test_acc": float(r["test_acc"])} for r in rows
+             if r["contender"] == "naive"]
+    if fast and curve:
+        goal = float(fast[0]["test_acc"])
+        reached = minutes_to_reach(curve, goal)
+        longest = max(r["minutes"] for r in curve)
+        print(f"\nfast in {args.target:g} min: test_acc {goal:.3f}; naive reaches it after "
+              + (f"{reached:.1f} min: ratio {reached / args.target:.2f}" if reached is not None else
+                 f"more than {longest:.1f} min (not within its run): ratio > {longest / args.target:.2f}"))
+
+
+if __name__ == "__main__":
+    main()
