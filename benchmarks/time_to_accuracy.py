@@ -58,8 +58,7 @@ def held_out_layout(data: Path, out: Path, test_share: float, seed: int) -> Path
     kept = [path for path in test if digest[path] not in seen]
     print(f"{len(train)} training photos, {len(kept)} test photos ({len(test) - len(kept)} byte copies of training "
           "photos dropped)", flush=True)
-    test = kept
-    for part, chosen in (("seg_train", train), ("seg_test", test)):
+    for part, chosen in (("seg_train", train), ("seg_test", kept)):
         for path in chosen:
             link = out / part / Path(path).parent.name / Path(path).name
             link.parent.mkdir(parents=True, exist_ok=True)

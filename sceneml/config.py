@@ -40,7 +40,7 @@ ONECYCLE_WARMS_UP = "scheduler=onecycle warms up by itself (30 % of the steps): 
 # A recipe: the values of the training parameters it sets, each overridden by the same parameter given
 # explicitly. `classic` is the plain recipe (constant lr, flips only); `fast` the from-scratch recipe
 # that reached the best test accuracy per minute on the 2-core CPU (docs/training.md says the
-# measurement behind each value). Every recipe names the same parameters.
+# measurement behind each value). Each recipe names every parameter declared with the default RECIPE.
 RECIPE = "recipe"  # the declared default of those parameters: "whatever the recipe says"
 RECIPES: dict[str, dict[str, object]] = {
     "classic": {"image_size": 0, "batch_size": 32, "lr": 0.001, "weight_decay": 0.0001, "scheduler": "none",
@@ -50,7 +50,6 @@ RECIPES: dict[str, dict[str, object]] = {
              "label_smoothing": 0.1, "random_crop": True, "auto_augment": "none", "random_erase": 0.0,
              "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "ema": 0.0},
 }
-RECIPE_PARAMS = tuple(RECIPES["classic"])
 
 
 def recipe_default(name: str) -> str:
@@ -276,6 +275,7 @@ class TrainConfig:
 # what a resume must keep and what a `tune` space may vary: read from the declarations above
 RESUME_MUST_MATCH = tuple(p.name for p in params_of(TrainConfig) if p.resume)
 SEARCHABLE = tuple(p.name for p in params_of(TrainConfig) if p.search)
+RECIPE_PARAMS = tuple(p.name for p in params_of(TrainConfig) if p.default == RECIPE)  # what a recipe sets
 
 
 # ----------------------------------------------------------------------- evaluate, predict ...
