@@ -482,7 +482,8 @@ class EntryPoint:
 # how one training run is launched (a search or a sweep launches its own), and what a sweep sets per child
 _LAUNCH_ONLY = ("resume", "nproc", "dist_timeout")
 _RUN_ONLY = ("optimizer", "lr", *_LAUNCH_ONLY)
-_STUDY_ANALYSIS = ("n_images", "compare")
+# what a study hands its champion's analysis: the analysis of the data, not of where the model is
+STUDY_ANALYSIS = ("classes", "k", "modules", "n_images", "compare", "top_eigen")
 
 
 def _entry(name: str, config: type, params: list[Param], task: str, script: str = "") -> EntryPoint:
@@ -492,9 +493,9 @@ def _entry(name: str, config: type, params: list[Param], task: str, script: str 
 
 ENTRY_POINTS: dict[str, EntryPoint] = {e.name: e for e in (
     _entry("train", TrainConfig, params_of(TrainConfig), "sceneml.tasks.train:train"),
-    _entry("main", StudyConfig, params_of(StudyConfig) + params_of(AnalyzeConfig, only=_STUDY_ANALYSIS)
+    _entry("main", StudyConfig, params_of(StudyConfig) + params_of(AnalyzeConfig, only=STUDY_ANALYSIS)
            + params_of(TrainConfig, exclude=_RUN_ONLY), "sceneml.tasks.study:study"),
-    _entry("tune", TuneConfig, params_of(TuneConfig) + params_of(AnalyzeConfig, only=_STUDY_ANALYSIS)
+    _entry("tune", TuneConfig, params_of(TuneConfig) + params_of(AnalyzeConfig, only=STUDY_ANALYSIS)
            + params_of(TrainConfig, exclude=_LAUNCH_ONLY), "sceneml.tasks.tune:tune"),
     _entry("select", SelectConfig, params_of(SelectConfig), "sceneml.tasks.select:select", "select_champion.py"),
     _entry("evaluate", EvaluateConfig, params_of(EvaluateConfig), "sceneml.tasks.evaluate:evaluate"),

@@ -211,6 +211,7 @@ def gallery(images: list[np.ndarray], true: list[str], predicted: list[str], sco
     misclassified tile gets a red frame and a cross. With ``heatmaps`` (Grad-CAM maps in [0, 1], any
     size) each is stretched over its photo and the tile names the true class too."""
     n = len(images)
+    columns = max(1, min(columns, n))  # a short gallery draws no empty tiles (each costs an Axes)
     rows = max(1, -(-n // columns))
     fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.9 * rows + 0.6), squeeze=False)
     for i, ax in enumerate(axes.flat):

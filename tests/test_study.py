@@ -281,7 +281,8 @@ def test_two_studies_with_one_model_name_each_evaluate_their_own_champion(tracki
     def tiny(seed: int) -> StudyConfig:
         train_cfg = TrainConfig(data="synthetic:12", epochs=1, batch_size=8, image_size=32, weights="none",
                                 seed=seed, quiet=True)
-        return StudyConfig("adamw", "0.001", "sceneml", "two-studies", train_cfg, AnalyzeConfig(n_images=10))
+        return StudyConfig("adamw", "0.001", "sceneml", "two-studies", train_cfg,
+                           AnalyzeConfig(n_images=10, classes="forest", k=1, modules="conv1"))
 
     b = study_task.study(tiny(seed=1))
     b_parent = MlflowClient().get_run(b["champion_run_id"]).data.tags["mlflow.parentRunId"]
@@ -340,6 +341,7 @@ def test_two_workers_share_a_repeated_study_whose_table_and_verdict_recompute_fr
 
     cmd = ["main", "--optimizers", "adamw", "--lrs", "0.001,0.0000001", "--repeats", "3", "--data", "synthetic:30",
            "--epochs", "2", "--batch-size", "16", "--image-size", "32", "--weights", "none", "--n-images", "10",
+           "--classes", "forest", "--k", "1", "--modules", "conv1",
            "--quiet", "--study-name", "shared-grid", "--experiment", "repeats"]
     workers = [sceneml(cmd, subprocess_env(MLFLOW_TRACKING_URI=tracking_uri), tmp_path) for _ in range(2)]
     outputs = [w.communicate(timeout=600) for w in workers]
@@ -354,6 +356,9 @@ def test_two_workers_share_a_repeated_study_whose_table_and_verdict_recompute_fr
     parent = parents[0]
     assert (parent.data.params["study_name"], parent.data.params["storage"]) == \
         ("shared-grid", str(tmp_path / "optuna.journal"))
+    # the champion's analysis as the study was told: one image of forest, one module
+    assert (parent.data.params["classes"], parent.data.params["k"], parent.data.params["modules"]) == \
+        ("forest", "1", "conv1")
     trained = [r for r in runs if r.data.tags.get("sceneml.config")]
     children = {r.info.run_name: r for r in trained}
     assert len(trained) == 6 and all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in trained)
@@ -398,6 +403,9 @@ def test_two_workers_share_a_repeated_study_whose_table_and_verdict_recompute_fr
     assert champion.data.tags["sceneml.config"] == "adamw-lr0.001"
     assert champion.info.run_id in {children[f"adamw-lr0.001-r{r}"].info.run_id for r in range(3)}
     assert "children.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    analysis = next(r for r in runs if r.data.tags.get("sceneml.task") == "analyze")
+    index = _csv(f"runs:/{analysis.info.run_id}/galleries/gallery_index.csv")
+    assert (set(index["class"]), sorted(index["end"])) == ({"forest"}, ["bottom", "top"])
     # the report opens with the comparison of the configurations: the verdict and the table's numbers
     report = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/report/report.md")
     sections = [line for line in report.splitlines() if line.startswith("## ")]

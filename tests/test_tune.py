@@ -17,9 +17,10 @@ from .conftest import new_store, subprocess_env
 from .processes import Process, sceneml
 
 # 30 synthetic images per class at 32 px, 2 epochs of the smallest listed network: a trial takes a few
-# seconds (the search, not the network, is what these tests are about)
+# seconds (the search, not the network, is what these tests are about); the champion's galleries: one
+# image of one class
 TINY = ["--data", "synthetic:30", "--image-size", "32", "--epochs", "2", "--weights", "none", "--n-images", "30",
-        "--arch", "mobilenet_v3_small", "--quiet"]
+        "--arch", "mobilenet_v3_small", "--classes", "forest", "--k", "1", "--quiet"]
 STUDY = "tune-mobilenet_v3_small-synthetic_30"  # the default study name: tune-<arch>-<data>
 
 

@@ -30,7 +30,7 @@ from mlflow import MlflowClient
 
 from sceneml import plots
 from sceneml.comparison import summarize, verdict
-from sceneml.config import LOWER_IS_BETTER, Child, StudyConfig
+from sceneml.config import LOWER_IS_BETTER, STUDY_ANALYSIS, Child, StudyConfig
 from sceneml.tasks.search import (
     ERROR_ATTR,
     RUN_ATTR,
@@ -75,7 +75,7 @@ def study(cfg: StudyConfig) -> dict:
         sampler_for=lambda n: sampler,
         pruner=optuna.pruners.NopPruner(),
         params={"optimizers": cfg.optimizers, "lrs": cfg.lrs, "repeats": cfg.repeats, "model_name": cfg.model_name,
-                "experiment": cfg.experiment, "n_images": cfg.analyze.n_images, "compare": cfg.analyze.compare,
+                "experiment": cfg.experiment, **{k: getattr(cfg.analyze, k) for k in STUDY_ANALYSIS},
                 **({"study_name": cfg.name(), "storage": describe_storage(cfg.storage)} if cfg.shared else {}),
                 **{k: v for k, v in base.as_params().items() if k not in ("optimizer", "lr")}},
         note="The training runs of this study nest here, then select, evaluate and analyze of its champion.")

@@ -14,7 +14,7 @@ import warnings
 
 import optuna
 
-from sceneml.config import TuneConfig
+from sceneml.config import STUDY_ANALYSIS, TuneConfig
 from sceneml.space import Dimension, load_space
 from sceneml.tasks.search import Plan, Search, crown_champion, describe_storage, drive, try_log_report
 from sceneml.tracking.runs import choose_experiment, log_csv, log_figure
@@ -40,7 +40,7 @@ def tune(cfg: TuneConfig) -> dict:
         pruner=make_pruner(cfg.pruner, cfg.train.epochs),
         params={"n_trials": cfg.n_trials, "space": cfg.space or "default", "pruner": cfg.pruner,
                 "storage": describe_storage(cfg.storage), "study_name": cfg.name(), "model_name": cfg.model_name,
-                "experiment": cfg.experiment, "n_images": cfg.analyze.n_images, "compare": cfg.analyze.compare,
+                "experiment": cfg.experiment, **{k: getattr(cfg.analyze, k) for k in STUDY_ANALYSIS},
                 # the fixed values only: what the space samples is each trial's param
                 **{k: v for k, v in cfg.train.as_params().items() if k not in {d.name for d in space}}},
         note="Trials of this search nest here; the worker that ends the last trial selects, evaluates and "
