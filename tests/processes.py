@@ -19,7 +19,7 @@ import traceback
 from pathlib import Path
 
 _PRELOAD = ["sceneml.cli", "sceneml.tasks.train", "sceneml.tasks.select", "sceneml.tasks.evaluate",
-            "sceneml.tasks.tune", "sceneml.tasks.study"]
+            "sceneml.tasks.tune", "sceneml.tasks.study", "tests.forkserver_warm"]
 _context: list = []
 
 
