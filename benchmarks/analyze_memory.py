@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from one_at_a_time import one_at_a_time
+
 
 def _rss_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -59,6 +61,7 @@ def main() -> None:
     if args.child:
         child(args.arch, args.child)
         return
+    one_at_a_time()
     results = []
     for n in (int(s) for s in args.sizes.split(",")):
         out = subprocess.run([sys.executable, __file__, "--arch", args.arch, "--child", str(n)], check=True,

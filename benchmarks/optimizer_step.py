@@ -15,6 +15,7 @@ import time
 
 import torch
 import torchvision
+from one_at_a_time import one_at_a_time
 
 OPTIMIZERS = {
     "adamw": lambda params, **kw: torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4, **kw),
@@ -30,6 +31,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, default=10, help="steps per round and contender")
     args = ap.parse_args()
+    one_at_a_time()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, resnet18 (6 classes), ms per step")
     for name, make in OPTIMIZERS.items():

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from one_at_a_time import one_at_a_time
 
 REPO = Path(__file__).resolve().parents[1]
 # the peak RSS of one command and everything it starts, reported by a wrapper process of its own
@@ -95,6 +96,7 @@ def main() -> None:
     ap.add_argument("mlflow_args", nargs="*", help="--default-study: extra arguments of `mlflow run`")
     ap.add_argument("--tiny", action="store_true", help="only where the tiny run's time goes")
     args = ap.parse_args()
+    one_at_a_time()
     if args.tiny:
         cache = Path(tempfile.mkdtemp(prefix="sceneml-scaling-cache-"))
         render_scenes(cache, [5])

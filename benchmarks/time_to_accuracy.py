@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from one_at_a_time import one_at_a_time
+
 REPO = Path(__file__).resolve().parents[1]
 INTEL_TRAIN = REPO.parent / "shared" / "data" / "intel-train"
 FIELDS = ("contender", "budget_min", "minutes", "test_acc", "epochs", "machine", "date")
@@ -184,6 +186,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="a train parameter on top of the recipe (repeatable); the rows are labelled with it")
     args = ap.parse_args()
+    one_at_a_time()
 
     args.out.mkdir(parents=True, exist_ok=True)
     table = args.out / "time_to_accuracy.csv"

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from one_at_a_time import one_at_a_time
 
 REPO = Path(__file__).resolve().parents[1]
 INTEL_MINI = REPO.parent / "shared" / "data" / "intel-mini"
@@ -211,6 +212,7 @@ def main() -> None:
                     help="time whole processes instead: `mlflow run -e train` and the naive loop, alternating")
     ap.add_argument("--naive-only", default="", help=argparse.SUPPRESS)  # file of train images: one naive process
     args = ap.parse_args()
+    one_at_a_time()
     if args.whole_process:
         return whole_process(args)
     if args.naive_only:
