@@ -482,7 +482,8 @@ class EntryPoint:
 # how one training run is launched (a search or a sweep launches its own), and what a sweep sets per child
 _LAUNCH_ONLY = ("resume", "nproc", "dist_timeout")
 _RUN_ONLY = ("optimizer", "lr", *_LAUNCH_ONLY)
-# what a study hands its champion's analysis: the analysis of the data, not of where the model is
+# the analyze parameters main and tune take for their champion's analysis: all but where the model and
+# data come from (the study's own) and how it runs
 STUDY_ANALYSIS = ("classes", "k", "modules", "n_images", "compare", "top_eigen")
 
 
