@@ -209,31 +209,39 @@ def gallery(images: list[np.ndarray], true: list[str], predicted: list[str], sco
     """Tiles of (H, W, 3) uint8 images of any size (the original photos), each labelled with the
     predicted class and its score (the true class, shared by the page, is in the title); a
     misclassified tile gets a red frame and a cross. With ``heatmaps`` (Grad-CAM maps in [0, 1], any
-    size) each is stretched over its photo and the tile names the true class too."""
+    size) each is stretched over its photo and the tile names the true class too.
+
+    All tiles are drawn on one Axes, each photo fitted into its cell at its own aspect ratio: an Axes
+    per tile (its ticks, spines and layout) cost more to set up and draw than the photo it holds, and
+    analyze draws dozens of these pages."""
     n = len(images)
-    columns = max(1, min(columns, n))  # a short gallery draws no empty tiles (each costs an Axes)
+    columns = max(1, min(columns, n))  # a short gallery draws no empty cells
     rows = max(1, -(-n // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.9 * rows + 0.6), squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if i >= n:
-            ax.axis("off")
-            continue
-        ax.imshow(images[i])
+    fig = plt.figure(figsize=(2.4 * columns, 2.9 * rows + 0.6))
+    top = 1 - 0.6 / (2.9 * rows + 0.6)  # the suptitle's band
+    ax = fig.add_axes((0.0, 0.0, 1.0, top))
+    cell_h = 2.9 / 2.4  # a cell's height in cell widths; the lowest 0.83 of it holds the photo
+    ax.set(xlim=(0, columns), ylim=(rows * cell_h, 0))
+    ax.axis("off")
+    for i in range(n):
+        h, w = images[i].shape[:2]
+        scale = min(0.9 / w, 0.83 * cell_h * 0.92 / h)  # fitted, with a margin for the frame
+        x0 = i % columns + (1 - w * scale) / 2
+        y0 = (i // columns + 1) * cell_h - 0.04 - h * scale
+        extent = (x0, x0 + w * scale, y0 + h * scale, y0)
+        ax.imshow(images[i], extent=extent, interpolation="antialiased")
+        if heatmaps is not None:
+            ax.imshow(heatmaps[i], cmap="jet", alpha=0.45, extent=extent, vmin=0, vmax=1, interpolation="bilinear")
         wrong = true[i] != predicted[i]
         label = f"{'✗ ' if wrong else ''}pred {predicted[i]}\nscore {score_text(float(scores[i]))}"
         if heatmaps is not None:
-            h, w = images[i].shape[:2]
-            ax.imshow(heatmaps[i], cmap="jet", alpha=0.45, extent=(0, w, h, 0), vmin=0, vmax=1,
-                      interpolation="bilinear")
             label = f"true {true[i]}\n{label}"
-        ax.set_title(label, fontsize=8, color="tab:red" if wrong else "black")
-        for spine in ax.spines.values():
-            spine.set_color("tab:red" if wrong else "0.7")
-            spine.set_linewidth(4 if wrong else 1)
+        ax.add_patch(plt.Rectangle((extent[0], extent[3]), w * scale, h * scale, fill=False,
+                                   edgecolor="tab:red" if wrong else "0.7", linewidth=4 if wrong else 1))
+        ax.text((extent[0] + extent[1]) / 2, extent[3] - 0.03, label, ha="center", va="bottom", fontsize=8,
+                color="tab:red" if wrong else "black")
+    ax.set(xlim=(0, columns), ylim=(rows * cell_h, 0))  # imshow resets the limits to its last image
     fig.suptitle(title)
-    fig.tight_layout(h_pad=1.2)
     return fig
 
 
