@@ -220,12 +220,14 @@ def gallery(images: list[np.ndarray], true: list[str], predicted: list[str], sco
     fig = plt.figure(figsize=(2.4 * columns, 2.9 * rows + 0.6))
     top = 1 - 0.6 / (2.9 * rows + 0.6)  # the suptitle's band
     ax = fig.add_axes((0.0, 0.0, 1.0, top))
-    cell_h = 2.9 / 2.4  # a cell's height in cell widths; the lowest 0.83 of it holds the photo
-    ax.set(xlim=(0, columns), ylim=(rows * cell_h, 0))
     ax.axis("off")
+    cell_h = 2.9 / 2.4  # a cell's height in cell widths
+    # the box a photo is fitted into: the cell's width less a margin for the frame, and the lowest 83 %
+    # of its height (the label sits above) less a margin
+    box_w, box_h = 0.9, 0.83 * 0.92 * cell_h
     for i in range(n):
         h, w = images[i].shape[:2]
-        scale = min(0.9 / w, 0.83 * cell_h * 0.92 / h)  # fitted, with a margin for the frame
+        scale = min(box_w / w, box_h / h)
         x0 = i % columns + (1 - w * scale) / 2
         y0 = (i // columns + 1) * cell_h - 0.04 - h * scale
         extent = (x0, x0 + w * scale, y0 + h * scale, y0)
@@ -240,7 +242,7 @@ def gallery(images: list[np.ndarray], true: list[str], predicted: list[str], sco
                                    edgecolor="tab:red" if wrong else "0.7", linewidth=4 if wrong else 1))
         ax.text((extent[0] + extent[1]) / 2, extent[3] - 0.03, label, ha="center", va="bottom", fontsize=8,
                 color="tab:red" if wrong else "black")
-    ax.set(xlim=(0, columns), ylim=(rows * cell_h, 0))  # imshow resets the limits to its last image
+    ax.set(xlim=(0, columns), ylim=(rows * cell_h, 0))  # after the images: imshow fits the limits to each
     fig.suptitle(title)
     return fig
 

@@ -285,7 +285,7 @@ def test_a_time_budget_fits_its_epochs_and_ends_the_lr_line_at_zero_within_it(tr
     elapsed = time.monotonic() - started
     client = MlflowClient()
     run = client.get_run(run_id)
-    assert elapsed <= 0.15 * 60 * 1.1 + 60 and elapsed >= 0.15 * 60 / 2, elapsed
+    assert cfg.time_budget * 60 / 2 <= elapsed <= cfg.time_budget * 60 * 1.1 + 60, elapsed
     planned = int(run.data.params["epochs_resolved"])
     lrs = [h.value for h in sorted(client.get_metric_history(run_id, "lr"), key=lambda h: h.step)]
     assert 2 <= len(lrs) <= planned and run.data.params["epochs"] == "3"  # the epochs param is not what ran
