@@ -27,6 +27,7 @@ invocation adds the rest), so the two hours can be spent in pieces.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
 import subprocess
@@ -183,6 +184,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--machine", default=f"{os.cpu_count()}-core CPU")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the held-out layout and each run's store under <out>/work (else a temporary folder)")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="a train parameter on top of the recipe (repeatable); the rows are labelled with it")
     args = ap.parse_args()
@@ -193,7 +196,8 @@ def main() -> None:
     rows = list(csv.DictReader(table.open())) if table.exists() else []
     budgets = [float(b) for b in args.budgets.split(",")]
     today = time.strftime("%Y-%m-%d")
-    with tempfile.TemporaryDirectory(prefix="tta-") as tmp:
+    kept = contextlib.nullcontext(args.out / "work") if args.keep else tempfile.TemporaryDirectory(prefix="tta-")
+    with kept as tmp:
         layout = held_out_layout(args.data, Path(tmp) / "data", args.test_share, args.seed)
         for contender in args.contenders.split(","):
             if contender == "naive":

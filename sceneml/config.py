@@ -43,12 +43,12 @@ ONECYCLE_WARMS_UP = "scheduler=onecycle warms up by itself (30 % of the steps): 
 # measurement behind each value). Each recipe names every parameter declared with the default RECIPE.
 RECIPE = "recipe"  # the declared default of those parameters: "whatever the recipe says"
 RECIPES: dict[str, dict[str, object]] = {
-    "classic": {"image_size": 0, "batch_size": 32, "lr": 0.001, "weight_decay": 0.0001, "scheduler": "none",
-                "label_smoothing": 0.0, "random_crop": False, "auto_augment": "none", "random_erase": 0.0,
-                "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "ema": 0.0},
-    "fast": {"image_size": 96, "batch_size": 32, "lr": 0.001, "weight_decay": 0.05, "scheduler": "linear",
-             "label_smoothing": 0.1, "random_crop": True, "auto_augment": "none", "random_erase": 0.0,
-             "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "ema": 0.0},
+    "classic": {"image_size": 0, "train_crop_size": 0, "batch_size": 32, "lr": 0.001, "weight_decay": 0.0001,
+                "scheduler": "none", "label_smoothing": 0.0, "random_crop": False, "auto_augment": "none",
+                "random_erase": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "ema": 0.0},
+    "fast": {"image_size": 96, "train_crop_size": 0, "batch_size": 32, "lr": 0.001, "weight_decay": 0.05,
+             "scheduler": "linear", "label_smoothing": 0.1, "random_crop": True, "auto_augment": "none",
+             "random_erase": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "ema": 0.0},
 }
 
 
@@ -175,6 +175,9 @@ class TrainConfig:
     freeze_backbone: bool = param(False, "train the classifier head only (features computed once)", resume=True,
                                   search=True)
     random_crop: bool = param(RECIPE, "random-resized crops on top of flips", resume=True, search=True)
+    train_crop_size: int = param(RECIPE, "pixels per side of the random-resized crops, as torchvision's "
+                                         "--train-crop-size (0 = image_size); validation, test and serving stay at "
+                                         "image_size", resume=True, search=True)
     auto_augment: str = param(RECIPE, "an automatic augmentation policy on each training image, as torchvision's "
                                       "--auto-augment: trivial (TrivialAugmentWide) or randaugment (RandAugment)",
                               choices=AUTO_AUGMENT, resume=True, search=True)
@@ -253,6 +256,9 @@ class TrainConfig:
             raise SceneMLError("momentum and weight_decay must be >= 0")
         if self.image_size < 0 or 0 < self.image_size < 32:
             raise SceneMLError(f"image_size must be 0 (native) or >= 32, got {self.image_size}")
+        if self.train_crop_size and (self.train_crop_size < 32 or not self.random_crop):
+            raise SceneMLError(f"train_crop_size is the side of the random-resized crops: >= 32 with random_crop=true "
+                               f"(0 = image_size), got {self.train_crop_size} with random_crop={self.random_crop}")
         if self.limit_per_class < 0:
             raise SceneMLError(f"limit_per_class must be >= 0, got {self.limit_per_class}")
         if self.num_workers != "auto" and (not str(self.num_workers).isdigit() or int(self.num_workers) < 1):

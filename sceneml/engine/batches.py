@@ -34,9 +34,10 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def random_resized_crop(x: torch.Tensor, generator: torch.Generator, scale=(0.5, 1.0)) -> torch.Tensor:
-    """Per-image random crop (area share in ``scale``, aspect 3/4..4/3) resized back, as one grid_sample."""
-    b = x.shape[0]
+def random_resized_crop(x: torch.Tensor, generator: torch.Generator, scale=(0.5, 1.0), size: int = 0) -> torch.Tensor:
+    """Per-image random crop (area share in ``scale``, aspect 3/4..4/3) resized to ``size`` pixels a side
+    (0: the input's), as one grid_sample."""
+    b, c, height, width = x.shape
     area = torch.empty(b).uniform_(*scale, generator=generator)
     log_ratio = torch.empty(b).uniform_(np.log(3 / 4), np.log(4 / 3), generator=generator)
     ratio = torch.exp(log_ratio)
@@ -46,7 +47,8 @@ def random_resized_crop(x: torch.Tensor, generator: torch.Generator, scale=(0.5,
     cy = (torch.rand(b, generator=generator) * 2 - 1) * (1 - h)
     theta = torch.zeros(b, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w, cx, h, cy
-    grid = F.affine_grid(to_device(theta, x.device), list(x.shape), align_corners=False)
+    out = [b, c, size, size] if size else [b, c, height, width]
+    grid = F.affine_grid(to_device(theta, x.device), out, align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
@@ -113,12 +115,13 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, mixup_alpha: f
 
 def iterate_batches(pixels: np.ndarray, labels: np.ndarray, batch_size: int, device: torch.device,
                     generator: torch.Generator | None = None, augment: bool = False,
-                    crop: bool = False, order: torch.Tensor | None = None, policy: str = "none", erase: float = 0.0,
+                    crop: bool = False, crop_size: int = 0, order: torch.Tensor | None = None, policy: str = "none",
+                    erase: float = 0.0,
                     mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, num_classes: int = 0,
                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (images, labels) batches; shuffled and augmented when a generator is given: flips, then
-    random-resized crops (``crop``), an auto-augment ``policy``, random erasing (``erase``: the
-    probability per image), then MixUp or
+    random-resized crops (``crop``, of ``crop_size`` pixels a side, 0: the images'), an auto-augment
+    ``policy``, random erasing (``erase``: the probability per image), then MixUp or
     CutMix (an alpha > 0), whose labels are soft targets (B, num_classes). ``order`` (e.g. one rank's
     shard) replaces the shuffle."""
     n = len(labels)
@@ -133,7 +136,7 @@ def iterate_batches(pixels: np.ndarray, labels: np.ndarray, batch_size: int, dev
             flip = torch.rand(len(idx), generator=generator) < 0.5
             x = torch.where(to_device(flip, device).view(-1, 1, 1, 1), x.flip(3), x)
             if crop:
-                x = random_resized_crop(x, generator)
+                x = random_resized_crop(x, generator, size=crop_size)
             if policy != "none":
                 x = auto_augment(x, policy, generator)
             if erase > 0:

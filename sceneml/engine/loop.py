@@ -335,8 +335,8 @@ class EpochTrainer:
                                               generator, order)
         else:
             batches = iterate_batches(train.pixels, train.labels, cfg.batch_size, self.device, generator,
-                                      augment=True, crop=cfg.random_crop, order=order, policy=cfg.auto_augment,
-                                      erase=cfg.random_erase,
+                                      augment=True, crop=cfg.random_crop, crop_size=cfg.train_crop_size, order=order,
+                                      policy=cfg.auto_augment, erase=cfg.random_erase,
                                       mixup_alpha=cfg.mixup_alpha, cutmix_alpha=cfg.cutmix_alpha,
                                       num_classes=len(self.data.classes))
         n = len(order) if order is not None else len(train)
