@@ -46,7 +46,7 @@ RECIPES: dict[str, dict[str, object]] = {
     "classic": {"image_size": 0, "train_crop_size": 0, "batch_size": 32, "lr": 0.001, "weight_decay": 0.0001,
                 "scheduler": "none", "label_smoothing": 0.0, "random_crop": False, "auto_augment": "none",
                 "random_erase": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "ema": 0.0},
-    "fast": {"image_size": 96, "train_crop_size": 0, "batch_size": 32, "lr": 0.001, "weight_decay": 0.05,
+    "fast": {"image_size": 128, "train_crop_size": 96, "batch_size": 32, "lr": 0.001, "weight_decay": 0.05,
              "scheduler": "linear", "label_smoothing": 0.1, "random_crop": True, "auto_augment": "none",
              "random_erase": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "ema": 0.0},
 }

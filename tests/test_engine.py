@@ -72,23 +72,26 @@ def test_a_resumed_schedule_continues_where_it_stopped(name, warmup, tmp_path):
     assert _lrs(name, resume_after=2, tmp_path=tmp_path, warmup=warmup) == _lrs(name, warmup=warmup)
 
 
-def test_random_crop_samples_a_box_inside_the_image_with_the_documented_area_and_aspect():
+@pytest.mark.parametrize("crop_size", [0, 40, 96])
+def test_random_crop_samples_a_box_inside_the_image_with_the_documented_area_and_aspect(crop_size):
     """An image whose channels hold each pixel's own x and y coordinate: bilinear sampling of a linear
     ramp is exact, so the output's ramps give the box that was sampled (slope = half-width, value at
-    the centre = box centre), measured without re-drawing the random numbers."""
+    the centre = box centre), measured without re-drawing the random numbers. ``crop_size`` (as
+    train_crop_size) changes the output's pixels, not the box."""
     size, b = 64, 16
     centres = (2 * torch.arange(size, dtype=torch.float64) + 1) / size - 1  # pixel centres in [-1, 1]
     x = torch.zeros(b, 3, size, size, dtype=torch.float64)
     x[:, 0] = centres.view(1, 1, size)
     x[:, 1] = centres.view(1, size, 1)
-    out = random_resized_crop(x.float(), torch.Generator().manual_seed(0)).double()
-    assert out.shape == x.shape
-    inner = slice(size // 4, 3 * size // 4)  # away from the border, where reflection padding bends the ramp
-    u = centres[inner].numpy()
+    out = random_resized_crop(x.float(), torch.Generator().manual_seed(0), size=crop_size).double()
+    side = crop_size or size
+    assert out.shape == (b, 3, side, side)
+    inner = slice(side // 4, 3 * side // 4)  # away from the border, where reflection padding bends the ramp
+    u = ((2 * torch.arange(side, dtype=torch.float64) + 1) / side - 1)[inner].numpy()  # the output's centres
     areas, aspects = [], []
     for i in range(b):
-        w, cx = np.polyfit(u, out[i, 0, size // 2, inner].numpy(), 1)
-        h, cy = np.polyfit(u, out[i, 1, inner, size // 2].numpy(), 1)
+        w, cx = np.polyfit(u, out[i, 0, side // 2, inner].numpy(), 1)
+        h, cy = np.polyfit(u, out[i, 1, inner, side // 2].numpy(), 1)
         assert np.allclose(out[i, 0, inner, inner].numpy(), w * u[None, :] + cx, atol=1e-4)  # a crop, not a warp
         assert abs(cx) + w <= 1 + 1e-4 and abs(cy) + h <= 1 + 1e-4  # inside the image
         areas.append(w * h)

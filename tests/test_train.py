@@ -178,6 +178,8 @@ def test_same_seed_same_metrics_and_resume_matches_a_straight_run(tracking_uri, 
     (dict(ema=1.0), r"ema is a decay in \[0, 1\)"),
     (dict(time_budget=5, scheduler="cosine"), "time_budget shapes the lr schedule itself"),
     (dict(time_budget=-1), "time_budget is in minutes"),
+    (dict(train_crop_size=48), "train_crop_size is the side of the random-resized crops: >= 32 with random_crop=true"),
+    (dict(train_crop_size=16, random_crop=True), "got 16 with random_crop=True"),
     (dict(freeze_backbone=True, mixup_alpha=0.2), "act on images, which freeze_backbone replaces by cached features"),
 ])
 def test_bad_values_fail_before_training(bad, match):
