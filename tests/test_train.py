@@ -197,6 +197,26 @@ def test_a_last_batch_of_one_image_is_dropped_not_handed_to_batchnorm(tracking_u
     assert run.info.status == "FINISHED"
 
 
+def test_train_crop_size_trains_on_crops_of_that_size_and_validates_at_image_size(tracking_uri):
+    """What the stem convolution is given, seen by a forward hook on every module: in training mode the
+    crops' side, in eval mode (validation, the logged model's example) the images'."""
+    seen = set()
+
+    def stem_input(module, args):
+        if isinstance(module, torch.nn.Conv2d) and module.in_channels == 3:
+            seen.add((module.training, tuple(args[0].shape[-2:])))
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(stem_input)
+    try:
+        run_id = train(TrainConfig(data="synthetic:10", epochs=1, image_size=64, random_crop=True, train_crop_size=40,
+                                   weights="none", quiet=True))
+    finally:
+        hook.remove()
+    assert seen == {(True, (40, 40)), (False, (64, 64))}
+    params = MlflowClient().get_run(run_id).data.params
+    assert (params["train_crop_size"], params["image_size_resolved"]) == ("40", "64")
+
+
 def test_cli_prints_one_line_and_starts_no_run(tracking_uri):
     proc = subprocess.run([sys.executable, str(REPO / "entrypoints" / "train.py"), "--optimizer", "lion"],
                           capture_output=True, text=True, timeout=120)
