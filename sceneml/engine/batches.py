@@ -116,8 +116,7 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, mixup_alpha: f
 def iterate_batches(pixels: np.ndarray, labels: np.ndarray, batch_size: int, device: torch.device,
                     generator: torch.Generator | None = None, augment: bool = False,
                     crop: bool = False, crop_size: int = 0, order: torch.Tensor | None = None, policy: str = "none",
-                    erase: float = 0.0,
-                    mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, num_classes: int = 0,
+                    erase: float = 0.0, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, num_classes: int = 0,
                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (images, labels) batches; shuffled and augmented when a generator is given: flips, then
     random-resized crops (``crop``, of ``crop_size`` pixels a side, 0: the images'), an auto-augment
