@@ -65,3 +65,10 @@ def test_no_page_or_comment_speaks_of_its_making():
     found = [f"{f.relative_to(ROOT)}: {m.group(0)!r}" for f in files
              for rx in MAKING_OF for m in re.finditer(rx, f.read_text(), flags=re.M | re.I)]
     assert not found, found
+
+
+def test_the_search_page_names_exactly_the_parameters_tune_may_search():
+    from sceneml.config import SEARCHABLE
+
+    listed = re.search(r"\(searchable: ([^:]+):", (ROOT / "docs" / "search.md").read_text()).group(1)
+    assert [name.strip() for name in listed.split(",")] == list(SEARCHABLE)
