@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from one_at_a_time import one_at_a_time
+from time_to_accuracy import train_run
 
 
 def main() -> None:
@@ -40,9 +41,7 @@ def main() -> None:
     _, items = list_images(args.work / "data" / "seg_test")
     print(f"{len(items)} held-out photos")
     for store in sorted(p.parent for p in (args.work / "runs").glob("*/mlflow.db")):
-        client = mlflow.MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
-        runs = client.search_runs([client.get_experiment_by_name("Default").experiment_id])
-        run = next(r for r in runs if "sceneml.best_model_id" in r.data.tags)  # the train run, not evaluate's
+        run = train_run(store)
         mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
         model = mlflow.pytorch.load_model(f"models:/{run.data.tags['sceneml.best_model_id']}")
         classes = json.loads(run.data.params["classes"])

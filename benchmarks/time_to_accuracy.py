@@ -137,15 +137,22 @@ def sceneml_run(layout: Path, recipe: str, budget: float, work: Path, threads: i
                       (setting.partition("=") for setting in settings))],
                    env=env, cwd=store, check=True)
     minutes = (time.monotonic() - started) / 60
-    import mlflow
-
-    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
-    run = client.search_runs([client.get_experiment_by_name("Default").experiment_id])[0]
+    run = train_run(store)
     out = subprocess.run([sys.executable, "-m", "sceneml", "evaluate", "--model-uri",
                           f"models:/{run.data.tags['sceneml.best_model_id']}", "--split", "test"],
                          env=env, cwd=store, check=True, capture_output=True, text=True).stdout
     test_acc = float(out.split("test_acc = ")[1].split()[0])
     return {"minutes": round(minutes, 2), "test_acc": test_acc, "epochs": int(run.data.params["epochs_resolved"])}
+
+
+def train_run(store: Path):
+    """The `train` run of a contender's store (``<store>/mlflow.db``): the run that names its best model
+    (the store also holds `evaluate`'s run)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("Default").experiment_id])
+    return next(r for r in runs if "sceneml.best_model_id" in r.data.tags)
 
 
 def minutes_to_reach(curve: list[dict], accuracy: float) -> float | None:
@@ -160,14 +167,14 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    main_three = ("naive", "classic", "fast")
-    variants = sorted({r["contender"] for r in rows} - set(main_three))  # "fast image_size=96 ...": thin, dashed
-    for contender in (*main_three, *variants):
+    styles = {"naive": "o-", "classic": "s-", "fast": "^-"}
+    variants = sorted({r["contender"] for r in rows} - set(styles))  # "fast image_size=96 ...": thin, dashed
+    for contender in (*styles, *variants):
         mine = sorted((r for r in rows if r["contender"] == contender), key=lambda r: float(r["minutes"]))
-        style = dict(zip(main_three, ("o-", "s-", "^-"))).get(contender, "x--")
         if mine:
-            ax.plot([float(r["minutes"]) for r in mine], [float(r["test_acc"]) for r in mine], style, label=contender,
-                    **({} if contender in main_three else {"linewidth": 0.8, "alpha": 0.7}))
+            ax.plot([float(r["minutes"]) for r in mine], [float(r["test_acc"]) for r in mine],
+                    styles.get(contender, "x--"), label=contender,
+                    **({} if contender in styles else {"linewidth": 0.8, "alpha": 0.7}))
     ax.set(xlabel="wall time of the whole process (min)", ylabel="test accuracy (held-out 20 %)",
            title="Intel photos, ResNet18 from scratch, 2-core CPU")
     ax.grid(alpha=0.3)
@@ -202,9 +209,11 @@ def main() -> None:
     budgets = [float(b) for b in args.budgets.split(",")]
     today = time.strftime("%Y-%m-%d")
     kept = contextlib.nullcontext(args.out / "work") if args.keep else tempfile.TemporaryDirectory(prefix="tta-")
+    contenders = [c for c in args.contenders.split(",") if c]  # none: redraw the plot from the CSV
     with kept as tmp:
-        layout = held_out_layout(args.data, Path(tmp) / "data", args.test_share, args.seed)
-        for contender in [c for c in args.contenders.split(",") if c]:  # none: redraw the plot from the CSV
+        if contenders:
+            layout = held_out_layout(args.data, Path(tmp) / "data", args.test_share, args.seed)
+        for contender in contenders:
             if contender == "naive":
                 found = naive(layout, args.naive_minutes or max(budgets), args.every, args.threads)
                 new = [{"budget_min": "", **r} for r in found]
