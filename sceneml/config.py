@@ -29,7 +29,8 @@ LOWER_IS_BETTER = frozenset({"val_loss"})
 # Which epoch checkpoints a finished run keeps: its best one, every one that improved, or all.
 KEEP_CHECKPOINTS = ("best", "improved", "all")
 # Training arithmetic: auto = bf16 autocast on CUDA devices that support it, else fp16 with a
-# GradScaler; fp32 on the CPU. Validation and the logged checkpoints stay float32.
+# GradScaler; on the CPU bf16 where it has AMX bf16 tiles, else fp32. Validation and the logged
+# checkpoints stay float32.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PRUNERS = ("median", "hyperband", "none")
 DEDUPE = ("none", "cross_split")  # cross_split: drop val/test copies of training images
@@ -154,9 +155,10 @@ class TrainConfig:
                                   "torchvision's --lr-warmup-epochs", resume=True, search=True)
     epochs: int = param(3, "training epochs", resume=True, search=True)
     time_budget: float = param(0.0, "minutes the training may take (0 = off): the first epoch measures, then the "
-                                    "epochs are set so that training, validation and checkpoints fit (epochs is "
-                                    "ignored; logged as epochs_resolved) and the lr falls linearly to 0 when the last "
-                                    "one ends (budgeted training)", resume=True)
+                                    "epochs are set so that training, validation and checkpoints fit, again after "
+                                    "every epoch (epochs is ignored; metric epochs_planned, param epochs_resolved) "
+                                    "and the lr falls linearly to 0 when the last one ends (budgeted training)",
+                                resume=True)
     ema: float = param(RECIPE, "decay of an exponential moving average of the weights, updated after every optimizer "
                             "step, as torchvision's --model-ema-decay (0 = off; e.g. 0.99): validation, the logged "
                             "checkpoints and so the champion are the averaged weights", resume=True, search=True)
@@ -193,7 +195,8 @@ class TrainConfig:
     num_workers: str = param("auto", "image-decode threads: auto (CPU cores, at most 8) or a number")
     select_metric: str = _select_metric()
     keep_checkpoints: str = param("best", "checkpoints a finished run keeps", choices=KEEP_CHECKPOINTS)
-    precision: str = param("auto", "training arithmetic; fp16 needs CUDA", choices=PRECISIONS)
+    precision: str = param("auto", "training arithmetic (auto: bf16 on CUDA and on AMX CPUs, else fp16 on CUDA, "
+                           "fp32 on other CPUs); fp16 needs CUDA", choices=PRECISIONS)
     compile: bool = param(False, "torch.compile the model for training")
     dedupe: str = param("none", "cross_split: drop val/test copies of training images", choices=DEDUPE, resume=True)
     dup_distance: int = param(6, "near duplicates: perceptual hashes at most this many bits apart", resume=True)

@@ -56,6 +56,28 @@ def test_linear_schedule_reaches_zero_when_the_last_epoch_ends():
     assert _lrs("linear") == pytest.approx([LR * (1 - t / EPOCHS) for t in range(EPOCHS)], rel=1e-12)
 
 
+def test_a_budget_plan_grows_and_shrinks_with_the_pace_and_its_lr_line_turns_where_it_is():
+    """By hand: a 100 s budget from t=0, 10 steps an epoch. The first epoch (one-time costs) ends at 20 s:
+    (100 - 20 - 2) // 20 = 3 more fit, 4 in all, and the line falls from 1 at step 10 to 0 at step 40.
+    Epoch 2 ends at 30 s at 10 s an epoch: (100 - 30 - 1) // 10 = 6 more, 8 in all; the line turns at
+    step 20, where it is at (40 - 20) / 30 = 2/3, and reaches 0 at step 80. At 20 s an epoch from
+    t=50 (after epoch 4) only (100 - 50 - 2) // 20 = 2 more fit: 6, the line from step 40 (factor
+    2/3 * 40/60 = 4/9) to 0 at step 60. A plan whose epochs are done stays as it is."""
+    from sceneml.engine.loop import BudgetPlan
+
+    plan = BudgetPlan(100.0, 0.0, 10)
+    assert plan.factor(5) == 1.0  # no plan yet: full lr while the first epoch measures
+    assert plan.fit(1, 20.0, now=20.0) == 4
+    assert [plan.factor(s) for s in (10, 25, 40)] == pytest.approx([1.0, 0.5, 0.0])
+    assert plan.fit(2, 10.0, now=30.0) == 8
+    assert [plan.factor(s) for s in (20, 50, 80, 90)] == pytest.approx([2 / 3, 1 / 3, 0.0, 0.0])
+    assert plan.fit(4, 20.0, now=50.0) == 6
+    assert [plan.factor(s) for s in (40, 50, 60)] == pytest.approx([4 / 9, 2 / 9, 0.0])
+    assert plan.fit(6, 1.0, now=55.0) == 6  # the line is at 0: no epoch more, however much time is left
+    plan.keep(6, 40, factor=0.5)  # a resume: the plan and the lr its checkpoint holds
+    assert [plan.factor(s) for s in (40, 50, 60)] == pytest.approx([0.5, 0.25, 0.0])
+
+
 @pytest.mark.parametrize("name, after", [
     ("none", [1, 1, 1, 1]),
     ("linear", [1, 0.75, 0.5, 0.25]),

@@ -292,11 +292,17 @@ def test_early_stop_ends_the_run_at_the_first_epoch_whose_patience_ran_out(track
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
+def _history(client: MlflowClient, run_id: str, key: str) -> list[float]:
+    return [h.value for h in sorted(client.get_metric_history(run_id, key), key=lambda h: h.step)]
+
+
 @pytest.mark.slow
 def test_a_time_budget_fits_its_epochs_and_ends_the_lr_line_at_zero_within_it(tracking_uri):
-    """A 9 s budget: the first epoch measures, the run does the epochs that fit (param epochs_resolved)
-    and ends within the budget plus a tenth and a minute; the lr of epoch e is lr (1 - (e - 1) / E), a
-    line reaching 0 when the last of the E epochs ends (fewer epochs if later ones ran slower)."""
+    """A 9 s budget: the first epoch measures, then after each epoch the run plans the epochs that fit
+    (metric epochs_planned; the last plan is param epochs_resolved) and it ends within the budget plus a
+    tenth and a minute. The lr follows the plans by hand: full in epochs 1 and 2, then during epoch e
+    a line from its lr to 0 at the end of the P epochs planned after epoch e - 1, so that epoch e + 1
+    starts at lr_e (P - e) / (P - e + 1)."""
     import time
 
     # scheduler=linear (fast's) is the budget's own line: accepted, and the line below is the budget's
@@ -308,12 +314,14 @@ def test_a_time_budget_fits_its_epochs_and_ends_the_lr_line_at_zero_within_it(tr
     client = MlflowClient()
     run = client.get_run(run_id)
     assert cfg.time_budget * 60 / 2 <= elapsed <= cfg.time_budget * 60 * 1.1 + 60, elapsed
-    planned = int(run.data.params["epochs_resolved"])
-    lrs = [h.value for h in sorted(client.get_metric_history(run_id, "lr"), key=lambda h: h.step)]
-    assert 2 <= len(lrs) <= planned and run.data.params["epochs"] == "3"  # the epochs param is not what ran
-    assert lrs[0] == pytest.approx(0.001) and all(a > b > 0 for a, b in zip(lrs, lrs[1:]))
-    if len(lrs) == planned:
-        assert lrs == pytest.approx([0.001 * (1 - (e - 1) / planned) for e in range(1, planned + 1)], rel=1e-6)
+    plans, lrs = _history(client, run_id, "epochs_planned"), _history(client, run_id, "lr")
+    assert 2 <= len(lrs) == len(plans) == int(run.data.params["epochs_resolved"]) == plans[-1]
+    assert run.data.params["epochs"] == "3"  # the epochs param is not what ran
+    expected = [0.001, 0.001]
+    for e in range(2, len(lrs)):
+        p = plans[e - 2]  # the plan after epoch e - 1
+        expected.append(expected[-1] * (p - e) / (p - e + 1))
+    assert lrs == pytest.approx(expected, rel=1e-6) and all(a >= b > 0 for a, b in zip(lrs, lrs[1:]))
 
 
 @pytest.mark.slow
@@ -326,11 +334,15 @@ def test_a_resumed_time_budget_run_keeps_its_plan(tracking_uri, monkeypatch):
     monkeypatch.delenv(FAULT_ENV)
     client = MlflowClient()
     stopped = client.search_runs([mlflow.get_experiment_by_name("Default").experiment_id])[0]
-    planned = int(stopped.data.params["epochs_resolved"])
+    [planned] = _history(client, stopped.info.run_id, "epochs_planned")  # after epoch 1
+    planned = int(planned)
     run_id = train(dataclasses.replace(cfg, resume=stopped.info.run_id))
-    lrs = [h.value for h in sorted(client.get_metric_history(run_id, "lr"), key=lambda h: h.step)]
-    assert len(lrs) == planned  # the resumed process did the epochs planned before, not a new count
-    assert lrs == pytest.approx([0.001 * (1 - (e - 1) / planned) for e in range(1, planned + 1)], rel=1e-6)
+    lrs = _history(client, run_id, "lr")
+    assert len(lrs) == planned == int(client.get_run(run_id).data.params["epochs_resolved"])
+    # the resumed process did the epochs planned before, not a new count, on the line planned then: full
+    # lr to the end of epoch 1, then from there to 0 at the end of epoch `planned`
+    assert lrs == pytest.approx([0.001] + [0.001 * (planned - e + 1) / (planned - 1) for e in range(2, planned + 1)],
+                                rel=1e-6)
 
 
 @pytest.mark.slow
@@ -383,8 +395,11 @@ def test_precision_choices_are_checked_before_any_work():
     from sceneml.engine.loop import resolve_precision
 
     cpu = torch.device("cpu")
-    assert resolve_precision("auto", cpu) is None and resolve_precision("fp32", cpu) is None  # fp32 on the CPU
-    assert resolve_precision("bf16", cpu) == torch.bfloat16
+    # auto is bf16 exactly where the CPU has AMX bf16 tiles; the kernel's own list of CPU flags tells
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else None
+    if flags is not None:
+        assert resolve_precision("auto", cpu) == (torch.bfloat16 if "amx_bf16" in flags else None), "amx_bf16" in flags
+    assert resolve_precision("fp32", cpu) is None and resolve_precision("bf16", cpu) == torch.bfloat16
     with pytest.raises(SceneMLError, match="precision=fp16 needs a CUDA device; on the CPU use bf16 or fp32"):
         resolve_precision("fp16", cpu)
     with pytest.raises(SceneMLError, match="precision=fp16 needs a CUDA device"):

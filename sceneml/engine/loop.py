@@ -103,23 +103,42 @@ class BudgetPlan:
     """``time_budget``: how many epochs fit, and the lr factor of each optimizer step. ``epochs`` is 0 until
     the first epoch has measured how long an epoch takes (training, validation, checkpoint and logging);
     until then the lr stays at its full value, afterwards it falls linearly to 0 at the end of the last
-    epoch, the schedule of Li, Yumer & Ramanan's "Budgeted Training" (ICLR 2020)."""
+    epoch, the schedule of Li, Yumer & Ramanan's "Budgeted Training" (ICLR 2020). Each later epoch may
+    move that end (more epochs when they run faster than planned, fewer when slower): the line then
+    turns where it is, at ``anchor_step`` and ``anchor_factor``, and falls from there to 0 at the new end."""
 
     budget_s: float
     started: float  # time.monotonic() when the task started
     steps_per_epoch: int
     epochs: int = 0
+    anchor_step: int = 0
+    anchor_factor: float = 1.0
 
     def factor(self, step: int) -> float:
-        return 1.0 if not self.epochs else max(0.0, 1.0 - step / (self.epochs * self.steps_per_epoch))
+        if not self.epochs:
+            return 1.0
+        end = self.epochs * self.steps_per_epoch
+        if end <= self.anchor_step:
+            return 0.0
+        return self.anchor_factor * max(0.0, (end - step) / (end - self.anchor_step))
 
-    def fit(self, done: int, epoch_seconds: float) -> int:
-        """The epochs that fit once ``done`` epochs took ``epoch_seconds`` each (at least ``done``; never
-        more than planned before); a tenth of an epoch is kept for the run's end."""
-        left = self.budget_s - (time.monotonic() - self.started) - 0.1 * epoch_seconds
+    def fit(self, done: int, epoch_seconds: float, now: float | None = None) -> int:
+        """The epochs that fit once ``done`` epochs are over, an epoch taking ``epoch_seconds`` from now on
+        (at least ``done``; a tenth of an epoch is kept for the run's end). A finished plan stays as it is."""
+        if self.epochs and done >= self.epochs:
+            return self.epochs  # the line has reached 0: more epochs would train at lr 0
+        now = time.monotonic() if now is None else now
+        left = self.budget_s - (now - self.started) - 0.1 * epoch_seconds
         fits = done + max(0, int(left // epoch_seconds))
-        self.epochs = fits if not self.epochs else max(done, min(self.epochs, fits))
+        if fits != self.epochs:
+            self.keep(fits, done * self.steps_per_epoch)
         return self.epochs
+
+    def keep(self, epochs: int, step: int, factor: float | None = None) -> None:
+        """End the line after ``epochs`` epochs, turning it at ``step`` where its factor is ``factor`` (by
+        default the current line's there; a resumed run passes the factor its checkpoint holds)."""
+        self.anchor_factor = self.factor(step) if factor is None else factor
+        self.anchor_step, self.epochs = step, epochs
 
 
 def then(first: Callable[[], object], after: Callable[[], None] | None) -> Callable[[], None]:
@@ -139,6 +158,15 @@ def make_ema(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedMo
     return swa.AveragedModel(model, multi_avg_fn=swa.get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
+def cpu_has_bf16_tiles() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX). There bf16 autocast trains
+    ResNet18 about 2.3x as fast as fp32; without it bf16 is emulated and about 3.5x slower."""
+    capabilities = getattr(torch.cpu, "get_capabilities", None)  # public in recent torch releases
+    if capabilities is not None:
+        return bool(capabilities().get("amx_bf16", False))
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())  # older releases
+
+
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``precision`` on ``device``; None means plain float32."""
     if name == "fp32":
@@ -146,7 +174,7 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     if device.type != "cuda":
         if name == "fp16":
             raise SceneMLError(FP16_NEEDS_CUDA)
-        return torch.bfloat16 if name == "bf16" else None  # auto: fp32 on the CPU
+        return torch.bfloat16 if name == "bf16" or cpu_has_bf16_tiles() else None
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.bfloat16 if name == "bf16" else torch.float16

@@ -197,18 +197,14 @@ def _train(cfg: TrainConfig, run_name: str, nested: bool, ctx: distributed.DistC
             set_tags(run.info.run_id, heartbeat())
         replan = plan is not None
 
-        def follow_plan() -> None:
-            """The lr of the budget's line from this step on (the checkpoint's optimizer holds the last one)."""
-            for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
-                group["lr"] = base * plan.factor(scheduler.last_epoch)
-
         if master and cfg.resume:
             log_run.restore()
-            resolved = log_run.logged_params().get("epochs_resolved") if plan is not None else None
-            if resolved is not None:  # a resume keeps the plan (one cut short in its first epoch makes one)
-                plan.epochs, replan = int(resolved), False
-                log_run.use_epochs(plan.epochs)
-                follow_plan()
+            planned = log_run.planned_epochs() if plan is not None else None
+            if planned is not None:  # a resume keeps the plan (one cut short in its first epoch makes one)
+                # and the lr line: from the lr the checkpoint holds to 0 at the plan's end
+                plan.keep(planned, scheduler.last_epoch, optimizer.param_groups[0]["lr"] / scheduler.base_lrs[0])
+                replan = False
+                log_run.use_epochs(planned)
         elif master:
             log_run.log_data(weights_resolved, ctx.world_size if ctx else 1)
 
@@ -232,7 +228,6 @@ def _train(cfg: TrainConfig, run_name: str, nested: bool, ctx: distributed.DistC
                     log_run.end_epoch(epoch, lr, train_loss, train_seconds)
                 if replan and master:
                     log_run.fit_budget(plan, epoch, time.monotonic() - epoch_started)
-                    follow_plan()
                 distributed.barrier()  # the other ranks wait here while the main process validates and logs
                 if on_epoch is not None and epoch < last_epoch(epoch) and on_epoch(epoch, log_run.history[-1]):
                     log.info("%s: stopped after epoch %d of %d", run_name, epoch, last_epoch(epoch))
@@ -480,16 +475,26 @@ class RunLog:
         self.trainer.cfg = self.cfg
 
     def fit_budget(self, plan: BudgetPlan, done: int, epoch_seconds: float) -> None:
-        """``time_budget``: after the first epoch, the epochs that fit (param ``epochs_resolved``); after
-        each later one, fewer if epochs turn out slower than the first (the lr line then ends sooner)."""
-        first = not plan.epochs
+        """``time_budget``: after each epoch, the epochs that fit at the pace of the epochs so far (metric
+        ``epochs_planned``). The pace leaves out the first epoch once a second has run: the first also pays
+        one-time costs (kernel selection, the first checkpoint), and counting it would end runs early."""
+        before = plan.epochs
         self.epoch_seconds.append(epoch_seconds)
-        epochs = plan.fit(done, sum(self.epoch_seconds) / len(self.epoch_seconds))
-        if first:
-            log_params_once(self.run_id, {"epochs_resolved": epochs})
+        pace = self.epoch_seconds[1:] or self.epoch_seconds
+        epochs = plan.fit(done, sum(pace) / len(pace))
+        self.metrics.add("epochs_planned", epochs, done)
+        self.metrics.flush()
+        if epochs != before:
             log.info("%s: time_budget %.1f min: %d epochs of %.1f s fit", self.run_name, self.cfg.time_budget, epochs,
-                     epoch_seconds)
+                     sum(pace) / len(pace))
         self.use_epochs(epochs)
+
+    def planned_epochs(self) -> int | None:
+        """A resumed time-budget run's plan: the last ``epochs_planned`` of the epochs its checkpoint holds
+        (None when the run stopped before the first epoch's plan was logged)."""
+        history = MlflowClient().get_metric_history(self.run_id, "epochs_planned")
+        plans = [m for m in history if m.step < self.next_epoch]
+        return int(max(plans, key=lambda m: m.step).value) if plans else None
 
     def patience_ran_out(self) -> bool:
         """``early_stop``: the best epoch is that many epochs behind; logs ``stopped_epoch`` (once)."""
@@ -505,6 +510,8 @@ class RunLog:
     def finish(self) -> None:
         """The best epoch by the select metric (the rule select uses too), its tags and the figures."""
         cfg, data, history = self.cfg, self.data, self.history
+        if cfg.time_budget:  # the plan as it ended (it may have moved after every epoch)
+            log_params_once(self.run_id, {"epochs_resolved": cfg.epochs})
         metric = cfg.select_metric
         best = best_row(history, metric)
         epoch = best["epoch"]
