@@ -65,8 +65,8 @@ def postgres():
             subprocess.run([str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "sceneml", db],
                            check=True, capture_output=True)
         yield f"postgresql://sceneml@127.0.0.1:{port}"
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
+    finally:  # SIGINT: PostgreSQL's fast shutdown (SIGTERM's smart one waits for every client to leave)
+        os.killpg(server.pid, signal.SIGINT)
         server.wait(timeout=60)
         shutil.rmtree(home, ignore_errors=True)
 
@@ -96,7 +96,7 @@ def server(postgres, tmp_path_factory):
     proc = _start_server(tmp, postgres, port, "server-1.log")
     state = {"proc": proc, "tmp": tmp, "port": port, "uri": f"http://127.0.0.1:{port}", "db": postgres}
     yield state
-    _stop(state["proc"])
+    _stop(state["proc"], signal.SIGKILL)  # nothing of its own to save: the store is PostgreSQL's
 
 
 def _env(uri: str, experiment: str, **extra: str) -> dict[str, str]:
