@@ -466,9 +466,6 @@ class RunLog:
         return {k: v for k, v in values.items()
                 if not any(m.step == step for m in client.get_metric_history(self.run_id, k))}
 
-    def logged_params(self) -> dict[str, str]:
-        return MlflowClient().get_run(self.run_id).data.params
-
     def use_epochs(self, epochs: int) -> None:
         """The run's epochs as a time budget resolved them (the summary's step, the progress bars)."""
         self.cfg = dataclasses.replace(self.cfg, epochs=epochs)
