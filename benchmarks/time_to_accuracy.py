@@ -172,6 +172,7 @@ def plot(rows: list[dict], path: Path) -> None:
     machines = sorted({r["machine"] for r in rows})
     fig, axes = plt.subplots(1, len(machines), figsize=(7 * len(machines), 4.5), sharey=True, squeeze=False)
     styles = {"naive": "o-", "classic": "s-", "fast": "^-"}
+    colours = {name: f"C{i}" for i, name in enumerate([*styles, *sorted({r["contender"] for r in rows} - set(styles))])}
     for ax, machine in zip(axes[0], machines):
         here = [r for r in rows if r["machine"] == machine]
         variants = sorted({r["contender"] for r in here} - set(styles))  # "fast image_size=96 ...": thin, dashed
@@ -179,7 +180,7 @@ def plot(rows: list[dict], path: Path) -> None:
             mine = sorted((r for r in here if r["contender"] == contender), key=lambda r: float(r["minutes"]))
             if mine:
                 ax.plot([float(r["minutes"]) for r in mine], [float(r["test_acc"]) for r in mine],
-                        styles.get(contender, "x--"), label=contender,
+                        styles.get(contender, "x--"), color=colours[contender], label=contender,
                         **({} if contender in styles else {"linewidth": 0.8, "alpha": 0.7}))
         ax.set(xlabel="wall time of the whole process (min)", title=f"ResNet18 from scratch, {machine}")
         ax.grid(alpha=0.3)
