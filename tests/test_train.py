@@ -265,6 +265,10 @@ def test_patience_runs_out_when_the_best_epoch_is_that_many_epochs_behind():
     assert not patience_ran_out(losses[:2], metric, 1) and patience_ran_out(losses[:3], metric, 1)
 
 
+def _history(client: MlflowClient, run_id: str, key: str) -> list[float]:
+    return [h.value for h in sorted(client.get_metric_history(run_id, key), key=lambda h: h.step)]
+
+
 @pytest.mark.slow
 def test_early_stop_ends_the_run_at_the_first_epoch_whose_patience_ran_out(tracking_uri):
     """A frozen backbone and lr 1e-12: every epoch scores exactly what epoch 1 scored, so epoch 1 stays
@@ -287,13 +291,9 @@ def test_early_stop_ends_the_run_at_the_first_epoch_whose_patience_ran_out(track
     assert stopped == 3 and [e for e, _ in values] == [1, 2, 3]
     metrics = client.get_run(run_id).data.metrics
     assert metrics["stopped_epoch"] == 3 and metrics["best_epoch"] == 1
-    lrs = [h.value for h in sorted(client.get_metric_history(run_id, "lr"), key=lambda h: h.step)]
+    lrs = _history(client, run_id, "lr")
     assert lrs[0] == pytest.approx(1e-12 / 25) and lrs[1] > lrs[0]  # rising through the first 30 % of the steps
     assert client.get_run(run_id).info.status == "FINISHED"
-
-
-def _history(client: MlflowClient, run_id: str, key: str) -> list[float]:
-    return [h.value for h in sorted(client.get_metric_history(run_id, key), key=lambda h: h.step)]
 
 
 @pytest.mark.slow

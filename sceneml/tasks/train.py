@@ -477,13 +477,14 @@ class RunLog:
         one-time costs (kernel selection, the first checkpoint), and counting it would end runs early."""
         before = plan.epochs
         self.epoch_seconds.append(epoch_seconds)
-        pace = self.epoch_seconds[1:] or self.epoch_seconds
-        epochs = plan.fit(done, sum(pace) / len(pace))
+        measured = self.epoch_seconds[1:] or self.epoch_seconds
+        pace = sum(measured) / len(measured)
+        epochs = plan.fit(done, pace)
         self.metrics.add("epochs_planned", epochs, done)
         self.metrics.flush()
         if epochs != before:
             log.info("%s: time_budget %.1f min: %d epochs of %.1f s fit", self.run_name, self.cfg.time_budget, epochs,
-                     sum(pace) / len(pace))
+                     pace)
         self.use_epochs(epochs)
 
     def planned_epochs(self) -> int | None:
