@@ -24,7 +24,8 @@ and prints the table and the ratio "naive minutes to reach the accuracy that fas
 ``--target`` minutes" over ``--target`` (for each fast run at that budget, from one machine's rows).
 Rows already in the CSV are kept (a second invocation adds the rest, so the two hours can be spent in
 pieces); each row names its machine (``--machine``, by default this CPU's model), the plot has a panel
-per machine, and running a contender again on one machine replaces its rows of that machine only.
+per machine. A sceneml contender run again adds a row (a repeat is another draw from the run-to-run
+spread, which the table should show); the naive loop run again replaces its curve of that machine.
 """
 
 from __future__ import annotations
@@ -128,8 +129,8 @@ def score(model, dataset) -> float:
 def sceneml_run(layout: Path, recipe: str, budget: float, work: Path, threads: int, settings: list[str]) -> dict:
     """One `train` process of ``budget`` minutes with an empty cache and store, then `evaluate` on seg_test.
     ``settings``: ``name=value`` parameters given on top of the recipe."""
-    store = work / f"{recipe}-{budget:g}-{'-'.join(settings)}"
-    store.mkdir(parents=True, exist_ok=True)
+    store = work / f"{recipe}-{budget:g}-{'-'.join(settings)}-{time.strftime('%Y%m%dT%H%M%S')}"  # one per run
+    store.mkdir(parents=True)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}",
            "SCENEML_CACHE": str(store / "cache"), "OMP_NUM_THREADS": str(threads)}
     started = time.monotonic()
@@ -237,8 +238,8 @@ def main() -> None:
                 new = [{"budget_min": b, **sceneml_run(layout, contender, b, Path(tmp) / "runs", args.threads,
                                                        args.set)} for b in budgets]
             label = " ".join([contender, *args.set])
-            rows = [r for r in rows if r["contender"] != label or r["machine"] != args.machine or (
-                contender != "naive" and float(r["budget_min"]) not in budgets)]
+            if contender == "naive":
+                rows = [r for r in rows if r["contender"] != label or r["machine"] != args.machine]
             rows += [{"contender": label, **r, "machine": args.machine, "date": today} for r in new]
             with table.open("w", newline="") as f:  # after each contender: nothing lost on a crash
                 writer = csv.DictWriter(f, FIELDS)

@@ -217,6 +217,26 @@ def test_train_crop_size_trains_on_crops_of_that_size_and_validates_at_image_siz
     assert (params["train_crop_size"], params["image_size_resolved"]) == ("40", "64")
 
 
+@pytest.mark.slow
+def test_epoch_seconds_is_the_wall_time_between_two_epochs_ends_validation_included(tracking_uri):
+    """By another clock: each metric carries the wall time it was logged at, and epoch_seconds is logged
+    at the same line of every epoch, so two epochs' stamps lie one whole epoch apart. Validation is
+    made most of the epoch (80 % of the images, 96 px), so a figure that left it out would miss by
+    far more than the tolerance."""
+    cfg = TrainConfig(data="synthetic:40", epochs=2, image_size=96, val_fraction=0.8, batch_size=16, weights="none",
+                      quiet=True)
+    run_id = train(cfg)
+    history = {key: sorted(MlflowClient().get_metric_history(run_id, key), key=lambda m: m.step)
+               for key in ("epoch_seconds", "train_seconds", "val_seconds")}
+    epoch, train_s, val_s = (history[key][1].value for key in ("epoch_seconds", "train_seconds", "val_seconds"))
+    between = (history["epoch_seconds"][1].timestamp - history["epoch_seconds"][0].timestamp) / 1000
+    assert val_s > train_s > 0  # the set-up above: validation dominates
+    assert epoch >= train_s + val_s
+    # what happens between two epochs outside the measured one (a metric flush, the next epoch's setup)
+    # is milliseconds; a stamp is rounded to one
+    assert abs(epoch - between) <= 0.25 * val_s + 0.05, (epoch, between, val_s)
+
+
 def test_cli_prints_one_line_and_starts_no_run(tracking_uri):
     proc = subprocess.run([sys.executable, str(REPO / "entrypoints" / "train.py"), "--optimizer", "lion"],
                           capture_output=True, text=True, timeout=120)
@@ -234,8 +254,13 @@ def test_freeze_backbone_trains_the_head_on_cached_features(tracking_uri):
     client = MlflowClient()
     m = client.get_run(run_id).data.metrics
     assert m["feature_cache_seconds"] > 0  # features computed once, before epoch 1
-    # log_seconds includes the batch-loss writes made during the training pass
-    assert m["epoch_seconds"] >= max(m["train_seconds"], m["log_seconds"]) > 0
+    # log_seconds includes the batch-loss writes made during the training pass; an epoch's wall time
+    # holds its training pass and its validation, and the epochs fit in the run's own wall time
+    assert m["epoch_seconds"] >= max(m["train_seconds"] + m["val_seconds"], m["log_seconds"]) > 0
+    assert m["val_seconds"] > 0
+    run = client.get_run(run_id).info
+    epochs = [h.value for h in client.get_metric_history(run_id, "epoch_seconds")]
+    assert len(epochs) == 5 and sum(epochs) <= (run.end_time - run.start_time) / 1000
     losses = [h.value for h in client.get_metric_history(run_id, "train_loss")]
     assert losses[-1] < losses[0]
     # a linear probe on random-initialised ResNet18 features still beats chance (1/6) by a margin

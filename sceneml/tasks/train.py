@@ -406,7 +406,9 @@ class RunLog:
         value per epoch."""
         cfg, data, trainer = self.cfg, self.data, self.trainer
         val = data.splits["val"]
+        val_started = time.perf_counter()
         log_probs = trainer.val_log_probs()
+        val_seconds = time.perf_counter() - val_started
         scores, log_p = np.exp(log_probs), log_probs[np.arange(len(val)), val.labels]
         val_metrics = classification_metrics(val.labels, scores, data.classes, "val", log_p)
         started = time.perf_counter()
@@ -435,9 +437,11 @@ class RunLog:
         for e in superseded_epochs(self.history, self.models, cfg.keep_checkpoints, cfg.select_metric):
             delete_checkpoint(self.models.pop(e))
         self.log_seconds += time.perf_counter() - started
-        self.metrics.add_many({"epoch_seconds": train_seconds + time.perf_counter() - started,
-                               "train_seconds": train_seconds, "train_images_per_sec": len(data.splits["train"])
-                               / train_seconds, "log_seconds": self.log_seconds}, epoch)
+        # the epoch's wall time: training pass, validation, checkpoint and logging
+        self.metrics.add_many({"epoch_seconds": train_seconds + time.perf_counter() - val_started,
+                               "train_seconds": train_seconds, "val_seconds": val_seconds,
+                               "train_images_per_sec": len(data.splits["train"]) / train_seconds,
+                               "log_seconds": self.log_seconds}, epoch)
         self.metrics.flush()
         self.log_seconds = 0.0
         if not cfg.quiet:
