@@ -19,7 +19,9 @@ its time is the whole `train` process, imports and decoding into an empty cache 
     python benchmarks/time_to_accuracy.py --contenders fast --budgets 5 --set image_size=48   # a variant
     python benchmarks/time_to_accuracy.py --contenders "" --out benchmarks   # the table and plot of the CSV
 
-Writes ``<out>/time_to_accuracy.csv`` (one row per contender and time) and ``time_to_accuracy.png``,
+Writes ``<out>/time_to_accuracy.csv`` (one row per contender and time, with the training pace in images
+per second: a sceneml run's median epoch, the naive loop's since its first batch; on a shared VM it shows
+how fast the machine ran at the time) and ``time_to_accuracy.png``,
 and prints the table and the ratio "naive minutes to reach the accuracy that fast reaches in
 ``--target`` minutes" over ``--target`` (for each fast run at that budget, from one machine's rows).
 Rows already in the CSV are kept (a second invocation adds the rest, so the two hours can be spent in
@@ -44,7 +46,7 @@ from one_at_a_time import one_at_a_time
 
 REPO = Path(__file__).resolve().parents[1]
 INTEL_TRAIN = REPO.parent / "shared" / "data" / "intel-train"
-FIELDS = ("contender", "budget_min", "minutes", "test_acc", "epochs", "machine", "date")
+FIELDS = ("contender", "budget_min", "minutes", "test_acc", "epochs", "img_per_s", "machine", "date")
 
 
 def held_out_layout(data: Path, out: Path, test_share: float, seed: int) -> Path:
@@ -92,11 +94,12 @@ def naive(layout: Path, minutes: float, every: float, threads: int) -> list[dict
                                          persistent_workers=True)
     model = torchvision.models.resnet18(num_classes=len(train_set.classes))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    paused, rows, next_score, epoch = 0.0, [], every, 0
+    paused, rows, next_score, epoch, images = 0.0, [], every, 0, 0
 
     def clock() -> float:
         return (time.monotonic() - started - paused) / 60
 
+    trains_from = clock()  # the pace counts from the first batch: imports and the file listing are not training
     while clock() < minutes:
         epoch += 1
         for x, y in loader:
@@ -104,9 +107,11 @@ def naive(layout: Path, minutes: float, every: float, threads: int) -> list[dict
             optimizer.zero_grad()
             F.cross_entropy(model(x), y).backward()
             optimizer.step()
+            images += len(y)
             if clock() >= next_score:
                 stop = time.monotonic()
-                rows.append({"minutes": round(clock(), 2), "test_acc": score(model, test_set), "epochs": epoch})
+                rows.append({"minutes": round(clock(), 2), "test_acc": score(model, test_set), "epochs": epoch,
+                             "img_per_s": round(images / ((clock() - trains_from) * 60), 1)})
                 print(f"naive {rows[-1]}", flush=True)
                 paused += time.monotonic() - stop
                 next_score += every
@@ -145,7 +150,12 @@ def sceneml_run(layout: Path, recipe: str, budget: float, work: Path, threads: i
                           f"models:/{run.data.tags['sceneml.best_model_id']}", "--split", "test"],
                          env=env, cwd=store, check=True, capture_output=True, text=True).stdout
     test_acc = float(out.split("test_acc = ")[1].split()[0])
-    return {"minutes": round(minutes, 2), "test_acc": test_acc, "epochs": int(run.data.params["epochs_resolved"])}
+    import mlflow
+
+    speeds = sorted(m.value for m in mlflow.MlflowClient(f"sqlite:///{store / 'mlflow.db'}").get_metric_history(
+        run.info.run_id, "train_images_per_sec"))
+    return {"minutes": round(minutes, 2), "test_acc": test_acc, "epochs": int(run.data.params["epochs_resolved"]),
+            "img_per_s": round(speeds[len(speeds) // 2], 1)}  # the median epoch's training pace: the VM's speed then
 
 
 def train_run(store: Path):
@@ -166,6 +176,7 @@ def minutes_to_reach(curve: list[dict], accuracy: float) -> float | None:
 def plot(rows: list[dict], path: Path) -> None:
     """Test accuracy against minutes, a panel per machine (the same contenders run at another speed there)."""
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -179,10 +190,19 @@ def plot(rows: list[dict], path: Path) -> None:
         variants = sorted({r["contender"] for r in here} - set(styles))  # "fast image_size=96 ...": thin, dashed
         for contender in (*styles, *variants):
             mine = sorted((r for r in here if r["contender"] == contender), key=lambda r: float(r["minutes"]))
-            if mine:
-                ax.plot([float(r["minutes"]) for r in mine], [float(r["test_acc"]) for r in mine],
-                        styles.get(contender, "x--"), color=colours[contender], label=contender,
-                        **({} if contender in styles else {"linewidth": 0.8, "alpha": 0.7}))
+            if not mine:
+                continue
+            style = styles.get(contender, "x--")
+            thin = {} if contender in styles else {"linewidth": 0.8, "alpha": 0.7}
+            if contender == "naive":  # one curve: a score every few minutes of one run
+                line = [(float(r["minutes"]), float(r["test_acc"])) for r in mine]
+            else:  # a run per budget, repeats of a budget as points of their own, the line through their means
+                ax.plot([float(r["minutes"]) for r in mine], [float(r["test_acc"]) for r in mine], style[0],
+                        color=colours[contender], alpha=0.5, markersize=4)
+                budgets = sorted({float(r["budget_min"]) for r in mine})
+                line = [tuple(np.mean([(float(r["minutes"]), float(r["test_acc"])) for r in mine
+                                       if float(r["budget_min"]) == b], axis=0)) for b in budgets]
+            ax.plot(*zip(*line), style, color=colours[contender], label=contender, **thin)
         ax.set(xlabel="wall time of the whole process (min)", title=f"ResNet18 from scratch, {machine}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -246,18 +266,25 @@ def main() -> None:
                 writer.writeheader()
                 writer.writerows(rows)
     plot(rows, args.out / "time_to_accuracy.png")
-    print(f"\n{'contender':9} {'budget':>6} {'minutes':>8} {'test_acc':>8} {'epochs':>6}  machine")
+    print(f"\n{'contender':9} {'budget':>6} {'minutes':>8} {'test_acc':>8} {'epochs':>6} {'img/s':>6}  machine")
     for r in sorted(rows, key=lambda r: (r["machine"], r["contender"], float(r["minutes"]))):
         print(f"{r['contender']:9} {r['budget_min']!s:>6} {float(r['minutes']):8.2f} {float(r['test_acc']):8.3f} "
-              f"{r['epochs']!s:>6}  {r['machine']}")
+              f"{r['epochs']!s:>6} {r.get('img_per_s') or '':>6}  {r['machine']}")
     here = [r for r in rows if r["machine"] == args.machine]  # the ratio compares runs of one machine
     fast = [r for r in here if r["contender"] == "fast" and float(r["budget_min"]) == args.target]
     curve = [{"minutes": float(r["minutes"]), "test_acc": float(r["test_acc"])} for r in here
              if r["contender"] == "naive"]
-    for goal in [float(r["test_acc"]) for r in fast] if curve else []:  # each run of fast at the target
+    # the shared VM's speed moves over a day: each line names the dates and paces of the runs it compares
+    def when(row: dict) -> str:
+        return f"{row['date']}, {row.get('img_per_s') or '?'} img/s"
+
+    naive_end = max((r for r in here if r["contender"] == "naive"), key=lambda r: float(r["minutes"]), default=None)
+    for run in fast if curve else []:  # each run of fast at the target
+        goal = float(run["test_acc"])
         reached = minutes_to_reach(curve, goal)
         longest = max(r["minutes"] for r in curve)
-        print(f"\nfast in {args.target:g} min: test_acc {goal:.3f}; naive reaches it after "
+        print(f"\nfast in {args.target:g} min: test_acc {goal:.3f} ({when(run)}); "
+              f"naive ({when(naive_end)}) reaches it after "
               + (f"{reached:.1f} min: ratio {reached / args.target:.2f}" if reached is not None else
                  f"more than {longest:.1f} min (not within its run): ratio > {longest / args.target:.2f}"))
 
