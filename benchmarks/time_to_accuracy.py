@@ -134,6 +134,8 @@ def score(model, dataset) -> float:
 def sceneml_run(layout: Path, recipe: str, budget: float, work: Path, threads: int, settings: list[str]) -> dict:
     """One `train` process of ``budget`` minutes with an empty cache and store, then `evaluate` on seg_test.
     ``settings``: ``name=value`` parameters given on top of the recipe."""
+    import mlflow
+
     store = work / f"{recipe}-{budget:g}-{'-'.join(settings)}-{time.strftime('%Y%m%dT%H%M%S')}"  # one per run
     store.mkdir(parents=True)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}",
@@ -150,8 +152,6 @@ def sceneml_run(layout: Path, recipe: str, budget: float, work: Path, threads: i
                           f"models:/{run.data.tags['sceneml.best_model_id']}", "--split", "test"],
                          env=env, cwd=store, check=True, capture_output=True, text=True).stdout
     test_acc = float(out.split("test_acc = ")[1].split()[0])
-    import mlflow
-
     speeds = sorted(m.value for m in mlflow.MlflowClient(f"sqlite:///{store / 'mlflow.db'}").get_metric_history(
         run.info.run_id, "train_images_per_sec"))
     return {"minutes": round(minutes, 2), "test_acc": test_acc, "epochs": int(run.data.params["epochs_resolved"]),

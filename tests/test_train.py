@@ -458,7 +458,7 @@ def _train_fp32_and_bf16(train_split, val, cpu) -> dict:
     return results
 
 
-@pytest.mark.slow  # twelve epochs on one thread: 11-18 s
+@pytest.mark.slow  # twelve epochs on one thread: 11-18 s with AMX, about 55 s without (bf16 then runs 6x slower)
 def test_bf16_autocast_trains_close_to_fp32_on_the_embedded_data():
     from sceneml.data import prepare_data
 
