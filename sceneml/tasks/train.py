@@ -225,9 +225,9 @@ def _train(cfg: TrainConfig, run_name: str, nested: bool, ctx: distributed.DistC
                 if scheduler is not None and not per_step:
                     scheduler.step()
                 if master:
-                    log_run.end_epoch(epoch, lr, train_loss, train_seconds)
-                if replan and master:
-                    log_run.fit_budget(plan, epoch, time.monotonic() - epoch_started)
+                    epoch_seconds = log_run.end_epoch(epoch, lr, train_loss, train_seconds, epoch_started)
+                    if replan:
+                        log_run.fit_budget(plan, epoch, epoch_seconds)
                 distributed.barrier()  # the other ranks wait here while the main process validates and logs
                 if on_epoch is not None and epoch < last_epoch(epoch) and on_epoch(epoch, log_run.history[-1]):
                     log.info("%s: stopped after epoch %d of %d", run_name, epoch, last_epoch(epoch))
@@ -397,8 +397,10 @@ class RunLog:
         self.metrics.flush_in_background()  # a busy store does not hold up the next batch
         self.log_seconds += time.perf_counter() - started
 
-    def end_epoch(self, epoch: int, lr: float, losses: EpochLoss, train_seconds: float) -> None:
-        """Validate on the whole val split, save the resumable state, then log the epoch.
+    def end_epoch(self, epoch: int, lr: float, losses: EpochLoss, train_seconds: float, epoch_started: float) -> float:
+        """Validate on the whole val split, save the resumable state, then log the epoch. Returns the
+        epoch's wall time since ``epoch_started`` (``time.monotonic()``): metric ``epoch_seconds``, the
+        pace a time budget plans with.
 
         The checkpoint comes first and carries everything the epoch logs (its metrics, scores file
         and model id): a crash after it is caught up on resume (:meth:`restore`), a crash before it
@@ -438,7 +440,8 @@ class RunLog:
             delete_checkpoint(self.models.pop(e))
         self.log_seconds += time.perf_counter() - started
         # the epoch's wall time: training pass, validation, checkpoint and logging
-        self.metrics.add_many({"epoch_seconds": train_seconds + time.perf_counter() - val_started,
+        epoch_seconds = time.monotonic() - epoch_started
+        self.metrics.add_many({"epoch_seconds": epoch_seconds,
                                "train_seconds": train_seconds, "val_seconds": val_seconds,
                                "train_images_per_sec": len(data.splits["train"]) / train_seconds,
                                "log_seconds": self.log_seconds}, epoch)
@@ -447,6 +450,7 @@ class RunLog:
         if not cfg.quiet:
             print(f"epoch {epoch}: train_loss {losses.main:.4f}  val_loss {val_metrics['val_loss']:.4f}  "
                   f"val_acc {val_metrics['val_acc']:.3f}  val_mAP {val_metrics['val_mAP']:.3f}", flush=True)
+        return epoch_seconds
 
     def log_epoch(self, row: dict, scores_csv: str, only_missing: bool = False) -> None:
         """An epoch's metrics (the val ones linked to its checkpoint), val scores file and history.csv.
