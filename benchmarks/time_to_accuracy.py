@@ -138,7 +138,8 @@ def sceneml_run(layout: Path, recipe: str, budget: float, work: Path, threads: i
 
     store = work / f"{recipe}-{budget:g}-{'-'.join(settings)}-{time.strftime('%Y%m%dT%H%M%S')}"  # one per run
     store.mkdir(parents=True)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlflow.db'}",
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
            "SCENEML_CACHE": str(store / "cache"), "OMP_NUM_THREADS": str(threads)}
     started = time.monotonic()
     subprocess.run([sys.executable, "-m", "sceneml", "train", "--data", str(layout), "--recipe", recipe,
@@ -152,8 +153,8 @@ def sceneml_run(layout: Path, recipe: str, budget: float, work: Path, threads: i
                           f"models:/{run.data.tags['sceneml.best_model_id']}", "--split", "test"],
                          env=env, cwd=store, check=True, capture_output=True, text=True).stdout
     test_acc = float(out.split("test_acc = ")[1].split()[0])
-    speeds = sorted(m.value for m in mlflow.MlflowClient(f"sqlite:///{store / 'mlflow.db'}").get_metric_history(
-        run.info.run_id, "train_images_per_sec"))
+    speeds = sorted(m.value for m in mlflow.MlflowClient(uri).get_metric_history(run.info.run_id,
+                                                                                   "train_images_per_sec"))
     return {"minutes": round(minutes, 2), "test_acc": test_acc, "epochs": int(run.data.params["epochs_resolved"]),
             "img_per_s": round(speeds[len(speeds) // 2], 1)}  # the median epoch's training pace: the VM's speed then
 
