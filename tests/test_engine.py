@@ -78,6 +78,24 @@ def test_a_budget_plan_grows_and_shrinks_with_the_pace_and_its_lr_line_turns_whe
     assert [plan.factor(s) for s in (40, 50, 60)] == pytest.approx([0.5, 0.25, 0.0])
 
 
+def test_a_budget_plan_runs_its_last_epoch_when_it_ends_within_a_tenth_over_the_budget():
+    """By hand: a 100 s budget from t=0, 10 steps an epoch; epoch 1 ends at 20 s and plans 4 (the line
+    falls from 1 at step 10 to 0 at step 40). Epochs 2 and 3 run slower, epoch 3 ends at 80 s: at 25 s an
+    epoch (100 - 80 - 2.5) // 25 = 0 more fit, which would stop the run with the lr at (40 - 30) / 30 =
+    1/3 of its full value. Epoch 4 ends at 80 + 25 = 105 s <= 1.1 x 100: the plan keeps it and the
+    line reaches 0. At 35 s an epoch it would end at 115 s: the run stops at 3 (the lr is then 0)."""
+    from sceneml.engine.loop import OVERRUN, BudgetPlan
+
+    assert OVERRUN == 1.1
+    for pace, planned in ((25.0, 4), (35.0, 3)):
+        plan = BudgetPlan(100.0, 0.0, 10)
+        assert plan.fit(1, 20.0, now=20.0) == 4
+        assert plan.factor(30) == pytest.approx(1 / 3)
+        assert plan.fit(3, pace, now=80.0) == planned
+        line = [1 / 3, 1 / 6, 0.0] if planned == 4 else [0.0, 0.0, 0.0]
+        assert [plan.factor(s) for s in (30, 35, 40)] == pytest.approx(line)
+
+
 @pytest.mark.parametrize("name, after", [
     ("none", [1, 1, 1, 1]),
     ("linear", [1, 0.75, 0.5, 0.25]),

@@ -98,6 +98,11 @@ def build_scheduler(name: str, optimizer: torch.optim.Optimizer, epochs: int, wa
     return lr_sched.SequentialLR(optimizer, [warmup, main], milestones=[warmup_epochs])
 
 
+# How far past its budget a time_budget run may end its last epoch, rather than stop with the lr above 0
+# (the whole process may overshoot its budget by a tenth, plus a minute for start-up and the end)
+OVERRUN = 1.1
+
+
 @dataclass
 class BudgetPlan:
     """``time_budget``: how many epochs fit, and the lr factor of each optimizer step. ``epochs`` is 0 until
@@ -124,12 +129,17 @@ class BudgetPlan:
 
     def fit(self, done: int, epoch_seconds: float, now: float | None = None) -> int:
         """The epochs that fit once ``done`` epochs are over, an epoch taking ``epoch_seconds`` from now on
-        (at least ``done``; a tenth of an epoch is kept for the run's end). A finished plan stays as it is."""
+        (at least ``done``; a tenth of an epoch is kept for the run's end). A finished plan stays as it is.
+        When no epoch more fits, one more still runs if it ends within ``OVERRUN`` times the budget: the lr
+        has not reached 0 yet (the line ends with the last planned epoch), and stopping would keep weights
+        that were never annealed."""
         if self.epochs and done >= self.epochs:
             return self.epochs  # the line has reached 0: more epochs would train at lr 0
         now = time.monotonic() if now is None else now
         left = self.budget_s - (now - self.started) - 0.1 * epoch_seconds
         fits = done + max(0, int(left // epoch_seconds))
+        if fits == done and now - self.started + epoch_seconds <= OVERRUN * self.budget_s:
+            fits = done + 1
         if fits != self.epochs:
             self.keep(fits, done * self.steps_per_epoch)
         return self.epochs
