@@ -83,7 +83,7 @@ def test_a_budget_plan_runs_its_last_epoch_when_it_ends_within_a_tenth_over_the_
     falls from 1 at step 10 to 0 at step 40). Epochs 2 and 3 run slower, epoch 3 ends at 80 s: at 25 s an
     epoch (100 - 80 - 2.5) // 25 = 0 more fit, which would stop the run with the lr at (40 - 30) / 30 =
     1/3 of its full value. Epoch 4 ends at 80 + 25 = 105 s <= 1.1 x 100: the plan keeps it and the
-    line reaches 0. At 35 s an epoch it would end at 115 s: the run stops at 3 (the lr is then 0)."""
+    line reaches 0. At 35 s an epoch it would end at 115 s: the plan is cut to 3 and the run stops there."""
     from sceneml.engine.loop import OVERRUN, BudgetPlan
 
     assert OVERRUN == 1.1

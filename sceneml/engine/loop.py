@@ -130,7 +130,7 @@ class BudgetPlan:
     def fit(self, done: int, epoch_seconds: float, now: float | None = None) -> int:
         """The epochs that fit once ``done`` epochs are over, an epoch taking ``epoch_seconds`` from now on
         (at least ``done``; a tenth of an epoch is kept for the run's end). A finished plan stays as it is.
-        When no epoch more fits, one more still runs if it ends within ``OVERRUN`` times the budget: the lr
+        When not one more epoch fits, one more still runs if it ends within ``OVERRUN`` times the budget: the lr
         has not reached 0 yet (the line ends with the last planned epoch), and stopping would keep weights
         that were never annealed."""
         if self.epochs and done >= self.epochs:
