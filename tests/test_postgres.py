@@ -211,4 +211,6 @@ def test_two_main_workers_share_one_study_in_postgres(server, tmp_path):
     assert trained == ["adamw-lr0.001-r0", "adamw-lr0.001-r1", "sgd-lr0.001-r0", "sgd-lr0.001-r1"], \
         "\n".join(o[-2500:] for pair in outputs for o in pair)
     assert sum("champion:" in out for out, _ in outputs) == 1
-    assert parents[0].data.tags["sceneml.verdict"].startswith("`")
+    tags = parents[0].data.tags
+    assert tags["sceneml.failed_children"] == "none", "\n".join(o[-2500:] for pair in outputs for o in pair)
+    assert tags["sceneml.verdict"].startswith("`"), tags["sceneml.verdict"]

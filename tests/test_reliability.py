@@ -4,6 +4,7 @@ server restarted under a running training is in test_postgres.py.)"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -405,10 +406,36 @@ def test_batch_losses_are_queued_while_the_store_is_locked_and_all_written_after
     assert MlflowClient().get_run(run_id).data.tags["sceneml.heartbeat"] == "host 1 40"  # the later beat
 
 
-def test_a_data_set_two_runs_log_at_once_is_linked_to_both_after_one_retry(tracking_uri, monkeypatch):
+@contextlib.contextmanager
+def _tracking_server_in_this_process(store_uri: str, monkeypatch):
+    """MLflow's own tracking server app over ``store_uri``, on a free port in a thread of this process
+    (so a test can steer its SQL store), as this process's tracking URI; yields its URL."""
+    import threading
+
+    from mlflow.server import app, handlers
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    from werkzeug.serving import make_server
+
+    monkeypatch.setattr(handlers, "_tracking_store", SqlAlchemyStore(store_uri, os.getcwd()))
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    mlflow.set_tracking_uri(url)
+    try:
+        yield url
+    finally:
+        server.shutdown()
+        thread.join()
+
+
+@pytest.mark.parametrize("through", ["sql-store", "tracking-server"])
+def test_a_data_set_two_runs_log_at_once_is_linked_to_both_after_one_retry(tracking_uri, monkeypatch, through):
     """MLflow's SQL store looks a data set up, then inserts it if missing: two workers logging one new
     data set together both miss it, and the second insert fails on the unique key (seen with two `tune`
-    workers). Triggered exactly: run B's lookup answers as if run A's insert were not there yet."""
+    workers, and with two `main` workers on a tracking server, where the failure comes back as the
+    server's BAD_REQUEST). Triggered exactly: run B's lookup answers as if run A's insert were not there yet."""
     import pandas as pd
     from mlflow.exceptions import MlflowException
     from mlflow.store.tracking.dbmodels.models import SqlDataset
@@ -416,24 +443,28 @@ def test_a_data_set_two_runs_log_at_once_is_linked_to_both_after_one_retry(track
 
     from sceneml.tracking.store import insert_race, with_retries
 
-    dataset = mlflow.data.from_pandas(pd.DataFrame({"x": [1, 2]}), name="scenes")
-    with mlflow.start_run() as a:
-        mlflow.log_input(dataset, context="training")
-    real_all, stale = Query.all, [True]
+    with contextlib.ExitStack() as stack:
+        if through == "tracking-server":
+            stack.enter_context(_tracking_server_in_this_process(tracking_uri, monkeypatch))
+        dataset = mlflow.data.from_pandas(pd.DataFrame({"x": [1, 2]}), name="scenes")
+        with mlflow.start_run() as a:
+            mlflow.log_input(dataset, context="training")
+        real_all, stale = Query.all, [True]
 
-    def lookup_before_a_inserted(query):
-        if stale[0] and query.column_descriptions[0]["entity"] is SqlDataset:
-            stale[0] = False
-            return []
-        return real_all(query)
+        def lookup_before_a_inserted(query):
+            if stale[0] and query.column_descriptions[0]["entity"] is SqlDataset:
+                stale[0] = False
+                return []
+            return real_all(query)
 
-    monkeypatch.setattr(Query, "all", lookup_before_a_inserted)
-    with mlflow.start_run() as b:
-        with pytest.raises(MlflowException, match="UNIQUE constraint failed: datasets"):
-            mlflow.log_input(dataset, context="training")  # the race, without a retry
-        stale[0] = True
-        with_retries(mlflow.log_input, dataset, context="training", transient=insert_race)
-    assert not stale[0]  # the retried call met the race again, and its second try found A's row
-    digests = {r: [i.dataset.digest for i in MlflowClient().get_run(r).inputs.dataset_inputs]
-               for r in (a.info.run_id, b.info.run_id)}
+        monkeypatch.setattr(Query, "all", lookup_before_a_inserted)
+        with mlflow.start_run() as b:
+            with pytest.raises(MlflowException, match="UNIQUE constraint failed: datasets") as raced:
+                mlflow.log_input(dataset, context="training")  # the race, without a retry
+            assert (type(raced.value).__name__ == "RestException") == (through == "tracking-server")
+            stale[0] = True
+            with_retries(mlflow.log_input, dataset, context="training", transient=insert_race)
+        assert not stale[0]  # the retried call met the race again, and its second try found A's row
+        digests = {r: [i.dataset.digest for i in MlflowClient().get_run(r).inputs.dataset_inputs]
+                   for r in (a.info.run_id, b.info.run_id)}
     assert digests[a.info.run_id] == digests[b.info.run_id] == [dataset.digest]

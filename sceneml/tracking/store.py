@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -19,6 +20,7 @@ import requests
 import sqlalchemy.exc
 import tenacity
 from mlflow import MlflowClient
+from mlflow.exceptions import RestException
 
 from sceneml.errors import StoreUnreachable
 
@@ -45,11 +47,23 @@ def store_busy(exc: BaseException) -> bool:
     return any(isinstance(e, sqlalchemy.exc.OperationalError) for e in _causes(exc))
 
 
+# how a tracking server words a unique-key failure of its SQL store in the message of its HTTP 400
+# answer: SQLAlchemy's "(<driver's exception class>) ...", IntegrityError (sqlite, MySQL) or
+# UniqueViolation (psycopg and psycopg2 on PostgreSQL)
+_SERVED_UNIQUE_KEY = re.compile(r"\([\w.]+\.(IntegrityError|UniqueViolation)\)")
+
+
 def insert_race(exc: BaseException) -> bool:
     """Busy, or two runs logged the same new data set at once (tune's or main's workers): MLflow's SQL
     store looks for the data set, finds none in both, and the slower insert fails on the unique key
-    (IntegrityError); on the next try it finds the row the other one wrote and links to it."""
-    return store_busy(exc) or any(isinstance(e, sqlalchemy.exc.IntegrityError) for e in _causes(exc))
+    (IntegrityError); on the next try it finds the row the other one wrote and links to it. Through a
+    tracking server the IntegrityError stays on the server, which answers BAD_REQUEST naming it, and
+    MLflow's client does not retry a 400."""
+    return store_busy(exc) or any(
+        isinstance(e, sqlalchemy.exc.IntegrityError)
+        or (isinstance(e, RestException) and e.error_code == "BAD_REQUEST"
+            and _SERVED_UNIQUE_KEY.search(e.message) is not None)
+        for e in _causes(exc))
 
 
 def schema_race(exc: BaseException) -> bool:
