@@ -71,9 +71,10 @@ def win_indicators(best: np.ndarray, other: np.ndarray, higher_is_better: bool =
 
 
 def verdict(by_repeat: dict[str, dict[int, float]], higher_is_better: bool = True, seed: int = 0,
-            rerun_hint: str = "repeats=5") -> Verdict | None:
+            rerun_hint: str = "repeats=5", repeats: int = 1) -> Verdict | None:
     """The best configuration (by mean) against the runner-up, over the repeats both have; None when
-    fewer than two configurations have a value."""
+    fewer than two configurations have a value. ``repeats``: how many were planned, so that a study
+    whose failed runs left fewer than two pairs says so instead of asking for repeats it had."""
     values = {c: [v for _, v in sorted(r.items())] for c, r in by_repeat.items() if r}
     if len(values) < 2:
         return None
@@ -91,7 +92,10 @@ def verdict(by_repeat: dict[str, dict[int, float]], higher_is_better: bool = Tru
         low = high = math.nan
     meaningful = n > 1 and p > MEANINGFUL_P and low > 0.5
     won = f"{wins.sum():g} of {n}"
-    if n <= 1:
+    if n <= 1 and repeats > 1:
+        sentence = (f"`{best}` and `{runner_up}` cannot be told apart: {'only one' if n else 'none'} of their "
+                    f"{repeats} paired repeats finished for both (the others failed)")
+    elif n <= 1:
         sentence = (f"one run per configuration cannot tell `{best}` from `{runner_up}`: run the study again "
                     f"with {rerun_hint} to compare them over paired repeats")
     elif meaningful:

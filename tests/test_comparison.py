@@ -66,6 +66,11 @@ def test_a_coin_flip_cannot_be_told_apart_and_one_run_cannot_tell():
     assert single.sentence.startswith("one run per configuration cannot tell `adamw-lr0.001` from `sgd-lr0.001`")
     assert "repeats=5" in single.sentence
     assert verdict({"only": {0: 0.5}}) is None
+    # three repeats planned, two of them failed for one configuration or the other: no pair left to ask for
+    failed = verdict({"adamw-lr0.001": {0: 0.8, 2: 0.9}, "sgd-lr0.001": {0: 0.7, 1: 0.6}}, repeats=3)
+    assert failed.pairs == 1 and not failed.meaningful
+    assert failed.sentence == ("`adamw-lr0.001` and `sgd-lr0.001` cannot be told apart: only one of their 3 paired "
+                               "repeats finished for both (the others failed)")
 
 
 def test_every_pair_won_is_p_one_with_an_interval_at_one():
