@@ -409,7 +409,7 @@ def test_batch_losses_are_queued_while_the_store_is_locked_and_all_written_after
 @contextlib.contextmanager
 def _tracking_server_in_this_process(store_uri: str, monkeypatch):
     """MLflow's own tracking server app over ``store_uri``, on a free port in a thread of this process
-    (so a test can steer its SQL store), as this process's tracking URI; yields its URL."""
+    (so a test can steer its SQL store), as this process's tracking URI until the block ends; yields its URL."""
     import threading
 
     from mlflow.server import app, handlers
@@ -428,6 +428,7 @@ def _tracking_server_in_this_process(store_uri: str, monkeypatch):
     finally:
         server.shutdown()
         thread.join()
+        mlflow.set_tracking_uri(store_uri)
 
 
 @pytest.mark.parametrize("through", ["sql-store", "tracking-server"])
