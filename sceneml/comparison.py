@@ -71,10 +71,11 @@ def win_indicators(best: np.ndarray, other: np.ndarray, higher_is_better: bool =
 
 
 def verdict(by_repeat: dict[str, dict[int, float]], higher_is_better: bool = True, seed: int = 0,
-            rerun_hint: str = "repeats=5", repeats: int = 1) -> Verdict | None:
+            repeats: int = 1) -> Verdict | None:
     """The best configuration (by mean) against the runner-up, over the repeats both have; None when
-    fewer than two configurations have a value. ``repeats``: how many were planned, so that a study
-    whose failed runs left fewer than two pairs says so instead of asking for repeats it had."""
+    fewer than two configurations have a value. ``repeats``: how many were planned: with one, the verdict
+    asks for a study with repeats; with more, failed runs that left fewer than two pairs are named as the
+    reason."""
     values = {c: [v for _, v in sorted(r.items())] for c, r in by_repeat.items() if r}
     if len(values) < 2:
         return None
@@ -97,7 +98,7 @@ def verdict(by_repeat: dict[str, dict[int, float]], higher_is_better: bool = Tru
                     f"{repeats} paired repeats finished for both (the others failed)")
     elif n <= 1:
         sentence = (f"one run per configuration cannot tell `{best}` from `{runner_up}`: run the study again "
-                    f"with {rerun_hint} to compare them over paired repeats")
+                    "with repeats=5 to compare them over paired repeats")
     elif meaningful:
         sentence = f"`{best}` beats `{runner_up}` in {won} paired repeats: P = {p:.2f} [{low:.2f}, {high:.2f}]"
     else:

@@ -438,7 +438,7 @@ def test_a_data_set_two_runs_log_at_once_is_linked_to_both_after_one_retry(track
     workers, and with two `main` workers on a tracking server, where the failure comes back as the
     server's BAD_REQUEST). Triggered exactly: run B's lookup answers as if run A's insert were not there yet."""
     import pandas as pd
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException, RestException
     from mlflow.store.tracking.dbmodels.models import SqlDataset
     from sqlalchemy.orm import Query
 
@@ -462,7 +462,7 @@ def test_a_data_set_two_runs_log_at_once_is_linked_to_both_after_one_retry(track
         with mlflow.start_run() as b:
             with pytest.raises(MlflowException, match="UNIQUE constraint failed: datasets") as raced:
                 mlflow.log_input(dataset, context="training")  # the race, without a retry
-            assert (type(raced.value).__name__ == "RestException") == (through == "tracking-server")
+            assert isinstance(raced.value, RestException) == (through == "tracking-server")
             stale[0] = True
             with_retries(mlflow.log_input, dataset, context="training", transient=insert_race)
         assert not stale[0]  # the retried call met the race again, and its second try found A's row

@@ -139,8 +139,7 @@ def _log_verdict(parent_id: str, runs: list[Child], children: dict[str, str], me
     rows = summarize({c: [v for _, v in sorted(r.items())] for c, r in by_repeat.items()}, higher)
     if cfg.repeats > 1:
         _log_frame(parent_id, pd.DataFrame([dataclasses.asdict(r) for r in rows]), "comparison")
-    found = verdict(by_repeat, higher, seed=cfg.train.seed, rerun_hint=f"repeats={max(5, cfg.repeats)}",
-                    repeats=cfg.repeats)
+    found = verdict(by_repeat, higher, seed=cfg.train.seed, repeats=cfg.repeats)
     if found is not None:
         set_tags(parent_id, {TAG_VERDICT: found.sentence})
         if found.pairs > 1:
