@@ -35,7 +35,7 @@ def main() -> None:
 
     from sceneml.data.decode import load_rgb
     from sceneml.data.sources import list_images
-    from sceneml.engine.loop import predict_log_probs
+    from sceneml.engine.inference import predict_log_probs
 
     torch.set_num_threads(args.threads)
     _, items = list_images(args.work / "data" / "seg_test")

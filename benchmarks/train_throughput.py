@@ -136,11 +136,12 @@ def whole_process(args) -> None:
     work = Path(tempfile.mkdtemp(prefix="sceneml-whole-"))
     folder = jpeg_folder(args.data, args.image_size, args.per_class, work / "jpeg")
     from sceneml.config import TrainConfig
-    from sceneml.data import prepare_data
+    from sceneml.data import Splitting, prepare_data
 
     cfg = TrainConfig()  # the naive loop trains on the images of sceneml's train split, decoded by itself
-    data = prepare_data(str(folder), args.image_size, cfg.seed, cfg.val_fraction, cfg.test_fraction, 0,
-                        cfg.decode_workers(), progress=False, cache=work / "split-cache")
+    splitting = Splitting(cfg.seed, cfg.val_fraction, cfg.test_fraction)
+    data = prepare_data(str(folder), args.image_size, splitting, cfg.decode_workers(), progress=False,
+                        cache=work / "split-cache")
     keep_file = work / "train_files.txt"
     keep_file.write_text("\n".join(str((data.source.root / p).resolve()) for p in data.splits["train"].paths))
     env = {**os.environ, "SCENEML_OFFLINE": "1",
@@ -225,7 +226,7 @@ def main() -> None:
     import torch
 
     from sceneml.config import TrainConfig
-    from sceneml.data import prepare_data
+    from sceneml.data import Splitting, prepare_data
     from sceneml.models import pick_device
     from sceneml.tasks.train import train as run_train
 
@@ -238,8 +239,8 @@ def main() -> None:
                       device=args.device, quiet=True, precision=args.precision, compile=args.compile).validate()
 
     started = time.perf_counter()
-    data = prepare_data(cfg.data, cfg.image_size, cfg.seed, cfg.val_fraction, cfg.test_fraction, 0,
-                        cfg.decode_workers(), progress=False)
+    splitting = Splitting(cfg.seed, cfg.val_fraction, cfg.test_fraction)
+    data = prepare_data(cfg.data, cfg.image_size, splitting, cfg.decode_workers(), progress=False)
     decode_seconds = time.perf_counter() - started
     n_all = sum(len(s) for s in data.splits.values())
     train = data.splits["train"]
@@ -248,7 +249,7 @@ def main() -> None:
           f"{args.batch_size}, {len(train)} train JPEGs of {n_all} ({folder}), freeze_backbone={args.freeze_backbone}")
     print(f"decode of all {n_all} images into the cache: {decode_seconds:.1f} s")
 
-    from sceneml.engine.loop import resolve_precision
+    from sceneml.engine.precision import resolve_precision
 
     amp = resolve_precision(args.precision, device)
     print(f"precision {args.precision} -> {amp or torch.float32}, compile={args.compile} (limit and sceneml; "

@@ -18,6 +18,8 @@ import tempfile
 import traceback
 from pathlib import Path
 
+from .faults import install as install_faults
+
 _PRELOAD = ["sceneml.cli", "sceneml.tasks.train", "sceneml.tasks.select", "sceneml.tasks.evaluate",
             "sceneml.tasks.tune", "sceneml.tasks.study", "tests.forkserver_warm"]
 _context: list = []
@@ -53,6 +55,7 @@ def _child(args: list[str], env: dict[str, str], cwd: str, out: str, err: str, n
         os.dup2(target, fd)
         os.close(target)
     sys.argv = ["sceneml", *args]
+    install_faults(env)  # SCENEML_FAULT_*: tests/faults.py
     code = 0
     try:
         from sceneml.cli import main

@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from sceneml.config import TrainConfig
-from sceneml.data import prepare_data, read_manifest
+from sceneml.data import Splitting, prepare_data, read_manifest
 from sceneml.data.duplicates import duplicate_counts, find_duplicates
 from sceneml.tasks.train import train
 
@@ -43,7 +43,7 @@ def test_exact_and_near_copies_are_grouped_and_distinct_images_are_not():
 def test_real_photos_copied_across_splits_are_found_logged_and_dropped_on_request(tmp_path, tracking_uri):
     folder = tmp_path / "intel"
     shutil.copytree(INTEL_MINI, folder)
-    first = prepare_data(str(folder), 64, 0, 0.15, 0.15, 0, 2, False)
+    first = prepare_data(str(folder), 64, Splitting(seed=0), 2, False)
     assert len(first.duplicates) == 0  # the 360 photos hold no duplicate
     exact_src, near_src = first.splits["train"].paths[:2]
     # an exact copy of a training photo filed in seg_test under another class and name ...
@@ -66,14 +66,14 @@ def test_real_photos_copied_across_splits_are_found_logged_and_dropped_on_reques
     assert kinds[copy_name] == kinds[exact_src] == "exact"
     assert kinds[near_name] == kinds[near_src] == "near"
 
-    deduped = prepare_data(str(folder), 64, seed, 0.15, 0.15, 0, 2, False, dedupe="cross_split")
+    deduped = prepare_data(str(folder), 64, Splitting(seed=seed, dedupe="cross_split"), 2, False)
     kept = {r["path"] for r in read_manifest(deduped.manifest)}
     assert copy_name not in kept and near_name not in kept
     assert exact_src in kept and near_src in kept  # the training copies stay
 
 
 def _split_of(folder, seed: int, path: str) -> str:
-    data = prepare_data(str(folder), 64, seed, 0.15, 0.15, 0, 2, False)
+    data = prepare_data(str(folder), 64, Splitting(seed=seed), 2, False)
     return next(r["split"] for r in read_manifest(data.manifest) if r["path"] == path)
 
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
-from sceneml.data import load_rgb, load_split_from_manifest, prepare_data, read_manifest, resolve_source
+from sceneml.data import Splitting, load_rgb, load_split_from_manifest, prepare_data, read_manifest, resolve_source
 from sceneml.data.sources import list_images
 from sceneml.data.synthetic import CLASSES, render_scene
 from sceneml.errors import SceneMLError
@@ -126,9 +126,9 @@ def test_class_with_single_image_cannot_be_stratified(tmp_path):
 def test_split_is_stratified_deterministic_and_seeded(tmp_path):
     counts = {"a": 40, "b": 20, "c": 60}
     write_class_folders(tmp_path / "imgs", counts, ext=".png")
-    one = prepare_data(str(tmp_path / "imgs"), image_size=32, seed=1, progress=False)
-    again = prepare_data(str(tmp_path / "imgs"), image_size=32, seed=1, progress=False)
-    other = prepare_data(str(tmp_path / "imgs"), image_size=32, seed=2, progress=False)
+    one = prepare_data(str(tmp_path / "imgs"), image_size=32, splitting=Splitting(seed=1), progress=False)
+    again = prepare_data(str(tmp_path / "imgs"), image_size=32, splitting=Splitting(seed=1), progress=False)
+    other = prepare_data(str(tmp_path / "imgs"), image_size=32, splitting=Splitting(seed=2), progress=False)
     assert one.manifest == again.manifest  # byte-identical
     assert one.manifest != other.manifest
     per_split = split_counts(one)
@@ -142,7 +142,7 @@ def test_split_is_stratified_deterministic_and_seeded(tmp_path):
 
 def test_limit_per_class_is_honoured(tmp_path):
     write_class_folders(tmp_path / "imgs", {"a": 30, "b": 12})
-    data = prepare_data(str(tmp_path / "imgs"), image_size=32, limit=10, progress=False)
+    data = prepare_data(str(tmp_path / "imgs"), image_size=32, splitting=Splitting(limit=10), progress=False)
     total = Counter()
     for counts in split_counts(data).values():
         total.update(counts)
@@ -366,7 +366,7 @@ def test_runs_started_together_on_a_fresh_cache_see_the_same_synthetic_data(tmp_
 
     from .conftest import subprocess_env
 
-    code = ("from sceneml.data import prepare_data; d = prepare_data('synthetic:40', 0, 1, 0.15, 0.15, 0, 1, False);"
+    code = ("from sceneml.data import prepare_data; d = prepare_data('synthetic:40', 0, workers=1, progress=False);"
             "print(d.digest, len(d.skipped))")
     env = subprocess_env(SCENEML_CACHE=str(tmp_path / "fresh"))
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

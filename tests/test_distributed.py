@@ -11,7 +11,7 @@ import torch
 from mlflow import MlflowClient
 
 from sceneml.data import load_split_from_manifest
-from sceneml.engine.loop import predict_scores
+from sceneml.engine.inference import predict_scores
 from sceneml.metrics import classification_metrics
 from sceneml.scores import scores_from_csv
 

@@ -12,7 +12,8 @@ import torch
 
 from sceneml.engine.batches import random_resized_crop
 from sceneml.engine.checkpoint import load_checkpoint, restore_checkpoint, save_checkpoint
-from sceneml.engine.loop import build_optimizer, build_scheduler, seed_everything, train_one_epoch
+from sceneml.engine.loop import StepRule, seed_everything, train_one_epoch
+from sceneml.engine.optim import build_optimizer, build_scheduler
 from sceneml.errors import SceneMLError
 from sceneml.models import build_model
 
@@ -63,7 +64,7 @@ def test_a_budget_plan_grows_and_shrinks_with_the_pace_and_its_lr_line_turns_whe
     step 20, where it is at (40 - 20) / 30 = 2/3, and reaches 0 at step 80. At 20 s an epoch from
     t=50 (after epoch 4) only (100 - 50 - 2) // 20 = 2 more fit: 6, the line from step 40 (factor
     2/3 * 40/60 = 4/9) to 0 at step 60. A plan whose epochs are done stays as it is."""
-    from sceneml.engine.loop import BudgetPlan
+    from sceneml.engine.budget import BudgetPlan
 
     plan = BudgetPlan(100.0, 0.0, 10)
     assert plan.factor(5) == 1.0  # no plan yet: full lr while the first epoch measures
@@ -84,7 +85,7 @@ def test_a_budget_plan_runs_its_last_epoch_when_it_ends_within_a_tenth_over_the_
     epoch (100 - 80 - 2.5) // 25 = 0 more fit, which would stop the run with the lr at (40 - 30) / 30 =
     1/3 of its full value. Epoch 4 ends at 80 + 25 = 105 s <= 1.1 x 100: the plan keeps it and the
     line reaches 0. At 35 s an epoch it would end at 115 s: the plan is cut to 3 and the run stops there."""
-    from sceneml.engine.loop import OVERRUN, BudgetPlan
+    from sceneml.engine.budget import OVERRUN, BudgetPlan
 
     assert OVERRUN == 1.1
     for pace, planned in ((25.0, 4), (35.0, 3)):
@@ -143,7 +144,8 @@ def test_random_crop_samples_a_box_inside_the_image_with_the_documented_area_and
 
 DDP_WORKER = """
 import sys, torch, torch.distributed as dist
-from sceneml.engine.loop import build_optimizer, seed_everything, train_one_epoch
+from sceneml.engine.loop import seed_everything, train_one_epoch
+from sceneml.engine.optim import build_optimizer
 from sceneml.models import build_model
 rank, init, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
 torch.set_num_threads(1)
@@ -203,7 +205,7 @@ def test_label_smoothing_trains_on_the_smoothed_loss_computed_by_hand():
     grads = torch.autograd.grad(by_hand, list(model.parameters()))
     expected = [p.detach().double() - lr * g for p, g in zip(model.parameters(), grads)]
     loss = train_one_epoch(model, build_optimizer("sgd", model.parameters(), lr, 0.0, 0.0), [(x, y)], 8,
-                           progress=False, label_smoothing=eps)
+                           StepRule(label_smoothing=eps), progress=False)
     assert loss.main == pytest.approx(by_hand.item(), rel=1e-6)
     for p, e in zip(model.parameters(), expected):
         torch.testing.assert_close(p.detach().double(), e, rtol=1e-5, atol=1e-6)
@@ -212,7 +214,7 @@ def test_label_smoothing_trains_on_the_smoothed_loss_computed_by_hand():
 def test_tta_is_the_mean_of_the_softmax_of_each_image_and_of_its_mirror_image():
     """predict_log_probs(tta=True) against two plain predictions, of the images and of the images
     mirrored in numpy (uint8, before any batching), averaged by hand."""
-    from sceneml.engine.loop import predict_log_probs, predict_scores
+    from sceneml.engine.inference import predict_log_probs, predict_scores
 
     seed_everything(0)
     model = build_model("resnet18", 6, "none")[0].eval()
@@ -291,7 +293,7 @@ def test_random_erase_fills_one_box_per_chosen_image_with_grey():
 
 
 def test_ema_follows_its_recurrence_computed_by_hand_over_three_steps():
-    from sceneml.engine.loop import make_ema
+    from sceneml.engine.optim import make_ema
 
     seed_everything(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
@@ -306,7 +308,7 @@ def test_ema_follows_its_recurrence_computed_by_hand_over_three_steps():
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(4, 4, generator=g), torch.tensor([0, 1, 2, 0])) for _ in range(3)]
     model.train()
-    train_one_epoch(model, optimizer, batches, 12, progress=False, on_step=on_step)
+    train_one_epoch(model, optimizer, batches, 12, StepRule(on_step=on_step), progress=False)
     for key in ("0.weight", "0.bias", "1.running_mean", "1.running_var"):
         by_hand = after[0][key]  # the first update copies the weights
         for state in after[1:]:

@@ -75,7 +75,7 @@ def test_a_confidently_wrong_image_counts_its_true_loss_not_a_clipping_floor():
     through the engine and through a scores file read back."""
     import torch
 
-    from sceneml.engine.loop import predict_log_probs
+    from sceneml.engine.inference import predict_log_probs
     from sceneml.scores import scores_from_csv, scores_to_csv
 
     class Fixed(torch.nn.Module):

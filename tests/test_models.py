@@ -10,8 +10,9 @@ import torch
 import torchvision
 
 from sceneml.config import ARCHS
-from sceneml.engine.batches import iterate_batches, iterate_feature_batches
-from sceneml.engine.loop import build_optimizer, seed_everything, train_one_epoch
+from sceneml.engine.batches import Augmentation, iterate_batches, iterate_feature_batches
+from sceneml.engine.loop import seed_everything, train_one_epoch
+from sceneml.engine.optim import build_optimizer
 from sceneml.errors import SceneMLError
 from sceneml.models import (
     backbone_features,
@@ -98,7 +99,7 @@ def test_googlenet_with_aux_heads_trains_one_epoch():
     opt = build_optimizer("sgd", model.parameters(), 0.01, 0.9, 0.0)
     before = model.aux1.fc2.weight.detach().clone()
     model.train()
-    batches = iterate_batches(pixels, labels, 8, torch.device("cpu"), torch.Generator().manual_seed(0), augment=True)
+    batches = iterate_batches(pixels, labels, 8, torch.device("cpu"), torch.Generator().manual_seed(0), Augmentation())
     loss = train_one_epoch(model, opt, batches, len(labels), progress=False)
     assert np.isfinite(loss.main) and loss.total > loss.main
     assert not torch.equal(before, model.aux1.fc2.weight), "aux heads must receive gradients"

@@ -18,8 +18,9 @@ from mlflow import MlflowClient
 
 from sceneml.config import TrainConfig
 from sceneml.errors import SceneMLError
-from sceneml.tasks.train import FAULT_ENV, local_checkpoint_path, train
+from sceneml.tasks.train import local_checkpoint_path, train
 
+from . import faults
 from .conftest import REPO, new_store, subprocess_env, using_store, wait_for
 from .processes import Process, run_sceneml, sceneml
 
@@ -48,7 +49,7 @@ def _only_run(client: MlflowClient) -> str:
 
 
 # synthetic:30 gives 126 training images: 8 batches of 16 per epoch, so step 10 lies inside epoch 2
-PAUSE_IN_EPOCH_2 = {FAULT_ENV: "10:pause"}
+PAUSE_IN_EPOCH_2 = {faults.AT_STEP: "10:pause"}
 
 
 def _interrupt_in_epoch_2(tmp: Path, uri: str, sig: int) -> tuple[str, Process, str]:
@@ -305,11 +306,9 @@ def test_a_kill_between_the_checkpoint_and_the_epoch_log_leaves_one_value_per_me
     """SIGKILL right after epoch 2's checkpoint, before epoch 2 is logged: the resume logs epoch 2 from
     the checkpoint (metrics, scores file) and goes on; no metric of the run holds two values at a step,
     and every epoch equals a straight run's."""
-    from sceneml.tasks.train import FAULT_CHECKPOINT_ENV
-
     straight_uri, crash_dir = straight, tmp_path
     crash_uri = new_store(crash_dir)
-    crashed = run_sceneml([*TRAIN, "--epochs", "3"], _env(crash_uri, **{FAULT_CHECKPOINT_ENV: "2"}), crash_dir)
+    crashed = run_sceneml([*TRAIN, "--epochs", "3"], _env(crash_uri, **{faults.AFTER_CHECKPOINT: "2"}), crash_dir)
     assert crashed.returncode == -signal.SIGKILL
     client = MlflowClient(crash_uri)
     run_id = _only_run(client)

@@ -21,11 +21,13 @@ from sklearn.metrics import average_precision_score
 
 from sceneml.config import TrainConfig
 from sceneml.data.sources import cache_dir
+from sceneml.engine.saver import superseded_epochs
 from sceneml.errors import SceneMLError
 from sceneml.scores import scores_from_csv
-from sceneml.tasks.train import FAULT_ENV, superseded_epochs, train
+from sceneml.tasks.train import train
 
 from .conftest import REPO, new_store, subprocess_env, using_store
+from .faults import injected
 
 CLASSES = ["buildings", "forest", "glacier", "mountain", "sea", "street"]
 EPOCH_KEYS = ["train_loss", "val_loss", "val_acc", "val_mAP", "val_mean_class_acc", "lr",
@@ -138,10 +140,8 @@ def test_same_seed_same_metrics_and_resume_matches_a_straight_run(tracking_uri, 
                random_erase=0.25, auto_augment="trivial")
     straight = train(TrainConfig(**cfg))
     steps_per_epoch = -(-int(MlflowClient().get_run(straight).data.params["n_train"]) // 16)
-    monkeypatch.setenv(FAULT_ENV, f"{steps_per_epoch + 2}:interrupt")  # Ctrl-C in epoch 2
-    with pytest.raises(KeyboardInterrupt):
-        train(TrainConfig(**cfg))
-    monkeypatch.delenv(FAULT_ENV)
+    with injected(SCENEML_FAULT_AT_STEP=f"{steps_per_epoch + 2}:interrupt"), pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**cfg))  # Ctrl-C in epoch 2
     stopped = MlflowClient().search_runs([mlflow.get_experiment_by_name("Default").experiment_id],
                                          filter_string="attributes.status = 'KILLED'")[0].info.run_id
     assert {s for _, s in _epoch_metrics(stopped)} == {1}
@@ -357,14 +357,12 @@ def test_a_time_budget_fits_its_epochs_and_ends_the_lr_line_at_zero_within_it(tr
 
 
 @pytest.mark.slow
-def test_a_resumed_time_budget_run_keeps_its_plan(tracking_uri, monkeypatch):
+def test_a_resumed_time_budget_run_keeps_its_plan(tracking_uri):
     cfg = TrainConfig(data="synthetic:30", image_size=32, batch_size=16, weights="none", quiet=True, time_budget=0.25,
                       arch=BUDGET_ARCH)
     steps_per_epoch = -(-int(0.7 * 180) // 16)  # 126 training images
-    monkeypatch.setenv(FAULT_ENV, f"{steps_per_epoch + 2}:interrupt")  # Ctrl-C in epoch 2, after the plan
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg)
-    monkeypatch.delenv(FAULT_ENV)
+    with injected(SCENEML_FAULT_AT_STEP=f"{steps_per_epoch + 2}:interrupt"), pytest.raises(KeyboardInterrupt):
+        train(cfg)  # Ctrl-C in epoch 2, after the plan
     client = MlflowClient()
     stopped = client.search_runs([mlflow.get_experiment_by_name("Default").experiment_id])[0]
     [planned] = _history(client, stopped.info.run_id, "epochs_planned")  # after epoch 1
@@ -383,7 +381,7 @@ def test_ema_validates_and_checkpoints_the_averaged_weights(tracking_uri):
     """Two runs of one seed, with and without ema: the raw training is the same, so the checkpoints
     differ only by the averaging, and the ema run's logged val_loss recomputes from its own checkpoint."""
     from sceneml.data import load_split_from_manifest
-    from sceneml.engine.loop import predict_log_probs
+    from sceneml.engine.inference import predict_log_probs
 
     cfg = TrainConfig(data="synthetic:12", epochs=1, batch_size=8, image_size=32, weights="none", quiet=True)
     client = MlflowClient()
@@ -425,7 +423,7 @@ def test_venv_mlflow_runs_the_project_without_activation_and_weights_auto_warns_
 
 
 def test_precision_choices_are_checked_before_any_work():
-    from sceneml.engine.loop import resolve_precision
+    from sceneml.engine.precision import resolve_precision
 
     cpu = torch.device("cpu")
     # auto is bf16 exactly where the CPU has AMX bf16 tiles; the kernel's own list of CPU flags tells
@@ -442,8 +440,10 @@ def test_precision_choices_are_checked_before_any_work():
 
 
 def _train_fp32_and_bf16(train_split, val, cpu) -> dict:
-    from sceneml.engine.batches import iterate_batches
-    from sceneml.engine.loop import build_optimizer, predict_scores, train_one_epoch
+    from sceneml.engine.batches import Augmentation, iterate_batches
+    from sceneml.engine.inference import predict_scores
+    from sceneml.engine.loop import StepRule, train_one_epoch
+    from sceneml.engine.optim import build_optimizer
     from sceneml.metrics import cross_entropy_from_probs
     from sceneml.models import build_model
 
@@ -457,9 +457,9 @@ def _train_fp32_and_bf16(train_split, val, cpu) -> dict:
         for epoch in range(1, 7):
             model.train()
             batches = iterate_batches(train_split.pixels, train_split.labels, 32, cpu,
-                                      torch.Generator().manual_seed(epoch), augment=True)
-            losses.append(train_one_epoch(model, optimizer, batches, len(train_split), progress=False,
-                                          amp_dtype=dtype).main)
+                                      torch.Generator().manual_seed(epoch), Augmentation())
+            losses.append(train_one_epoch(model, optimizer, batches, len(train_split), StepRule(amp_dtype=dtype),
+                                          progress=False).main)
         scores = predict_scores(model, val.pixels, cpu)  # validation stays float32
         acc = float(np.mean(scores.argmax(1) == val.labels))
         results[dtype] = losses, cross_entropy_from_probs(val.labels, scores), acc, model

@@ -28,7 +28,7 @@ from sceneml.errors import SceneMLError
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "DataSource", "PreparedData", "SplitData", "load_rgb", "load_split_from_manifest",
+    "DataSource", "PreparedData", "SplitData", "Splitting", "load_rgb", "load_split_from_manifest",
     "prepare_data", "resolve_source",
 ]
 
@@ -67,21 +67,71 @@ def _relative(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
 
 
-def prepare_data(spec: str = "synthetic", image_size: int = 0, seed: int = 42,
-                 val_fraction: float = 0.15, test_fraction: float = 0.15, limit: int = 0,
-                 workers: int = 2, progress: bool = True, cache: Path | None = None, dedupe: str = "none",
-                 dup_distance: int = DEFAULT_MAX_DISTANCE, split_seed: int = -1) -> PreparedData:
-    """Resolve ``spec``, decode every image once (cached), skip bad files, split, find duplicates
-    (``dedupe="cross_split"`` drops the val/test copies of training images before the manifest is
-    written) and return arrays. ``split_seed`` (-1: ``seed``) draws the test split and the
-    ``limit`` subset; ``seed`` the train/val division."""
-    fixed_seed = seed if split_seed < 0 else split_seed
-    if not 0 < val_fraction < 1 or not 0 < test_fraction < 1 or val_fraction + test_fraction >= 1:
-        raise SceneMLError(f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in "
-                           "(0, 1) and sum to less than 1")
+@dataclass(frozen=True)
+class Splitting:
+    """How the images are divided: ``val_fraction`` and ``test_fraction`` of each class held out,
+    ``seed`` drawing the train/val division and ``split_seed`` (-1: ``seed``) the test split and the
+    ``limit``-per-class subset (0: all); ``dedupe="cross_split"`` drops the val/test copies of training
+    images, near duplicates being at most ``dup_distance`` hash bits apart."""
+
+    seed: int = 42
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    limit: int = 0
+    split_seed: int = -1
+    dedupe: str = "none"
+    dup_distance: int = DEFAULT_MAX_DISTANCE
+
+    @property
+    def fixed_seed(self) -> int:
+        return self.seed if self.split_seed < 0 else self.split_seed
+
+    def check(self) -> None:
+        v, t = self.val_fraction, self.test_fraction
+        if not 0 < v < 1 or not 0 < t < 1 or v + t >= 1:
+            raise SceneMLError(f"val_fraction={v} and test_fraction={t} must be in (0, 1) and sum to less than 1")
+
+
+def prepare_data(spec: str = "synthetic", image_size: int = 0, splitting: Splitting = Splitting(),
+                 workers: int = 2, progress: bool = True, cache: Path | None = None) -> PreparedData:
+    """Resolve ``spec``, decode every image once (cached), skip bad files, split as ``splitting`` says,
+    find duplicates (dropping the val/test copies of training images before the manifest is written
+    when asked) and return arrays."""
+    splitting.check()
     cache = Path(cache) if cache is not None else cache_dir()
     source = resolve_source(spec, cache)
     size = image_size or source.native_size
+    classes, all_items, n_train_pool = _items(source, splitting)
+    decoded = decode_images([p for p, _ in all_items], size, cache / "decoded", workers, progress)
+    skipped = {_relative(all_items[i][0], source.root): why for i, why in decoded.errors.items()}
+    if skipped:
+        log.warning("skipped %d unreadable image(s), e.g. %s", len(skipped), next(iter(skipped.items())))
+    class_to_idx = {c: i for i, c in enumerate(classes)}
+    labels_all = np.array([class_to_idx[c] for _, c in all_items], dtype=np.int64)
+    for name, idx in class_to_idx.items():
+        if not np.any(decoded.ok & (labels_all == idx)):
+            raise SceneMLError(f"class {name!r} has no usable image (all {np.sum(labels_all == idx)} failed to decode)")
+    split = _split(decoded.ok, labels_all, n_train_pool, classes, splitting, source.test_dir is not None)
+    rel = [_relative(p, source.root) for p, _ in all_items]
+    used = np.flatnonzero(decoded.ok)
+    data_set_digest = manifest_digest(manifest_csv([rel[i] for i in used], [all_items[i][1] for i in used],
+                                                   [""] * len(used)))
+    duplicates = find_duplicates(decoded.pixels, used, [rel[i] for i in used], [split[i] for i in used],
+                                 [all_items[i][1] for i in used], splitting.dup_distance)
+    used = _dedupe(duplicates, split, used, rel, labels_all, classes, splitting.dedupe)
+    manifest = manifest_csv([rel[i] for i in used], [all_items[i][1] for i in used], [split[i] for i in used])
+    splits = {}
+    for name in ("train", "val", "test"):
+        idx = np.flatnonzero(split == name)
+        # a contiguous in-memory copy: batches index it randomly, a memmap would page-fault
+        splits[name] = SplitData([rel[i] for i in idx], labels_all[idx], np.ascontiguousarray(decoded.pixels[idx]))
+    return PreparedData(source, classes, size, manifest, manifest_digest(manifest), splits, skipped, duplicates,
+                        data_set_digest)
+
+
+def _items(source: DataSource, splitting: Splitting) -> tuple[list[str], list[tuple[Path, str]], int]:
+    """The classes, the (file, class) items of the training pool then of the data's own test split, each
+    limited to a seeded subset per class, and how many of them are in the training pool."""
     classes, train_items = list_images(source.train_dir)
     test_items: list[tuple[Path, str]] = []
     if source.test_dir is not None:
@@ -89,44 +139,35 @@ def prepare_data(spec: str = "synthetic", image_size: int = 0, seed: int = 42,
         if test_classes != classes:
             raise SceneMLError(f"seg_test classes {test_classes} differ from seg_train classes {classes}")
     class_to_idx = {c: i for i, c in enumerate(classes)}
-
-    # limit each pool (and the data's own test split) to a seeded subset per class
     pools = []
     for items in (train_items, test_items):
         labels = np.array([class_to_idx[c] for _, c in items], dtype=np.int64)
-        keep = limit_per_class(labels, limit, fixed_seed) if len(items) else np.arange(0)
+        keep = limit_per_class(labels, splitting.limit, splitting.fixed_seed) if len(items) else np.arange(0)
         pools.append([items[i] for i in keep])
-    train_items, test_items = pools
-    all_items = train_items + test_items
+    return classes, pools[0] + pools[1], len(pools[0])
 
-    decoded = decode_images([p for p, _ in all_items], size, cache / "decoded", workers, progress)
-    skipped = {_relative(all_items[i][0], source.root): why for i, why in decoded.errors.items()}
-    if skipped:
-        log.warning("skipped %d unreadable image(s), e.g. %s", len(skipped), next(iter(skipped.items())))
-    labels_all = np.array([class_to_idx[c] for _, c in all_items], dtype=np.int64)
-    for name, idx in class_to_idx.items():
-        if not np.any(decoded.ok & (labels_all == idx)):
-            raise SceneMLError(f"class {name!r} has no usable image (all {np.sum(labels_all == idx)} failed to decode)")
 
-    n_train_pool = len(train_items)
-    is_test_pool = np.arange(len(all_items)) >= n_train_pool
-    split = np.empty(len(all_items), dtype=object)
-    pool_idx = np.flatnonzero(decoded.ok & ~is_test_pool)
-    split[pool_idx] = stratified_split(labels_all[pool_idx], classes, seed, val_fraction,
-                                       test_fraction, has_test=source.test_dir is not None, test_seed=fixed_seed)
-    if source.test_dir is not None:
-        test_idx = np.flatnonzero(decoded.ok & is_test_pool)
-        missing = [c for c, i in class_to_idx.items() if not np.any(labels_all[test_idx] == i)]
+def _split(ok: np.ndarray, labels: np.ndarray, n_train_pool: int, classes: list[str], splitting: Splitting,
+           has_test: bool) -> np.ndarray:
+    """Each item's split name (train, val, test; None for an image that did not decode)."""
+    is_test_pool = np.arange(len(labels)) >= n_train_pool
+    split = np.empty(len(labels), dtype=object)
+    pool_idx = np.flatnonzero(ok & ~is_test_pool)
+    split[pool_idx] = stratified_split(labels[pool_idx], classes, splitting.seed, splitting.val_fraction,
+                                       splitting.test_fraction, has_test=has_test, test_seed=splitting.fixed_seed)
+    if has_test:
+        test_idx = np.flatnonzero(ok & is_test_pool)
+        missing = [c for i, c in enumerate(classes) if not np.any(labels[test_idx] == i)]
         if missing:
             raise SceneMLError(f"the test split (seg_test) has no usable image of class(es) {missing}")
         split[test_idx] = "test"
+    return split
 
-    used = np.flatnonzero(decoded.ok)
-    rel = [_relative(p, source.root) for p, _ in all_items]
-    data_set_digest = manifest_digest(manifest_csv([rel[i] for i in used], [all_items[i][1] for i in used],
-                                                   [""] * len(used)))
-    duplicates = find_duplicates(decoded.pixels, used, [rel[i] for i in used], [split[i] for i in used],
-                                 [all_items[i][1] for i in used], dup_distance)
+
+def _dedupe(duplicates: pd.DataFrame, split: np.ndarray, used: np.ndarray, rel: list[str], labels: np.ndarray,
+            classes: list[str], dedupe: str) -> np.ndarray:
+    """Warn of duplicate groups across splits; with ``dedupe="cross_split"`` mark their val/test copies
+    ``dropped`` (in ``split`` and ``duplicates``). Returns the items still used."""
     cross_split = duplicate_counts(duplicates)["dup_cross_split"]
     if cross_split:
         log.warning("%d group(s) of duplicate images span train and val/test: the evaluation sees images the "
@@ -136,19 +177,11 @@ def prepare_data(spec: str = "synthetic", image_size: int = 0, seed: int = 42,
     for i in used:
         if rel[i] in leaked:
             split[i] = "dropped"
-    used = np.array([i for i in used if rel[i] not in leaked], dtype=np.int64)
+    kept = np.array([i for i in used if rel[i] not in leaked], dtype=np.int64)
     if leaked:
         log.warning("dedupe=cross_split dropped %d val/test copies of training images", len(leaked))
-        _check_no_class_emptied(split, labels_all, used, classes, leaked, rel)
-    manifest = manifest_csv([rel[i] for i in used], [all_items[i][1] for i in used],
-                            [split[i] for i in used])
-    splits = {}
-    for name in ("train", "val", "test"):
-        idx = np.flatnonzero(split == name)
-        # a contiguous in-memory copy: batches index it randomly, a memmap would page-fault
-        splits[name] = SplitData([rel[i] for i in idx], labels_all[idx], np.ascontiguousarray(decoded.pixels[idx]))
-    return PreparedData(source, classes, size, manifest, manifest_digest(manifest), splits, skipped, duplicates,
-                        data_set_digest)
+        _check_no_class_emptied(split, labels, kept, classes, leaked, rel)
+    return kept
 
 
 def _check_no_class_emptied(split: np.ndarray, labels: np.ndarray, used: np.ndarray, classes: list[str],

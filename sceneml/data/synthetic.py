@@ -67,7 +67,10 @@ def _sky_and_ground(rng: np.random.Generator, yy: np.ndarray, horizon: float) ->
     return img
 
 
-def _windows(img: np.ndarray, rng: np.random.Generator, yy, xx, x0, x1, y0, y1, colour) -> None:
+def _windows(img: np.ndarray, rng: np.random.Generator, yy, xx, box: tuple[float, float, float, float],
+             colour) -> None:
+    """A grid of windows in ``box`` = (x0, x1, y0, y1), in image fractions."""
+    x0, x1, y0, y1 = box
     period = rng.uniform(0.04, 0.09)
     fill = rng.uniform(0.35, 0.65)
     off_x, off_y = rng.uniform(0, period, 2)
@@ -84,7 +87,7 @@ def _draw_buildings(img, rng, yy, xx, size):
         facade = _colour(rng)
         mask = (xx >= x) & (xx < x + width) & (yy >= top)
         img[mask] = facade
-        _windows(img, rng, yy, xx, x + 0.02, x + width - 0.02, top + 0.03, 0.92, _jitter(1 - facade, rng, 0.2))
+        _windows(img, rng, yy, xx, (x + 0.02, x + width - 0.02, top + 0.03, 0.92), _jitter(1 - facade, rng, 0.2))
         x += width + rng.uniform(-0.03, 0.05)
 
 
@@ -109,7 +112,7 @@ def _draw_street(img, rng, yy, xx, size):
             img[mask] = facade
             x0, x1 = (0.0, vx - 0.1) if side < 0 else (vx + 0.1, 1.0)
             sub = img.copy()
-            _windows(sub, rng, yy, xx, x0, x1, 0.0, 1.0, _jitter(1 - facade, rng, 0.2))
+            _windows(sub, rng, yy, xx, (x0, x1, 0.0, 1.0), _jitter(1 - facade, rng, 0.2))
             img[mask] = sub[mask]
 
 

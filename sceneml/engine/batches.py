@@ -4,6 +4,7 @@ and augmented there, so no worker process ever decodes a JPEG during training.""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -113,16 +114,27 @@ def mix_batch(x: torch.Tensor, y: torch.Tensor, num_classes: int, mixup_alpha: f
     return mixed, target.mul(lam).add_(target.roll(1, 0), alpha=1 - lam), lam
 
 
+@dataclass(frozen=True)
+class Augmentation:
+    """What is done to each training batch, in this order: flips (always), random-resized crops
+    (``random_crop``, of ``crop_size`` pixels a side, 0: the images'), an auto-augment ``policy``, random
+    erasing (``erase``: the probability per image), then MixUp or CutMix (an alpha > 0), whose labels are
+    soft targets (B, num_classes)."""
+
+    random_crop: bool = False
+    crop_size: int = 0
+    policy: str = "none"
+    erase: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    num_classes: int = 0
+
+
 def iterate_batches(pixels: np.ndarray, labels: np.ndarray, batch_size: int, device: torch.device,
-                    generator: torch.Generator | None = None, augment: bool = False,
-                    crop: bool = False, crop_size: int = 0, order: torch.Tensor | None = None, policy: str = "none",
-                    erase: float = 0.0, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, num_classes: int = 0,
-                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (images, labels) batches; shuffled and augmented when a generator is given: flips, then
-    random-resized crops (``crop``, of ``crop_size`` pixels a side, 0: the images'), an auto-augment
-    ``policy``, random erasing (``erase``: the probability per image), then MixUp or
-    CutMix (an alpha > 0), whose labels are soft targets (B, num_classes). ``order`` (e.g. one rank's
-    shard) replaces the shuffle."""
+                    generator: torch.Generator | None = None, augmentation: Augmentation | None = None,
+                    order: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (images, labels) batches; shuffled when a generator is given, and augmented as
+    ``augmentation`` says (None: not at all). ``order`` (e.g. one rank's shard) replaces the shuffle."""
     n = len(labels)
     if order is None:
         order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
@@ -131,18 +143,25 @@ def iterate_batches(pixels: np.ndarray, labels: np.ndarray, batch_size: int, dev
         idx = order[start:start + batch_size].numpy()
         x = to_float_batch(pixels[idx], device)
         y = to_device(labels_t[idx], device)
-        if augment and generator is not None:
-            flip = torch.rand(len(idx), generator=generator) < 0.5
-            x = torch.where(to_device(flip, device).view(-1, 1, 1, 1), x.flip(3), x)
-            if crop:
-                x = random_resized_crop(x, generator, size=crop_size)
-            if policy != "none":
-                x = auto_augment(x, policy, generator)
-            if erase > 0:
-                x = random_erase(x, generator, erase)
-            if (mixup_alpha > 0 or cutmix_alpha > 0) and len(idx) > 1:
-                x, y, _ = mix_batch(x, y, num_classes, mixup_alpha, cutmix_alpha, generator)
+        if augmentation is not None and generator is not None:
+            x, y = augment_batch(x, y, augmentation, generator)
         yield x, y
+
+
+def augment_batch(x: torch.Tensor, y: torch.Tensor, aug: Augmentation,
+                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training batch augmented as ``aug`` says (the order of :class:`Augmentation`)."""
+    flip = torch.rand(len(y), generator=generator) < 0.5
+    x = torch.where(to_device(flip, x.device).view(-1, 1, 1, 1), x.flip(3), x)
+    if aug.random_crop:
+        x = random_resized_crop(x, generator, size=aug.crop_size)
+    if aug.policy != "none":
+        x = auto_augment(x, aug.policy, generator)
+    if aug.erase > 0:
+        x = random_erase(x, generator, aug.erase)
+    if (aug.mixup_alpha > 0 or aug.cutmix_alpha > 0) and len(y) > 1:
+        x, y, _ = mix_batch(x, y, aug.num_classes, aug.mixup_alpha, aug.cutmix_alpha, generator)
+    return x, y
 
 
 def iterate_feature_batches(features: torch.Tensor, labels: np.ndarray, batch_size: int, device: torch.device,

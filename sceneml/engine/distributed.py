@@ -29,10 +29,6 @@ class DistContext:
     world_size: int
     local_rank: int
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
 
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1

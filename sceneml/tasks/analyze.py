@@ -25,11 +25,12 @@ from tqdm.auto import tqdm
 
 from sceneml import analysis, plots
 from sceneml.config import AnalyzeConfig, parse_compare
+from sceneml.data import SplitData
 from sceneml.data.cifar import is_cifar10_folder, read_cifar10
 from sceneml.data.decode import load_rgb
 from sceneml.data.sources import image_files, resolve_source
 from sceneml.engine.batches import to_float_batch
-from sceneml.engine.loop import predict_scores
+from sceneml.engine.inference import predict_scores
 from sceneml.errors import SceneMLError
 from sceneml.models import pick_device
 from sceneml.scores import scores_from_csv
@@ -133,54 +134,100 @@ def analyze(cfg: AnalyzeConfig, nested: bool = False) -> dict[str, float]:
         return _analyze(cfg)
 
 
-def _analyze(cfg: AnalyzeConfig) -> dict[str, float]:
-    progress = not cfg.quiet
+@dataclass
+class _Subject:
+    """The model under analysis and the split it is analysed on."""
+
+    model: ResolvedModel
+    network: torch.nn.Module  # the logged checkpoint: the eager module, whose named modules take hooks
+    device: torch.device
+    data: str
+    manifest: str
+    split: SplitData
+    scores: np.ndarray  # softmax of each image of ``split``
+    root: Path  # where the split's image files are
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.model.meta["classes"])
+
+
+def _subject(cfg: AnalyzeConfig, run_id: str) -> _Subject:
     model = resolve_model(cfg.model_uri)
-    meta = model.meta
-    classes, image_size = list(meta["classes"]), int(meta["image_size"])
-    chosen_classes = [c.strip() for c in cfg.classes.split(",") if c.strip()] or classes
-    unknown = [c for c in chosen_classes if c not in classes]
+    classes = list(model.meta["classes"])
+    unknown = [c for c in _chosen_classes(cfg, classes) if c not in classes]
     if unknown:
         raise SceneMLError(f"unknown class(es) {unknown}; the model knows {', '.join(classes)}")
-    compare = parse_compare(cfg.compare)
-    data = cfg.data or meta["data"]
+    parse_compare(cfg.compare)
+    data = cfg.data or model.meta["data"]
     device = pick_device(cfg.device)
-    # the logged checkpoint is the eager torchvision module: hooks go straight onto its named modules
     network = model.load_network(device)
-    modules = [m.strip() for m in cfg.modules.split(",") if m.strip()] or \
-        analysis.default_modules(meta["arch"], network)
-    hooked = analysis.resolve_modules(network, modules)
-
-    run_id = mlflow.active_run().info.run_id
     rename_run(run_id, f"analyze {model.label}")
-    log_params_once(run_id, {"model_uri": cfg.model_uri, "model_id": model.model_id, "split": cfg.split,
-                             "data_used": data, "modules_used": ",".join(modules),
-                             "training_run_id": model.training_run_id})
     set_tags(run_id, {**model.tags(), "sceneml.analysis": "true"})
-
     manifest = model.manifest()
-    split = model.load_split(data, cfg.split, progress=progress, manifest=manifest)
+    split = model.load_split(data, cfg.split, progress=not cfg.quiet, manifest=manifest)
     scores = _scores_from_evaluation(model.model_id, cfg.split, split.paths)
     if scores is None:
         log.info("no evaluation scores for this model and split: scoring the %d images now", len(split))
-        scores = predict_scores(network, split.pixels, device, progress=progress, desc=f"score {cfg.split}")
+        scores = predict_scores(network, split.pixels, device, progress=not cfg.quiet, desc=f"score {cfg.split}")
+    return _Subject(model, network, device, data, manifest, split, scores, resolve_source(data).root)
+
+
+def _chosen_classes(cfg: AnalyzeConfig, classes: list[str]) -> list[str]:
+    return [c.strip() for c in cfg.classes.split(",") if c.strip()] or classes
+
+
+def _analyze(cfg: AnalyzeConfig) -> dict[str, float]:
+    run_id = mlflow.active_run().info.run_id
+    subject = _subject(cfg, run_id)
+    model, network = subject.model, subject.network
+    modules = [m.strip() for m in cfg.modules.split(",") if m.strip()] or \
+        analysis.default_modules(model.meta["arch"], network)
+    log_params_once(run_id, {"model_uri": cfg.model_uri, "model_id": model.model_id, "split": cfg.split,
+                             "data_used": subject.data, "modules_used": ",".join(modules),
+                             "training_run_id": model.training_run_id})
     caption = model.caption()
-    root = resolve_source(data).root
-    _log_galleries(root, split, scores, classes, chosen_classes, cfg.k, cfg.split, caption)
-    audit = _log_audit(network, model, device, root, data, manifest, split, scores, chosen_classes, cfg, caption)
+    chosen = _chosen_classes(cfg, subject.classes)
+    _log_galleries(subject.root, subject.split, subject.scores, subject.classes, chosen, cfg.k, cfg.split, caption)
+    metrics: dict[str, float] = dict(_log_audit(subject, chosen, cfg, caption))
+    activation_rows, spectra = _statistics(subject, modules, cfg, metrics)
+    log_csv(activation_rows, "activations/activation_stats.csv")
+    log_figure(plots.activation_bars(activation_rows, f"Non-positive activations per module: {caption}"),
+               "activations/nonpos_pct.png")
+    eigen_rows = [{"module": m, "dataset": d, "rank": r + 1, "eigenvalue": repr(float(v))}
+                  for m, by_set in spectra.items() for d, values in by_set.items() for r, v in enumerate(values)]
+    log_csv(eigen_rows, "spectra/eigenvalues.csv")
+    for module, by_set in spectra.items():
+        log_figure(plots.eigen_spectra(by_set, module, cfg.top_eigen, f"Eigen-spectrum, {module}: {caption}"),
+                   f"spectra/eigen_{module}.png")
+    buffer = MetricBuffer(run_id)
+    buffer.add_many(metrics, 0)
+    buffer.flush()
+    return metrics
 
-    image_sets = [array_set(cfg.split, split.pixels)]
-    image_sets.append(file_set("synthetic", _synthetic_files(synthetic_per_class(cfg.n_images, len(split))),
-                               image_size))
-    image_sets += [compare_set(name, path, image_size, cfg.n_images) for name, path in compare.items()]
 
-    metrics: dict[str, float] = dict(audit)
+def _image_sets(subject: _Subject, cfg: AnalyzeConfig) -> list:
+    """The split, the embedded scenes and each ``compare`` data set, at the model's image size."""
+    image_size = int(subject.model.meta["image_size"])
+    sets = [array_set(cfg.split, subject.split.pixels),
+            file_set("synthetic", _synthetic_files(synthetic_per_class(cfg.n_images, len(subject.split))),
+                     image_size)]
+    compare = parse_compare(cfg.compare)
+    return sets + [compare_set(name, path, image_size, cfg.n_images) for name, path in compare.items()]
+
+
+def _statistics(subject: _Subject, modules: list[str], cfg: AnalyzeConfig,
+                metrics: dict[str, float]) -> tuple[list[dict], dict[str, dict]]:
+    """Activation statistics and eigen-spectra of ``modules`` on each image set; adds their metrics to
+    ``metrics`` and returns the activation rows and the spectra (module -> set -> eigenvalues)."""
+    hooked = analysis.resolve_modules(subject.network, modules)
+    image_size = int(subject.model.meta["image_size"])
     activation_rows, spectra = [], {m: {} for m in modules}
-    for images in image_sets:
-        batches = float_batches(images, cfg.n_images, image_size, cfg.batch_size, device, cfg.seed)
+    for images in _image_sets(subject, cfg):
+        batches = float_batches(images, cfg.n_images, image_size, cfg.batch_size, subject.device, cfg.seed)
         total = math.ceil(min(cfg.n_images, images.count) / cfg.batch_size)
-        stats = analysis.module_statistics(network, hooked, tqdm(batches, total=total, desc=f"hooks {images.name}",
-                                                                 disable=not progress, leave=False))
+        stats = analysis.module_statistics(subject.network, hooked, tqdm(
+            batches, total=total, desc=f"hooks {images.name}", disable=cfg.quiet, leave=False))
         if images.name not in (cfg.split, "synthetic"):
             metrics[f"compare_skipped.{images.name}"] = float(len(images.skipped))
             if images.skipped:
@@ -199,83 +246,85 @@ def _analyze(cfg: AnalyzeConfig) -> dict[str, float]:
             if images.name == cfg.split:
                 metrics[f"act_nonpos_pct.{module}"] = s.nonpos_pct.mean
                 metrics[f"act_nonpos_pct_std.{module}"] = s.nonpos_pct.std
-
-    log_csv(activation_rows, "activations/activation_stats.csv")
-    log_figure(plots.activation_bars(activation_rows, f"Non-positive activations per module: {caption}"),
-               "activations/nonpos_pct.png")
-    eigen_rows = [{"module": m, "dataset": d, "rank": r + 1, "eigenvalue": repr(float(v))}
-                  for m, by_set in spectra.items() for d, values in by_set.items() for r, v in enumerate(values)]
-    log_csv(eigen_rows, "spectra/eigenvalues.csv")
-    for module, by_set in spectra.items():
-        log_figure(plots.eigen_spectra(by_set, module, cfg.top_eigen, f"Eigen-spectrum, {module}: {caption}"),
-                   f"spectra/eigen_{module}.png")
-    buffer = MetricBuffer(run_id)
-    buffer.add_many(metrics, 0)
-    buffer.flush()
-    return metrics
+    return activation_rows, spectra
 
 
-def _log_audit(network, model: ResolvedModel, device: torch.device, root: Path, data: str, manifest: str, split,
-               scores: np.ndarray, chosen: list[str], cfg: AnalyzeConfig, caption: str) -> dict[str, float]:
-    """Likely label errors among the out-of-sample images (the training run's val scores of this
-    checkpoint's epoch, and this split's scores), and Grad-CAM on the bottom-k of each class and on the
-    label-issue gallery. Logs ``audit/label_issues.{csv,png}``, ``audit/label_issues_gradcam.png``,
-    ``galleries/gradcam_<class>_bottom.png`` and ``galleries/gradcam_stats.csv``."""
-    meta = model.meta
-    classes = list(meta["classes"])
-    sets = {cfg.split: (split.paths, split.labels, scores, split.pixels)}
+@dataclass(frozen=True)
+class _Scored:
+    """Out-of-sample images with their scores, over one or more splits."""
+
+    paths: list[str]
+    split_of: list[str]
+    labels: np.ndarray
+    scores: np.ndarray
+    pixels: np.ndarray
+
+
+def _scored_images(subject: _Subject, cfg: AnalyzeConfig) -> _Scored:
+    """This split's images and scores, and the training run's val scores of this checkpoint's epoch."""
+    meta, split = subject.model.meta, subject.split
+    sets = {cfg.split: (split.paths, split.labels, subject.scores, split.pixels)}
     epoch = meta.get("epoch")
     if epoch is not None and cfg.split != "val":
         try:
             text = mlflow.artifacts.load_text(f"runs:/{meta['training_run_id']}/val_scores/epoch_{int(epoch):03d}.csv")
             paths, labels, val_scores, _, _ = scores_from_csv(text)
-            val = model.load_split(data, "val", progress=not cfg.quiet, manifest=manifest)
+            val = subject.model.load_split(subject.data, "val", progress=not cfg.quiet, manifest=subject.manifest)
             order = {p: i for i, p in enumerate(val.paths)}
             sets["val"] = (paths, np.asarray(labels), np.asarray(val_scores), val.pixels[[order[p] for p in paths]])
         except Exception as exc:  # an older run without per-epoch val scores: this split alone
             log.warning("label issues from the %s split only (no val scores of epoch %s: %s)", cfg.split, epoch, exc)
-    paths = [p for s in sets.values() for p in s[0]]
-    split_of = [name for name, s in sets.items() for _ in s[0]]
-    labels = np.concatenate([s[1] for s in sets.values()])
-    all_scores = np.concatenate([s[2] for s in sets.values()])
-    pixels = np.concatenate([s[3] for s in sets.values()])
+    return _Scored([p for s in sets.values() for p in s[0]], [name for name, s in sets.items() for _ in s[0]],
+                   *(np.concatenate([s[k] for s in sets.values()]) for k in (1, 2, 3)))
+
+
+def _log_audit(subject: _Subject, chosen: list[str], cfg: AnalyzeConfig, caption: str) -> dict[str, float]:
+    """Likely label errors among the out-of-sample images (the training run's val scores of this
+    checkpoint's epoch, and this split's scores), and Grad-CAM on the bottom-k of each class and on the
+    label-issue gallery. Logs ``audit/label_issues.{csv,png}``, ``audit/label_issues_gradcam.png``,
+    ``galleries/gradcam_<class>_bottom.png`` and ``galleries/gradcam_stats.csv``."""
+    classes, scored = subject.classes, _scored_images(subject, cfg)
+    labels, all_scores, paths = scored.labels, scored.scores, scored.paths
     ranked = analysis.rank_label_issues(labels, all_scores)
-    rows = [{"path": paths[i], "split": split_of[i], "given": classes[labels[i]], "suggested": classes[s],
+    rows = [{"path": paths[i], "split": scored.split_of[i], "given": classes[labels[i]], "suggested": classes[s],
              "quality": repr(float(q)), "flagged": bool(f)}
             for i, q, s, f in zip(ranked["index"], ranked["quality"], ranked["suggested"], ranked["flagged"])]
     log_csv(rows, "audit/label_issues.csv")
     top = ranked["index"].to_numpy()[:cfg.k]
     title = f"Likely label errors: the {len(top)} images whose given label the model trusts least\n{caption}"
-    log_figure(plots.gallery([load_rgb(root / paths[i]) for i in top], [classes[labels[i]] for i in top],
+    log_figure(plots.gallery([load_rgb(subject.root / paths[i]) for i in top], [classes[labels[i]] for i in top],
                              [classes[s] for s in all_scores[top].argmax(1)], all_scores[top, labels[top]], title),
                "audit/label_issues.png")
-
-    layer = analysis.last_conv_stage(meta["arch"], network)
     stats: list[dict] = []
-
-    def cam_figure(idx: np.ndarray, what: str, artifact: str) -> None:
-        predicted = all_scores[idx].argmax(1)
-        x = to_float_batch(pixels[idx], device)
-        maps = analysis.grad_cam(network, layer, x, torch.as_tensor(predicted, device=device)).cpu().numpy()
-        for i, p, m in zip(idx, predicted, maps):
-            stats.append({"figure": artifact, "path": paths[i], "true": classes[labels[i]],
-                          "predicted": classes[p], "cam_mean": float(m.mean()),
-                          "cam_std": float(m.std())})
-        log_figure(plots.gallery([load_rgb(root / paths[i]) for i in idx], [classes[labels[i]] for i in idx],
-                                 [classes[p] for p in predicted], all_scores[idx, predicted],
-                                 f"Grad-CAM ({meta['arch']} {analysis.LAST_STAGE[meta['arch']]}, for the predicted "
-                                 f"class): {what}\n{caption}", heatmaps=list(maps)), artifact)
-
-    in_split = np.flatnonzero(np.array(split_of) == cfg.split)
+    in_split = np.flatnonzero(np.array(scored.split_of) == cfg.split)
     for name in chosen:
         _, bottom = analysis.gallery_indices(labels[in_split], all_scores[in_split], classes.index(name), cfg.k)
         if len(bottom):
-            cam_figure(in_split[bottom], f"the {len(bottom)} {cfg.split} images of {name} with the lowest score",
-                       f"galleries/gradcam_{name}_bottom.png")
+            stats += _log_gradcam(subject, scored, in_split[bottom], f"the {len(bottom)} {cfg.split} images of {name} "
+                                  f"with the lowest score\n{caption}", f"galleries/gradcam_{name}_bottom.png")
     if len(top):
-        cam_figure(top, "the likely label errors", "audit/label_issues_gradcam.png")
+        stats += _log_gradcam(subject, scored, top, f"the likely label errors\n{caption}",
+                              "audit/label_issues_gradcam.png")
     log_csv(stats, "galleries/gradcam_stats.csv")
     return {"audit_label_issues": float(ranked["flagged"].sum())}
+
+
+def _log_gradcam(subject: _Subject, scored: _Scored, idx: np.ndarray, what: str, artifact: str) -> list[dict]:
+    """A Grad-CAM gallery of images ``idx`` of ``scored``, for their predicted classes; returns its rows."""
+    arch, classes, network, device = subject.model.meta["arch"], subject.classes, subject.network, subject.device
+    predicted = scored.scores[idx].argmax(1)
+    x = to_float_batch(scored.pixels[idx], device)
+    maps = analysis.grad_cam(network, analysis.last_conv_stage(arch, network), x,
+                             torch.as_tensor(predicted, device=device)).cpu().numpy()
+    rows = [{"figure": artifact, "path": scored.paths[i], "true": classes[scored.labels[i]],
+             "predicted": classes[p], "cam_mean": float(m.mean()), "cam_std": float(m.std())}
+            for i, p, m in zip(idx, predicted, maps)]
+    log_figure(plots.gallery([load_rgb(subject.root / scored.paths[i]) for i in idx],
+                             [classes[scored.labels[i]] for i in idx], [classes[p] for p in predicted],
+                             scored.scores[idx, predicted],
+                             f"Grad-CAM ({arch} {analysis.LAST_STAGE[arch]}, for the predicted class): {what}",
+                             heatmaps=list(maps)), artifact)
+    return rows
 
 
 def synthetic_per_class(n_images: int, split_size: int) -> int:

@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 
 from sceneml import plots
 from sceneml.config import EvaluateConfig
-from sceneml.engine.loop import predict_log_probs
+from sceneml.engine.inference import predict_log_probs
 from sceneml.metrics import classification_metrics, confusion_matrix, reliability_bins
 from sceneml.models import pick_device
 from sceneml.scores import scores_from_csv, scores_to_csv

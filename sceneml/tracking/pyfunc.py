@@ -98,7 +98,7 @@ class ImageClassifier:
     def predict_bytes(self, items: list[bytes | Exception], index=None) -> pd.DataFrame:
         """Score encoded images; an item that is an exception, or does not decode, gets an error row."""
         from sceneml.data.decode import load_rgb
-        from sceneml.engine.loop import predict_scores
+        from sceneml.engine.inference import predict_scores
 
         pixels = np.zeros((len(items), self.image_size, self.image_size, 3), dtype=np.uint8)
         errors: dict[int, str] = {}
