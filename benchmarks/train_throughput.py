@@ -236,7 +236,7 @@ def main() -> None:
     folder = jpeg_folder(args.data, args.image_size, args.per_class, work / "jpeg")
     cfg = TrainConfig(data=str(folder), arch=args.arch, weights="none", epochs=args.epochs,
                       batch_size=args.batch_size, image_size=args.image_size, freeze_backbone=args.freeze_backbone,
-                      device=args.device, quiet=True, precision=args.precision, compile=args.compile).validate()
+                      device=args.device, quiet=True, precision=args.precision, compile=args.compile)
 
     started = time.perf_counter()
     splitting = Splitting(cfg.seed, cfg.val_fraction, cfg.test_fraction)

@@ -49,7 +49,7 @@ class RecipeOr(click.ParamType):
 
 def option(p: Param) -> Callable:
     """The click option of a declared parameter: its default shown as MLproject spells it, its choices
-    in the help. The values are checked by the config's ``validate``, the same check an in-process
+    in the help. The values are checked when the config is built, the same check an in-process
     call gets, so a bad value reads the same wherever it comes from."""
     if p.required:
         return click.option(p.option, p.name, required=True, type=_CLICK_TYPES[p.type], help=p.help)
@@ -116,7 +116,7 @@ def run_task(entry: EntryPoint, values: dict) -> None:
 
 
 def _run_task(entry: EntryPoint, values: dict) -> None:
-    cfg = build(entry.config, values, entry.params).validate()
+    cfg = build(entry.config, values, entry.params)
     if entry.name == "train" and cfg.nproc > 1 and "LOCAL_RANK" not in os.environ:
         sys.exit(torchrun(entry, values, cfg.nproc))
     setup_logging(bool(values.get("quiet", False)))

@@ -128,7 +128,7 @@ def check_model_name(name: str) -> None:
 
 # ------------------------------------------------------------------------------------- train
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """`train`: one torchvision CNN trained as one MLflow run."""
 
@@ -207,19 +207,20 @@ class TrainConfig:
     quiet: bool = param(False, "no progress bars or per-epoch lines", logged=False)
 
     def __post_init__(self) -> None:
-        """The recipe's value for each recipe parameter not given (still ``RECIPE``)."""
-        preset = RECIPES.get(self.recipe, RECIPES["classic"])  # validate refuses an unknown recipe
+        """Built resolved and checked: the recipe's value for each recipe parameter not given (still ``RECIPE``),
+        then every value checked (one line naming the valid choices on the first bad one)."""
+        preset = RECIPES.get(self.recipe, RECIPES["classic"])  # _check refuses an unknown recipe
         for name in RECIPE_PARAMS:
             if getattr(self, name) == RECIPE:
-                setattr(self, name, preset[name])
+                object.__setattr__(self, name, preset[name])
+        self._check()
 
-    def validate(self) -> TrainConfig:
-        """Check every value; one clear line naming the valid choices on the first bad one."""
+    def _check(self) -> None:
         check_choices(self)
         if not 0 <= self.dup_distance <= 64:
             raise SceneMLError(f"dup_distance must be in 0..64 (bits of a 64-bit pHash), got {self.dup_distance}")
         if self.precision == "fp16" and self.device == "cpu":
-            raise SceneMLError(FP16_NEEDS_CUDA)  # before any work; the engine checks device=auto too
+            raise SceneMLError(FP16_NEEDS_CUDA)  # before any work; device=auto on a CPU is refused where it resolves
         if not self.lr > 0:
             raise SceneMLError(f"lr must be > 0, got {self.lr}")
         if self.time_budget < 0:
@@ -228,7 +229,7 @@ class TrainConfig:
             raise SceneMLError("time_budget shapes the lr schedule itself (linear to 0 when the budget ends): leave "
                                "scheduler none or linear and warmup_epochs=0")
         if self.scheduler == "onecycle" and self.warmup_epochs:
-            raise SceneMLError(ONECYCLE_WARMS_UP)  # before any work; build_scheduler checks it too
+            raise SceneMLError(ONECYCLE_WARMS_UP)
         if not 0 <= self.warmup_epochs < max(self.epochs, 1):
             raise SceneMLError(f"warmup_epochs must be in 0 .. epochs - 1 ({self.epochs - 1}), "
                                f"got {self.warmup_epochs}")
@@ -271,7 +272,6 @@ class TrainConfig:
         if self.dist_timeout < 1:
             raise SceneMLError(f"dist_timeout must be >= 1 second, got {self.dist_timeout}")
         check_device_name(self.device)
-        return self
 
     def decode_workers(self) -> int:
         return min(os.cpu_count() or 1, 8) if self.num_workers == "auto" else int(self.num_workers)
@@ -289,7 +289,7 @@ RECIPE_PARAMS = tuple(p.name for p in params_of(TrainConfig) if p.default == REC
 
 # ----------------------------------------------------------------------- evaluate, predict ...
 
-@dataclass
+@dataclass(frozen=True)
 class EvaluateConfig:
     """`evaluate`: score a model on a split its training run recorded."""
 
@@ -300,13 +300,12 @@ class EvaluateConfig:
     quiet: bool = False
     tta: bool = _tta()
 
-    def validate(self) -> EvaluateConfig:
+    def __post_init__(self) -> None:
         check_choices(self)
         check_device_name(self.device)
-        return self
 
 
-@dataclass
+@dataclass(frozen=True)
 class PredictConfig:
     """`predict`: class and probabilities of each image of a file or folder, as CSV."""
 
@@ -317,12 +316,11 @@ class PredictConfig:
     quiet: bool = False
     tta: bool = _tta()
 
-    def validate(self) -> PredictConfig:
+    def __post_init__(self) -> None:
         check_device_name(self.device)
-        return self
 
 
-@dataclass
+@dataclass(frozen=True)
 class SelectConfig:
     """`select`: register the best epoch checkpoint of a study's runs and point an alias at it."""
 
@@ -332,23 +330,19 @@ class SelectConfig:
     model_name: str = _model_name()
     alias: str = param("champion", "the alias moved to the new champion")
 
-    def validate(self) -> SelectConfig:
+    def __post_init__(self) -> None:
         check_choices(self)
         check_model_name(self.model_name)
-        return self
 
 
-@dataclass
+@dataclass(frozen=True)
 class ReportConfig:
     """`report`: rebuild the HTML and Markdown write-up of a study run."""
 
     study_run_id: str = param(REQUIRED, "the parent run that `main` or `tune` created")
 
-    def validate(self) -> ReportConfig:
-        return self
 
-
-@dataclass
+@dataclass(frozen=True)
 class AnalyzeConfig:
     """`analyze`: galleries, activation statistics and eigen-spectra of one model."""
 
@@ -366,7 +360,7 @@ class AnalyzeConfig:
     seed: int = 0
     quiet: bool = False
 
-    def validate(self) -> AnalyzeConfig:
+    def __post_init__(self) -> None:
         check_choices(self)
         if self.k < 1:
             raise SceneMLError(f"k must be >= 1, got {self.k}")
@@ -378,7 +372,6 @@ class AnalyzeConfig:
             raise SceneMLError(f"batch_size must be >= 1, got {self.batch_size}")
         check_device_name(self.device)
         parse_compare(self.compare)
-        return self
 
 
 # --------------------------------------------------------------------------- main and tune
@@ -393,7 +386,7 @@ class Child:
     train: TrainConfig
 
 
-@dataclass
+@dataclass(frozen=True)
 class StudyConfig:
     """`main`: one training run per optimizer x learning rate, then select, evaluate and analyze."""
 
@@ -430,7 +423,7 @@ class StudyConfig:
                     config = f"{o}-lr{lr:g}"
                     train = dataclasses.replace(self.train, optimizer=o, lr=lr, seed=self.train.seed + r,
                                                 split_seed=split_seed if self.repeats > 1 else self.train.split_seed)
-                    out.append(Child(config if self.repeats == 1 else f"{config}-r{r}", config, r, train.validate()))
+                    out.append(Child(config if self.repeats == 1 else f"{config}-r{r}", config, r, train))
         return out
 
     def name(self) -> str:
@@ -440,14 +433,12 @@ class StudyConfig:
     def shared(self) -> bool:
         return bool(self.study_name or self.storage)
 
-    def validate(self) -> StudyConfig:
+    def __post_init__(self) -> None:
         self.children()
         check_model_name(self.model_name)
-        self.analyze.validate()
-        return self
 
 
-@dataclass
+@dataclass(frozen=True)
 class TuneConfig:
     """`tune`: an Optuna search over `train` parameters, trials shared by any number of workers."""
 
@@ -461,14 +452,11 @@ class TuneConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     analyze: AnalyzeConfig = dataclasses.field(default_factory=AnalyzeConfig)
 
-    def validate(self) -> TuneConfig:
-        self.train.validate()
+    def __post_init__(self) -> None:
         check_choices(self)
         if self.n_trials < 1:
             raise SceneMLError(f"n_trials must be >= 1, got {self.n_trials}")
         check_model_name(self.model_name)
-        self.analyze.validate()
-        return self
 
     def name(self) -> str:
         return _search_name("tune", self.study_name, self.train)

@@ -133,11 +133,10 @@ def _load_state_dict_file(path: Path) -> dict:
         state = state["model"]  # a sceneml/torchvision-references checkpoint dict
     if not isinstance(state, dict):
         raise SceneMLError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
-    # accept keys saved from DataParallel/DDP ("module.") or from sceneml 0.1 ("backbone."), and
-    # leave out the normalisation buffers (the weights choose their own normalisation)
-    for prefix in ("module.", "backbone."):
-        if state and all(k.startswith(prefix) or k in ("mean", "std") for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    # accept keys saved from DataParallel/DDP ("module."), and leave out the normalisation buffers (the
+    # weights choose their own normalisation)
+    if state and all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
     return {k: v for k, v in state.items() if k not in ("input_mean", "input_std")}
 
 

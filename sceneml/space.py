@@ -74,7 +74,7 @@ def parse_space(raw: object, where: str) -> list[Dimension]:
                 raise SceneMLError(f"{where}: key {key!r}: empty list of choices")
             for value in spec:  # every choice must be a valid train parameter on its own
                 try:
-                    dataclasses.replace(TrainConfig(), **{key: value}).validate()
+                    dataclasses.replace(TrainConfig(), **{key: value})
                 except (SceneMLError, TypeError) as exc:
                     raise SceneMLError(f"{where}: key {key!r}: choice {value!r} is invalid ({exc})") from None
         elif isinstance(spec, dict):
@@ -96,7 +96,7 @@ def parse_space(raw: object, where: str) -> list[Dimension]:
             dim = Dimension(key, low=low, high=high, log=log, is_int=is_int)
             for bound in (low, high):
                 try:
-                    dataclasses.replace(TrainConfig(), **{key: bound}).validate()
+                    dataclasses.replace(TrainConfig(), **{key: bound})
                 except SceneMLError as exc:
                     raise SceneMLError(f"{where}: key {key!r}: bound {bound} is invalid ({exc})") from None
         else:

@@ -8,8 +8,9 @@
 - ``SCENEML_FAULT_AFTER_CHECKPOINT=N``: SIGKILL right after the N-th resumable checkpoint (``last.pt``) is
   written, before the epoch it closes is logged.
 
-:func:`install` reads them from an environment (tests/processes.py calls it in each sceneml process it
-starts); :func:`injected` sets one in this process for the length of a ``with`` block.
+:func:`install` reads them from an environment: tests/processes.py calls it in each sceneml process it
+forks, and tests/fault_hooks/sitecustomize.py in each fresh interpreter whose environment comes from
+:func:`armed` (what `mlflow run` starts). :func:`injected` sets one in this process for a ``with`` block.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 
 AT_STEP = "SCENEML_FAULT_AT_STEP"
 AFTER_CHECKPOINT = "SCENEML_FAULT_AFTER_CHECKPOINT"
@@ -62,7 +64,8 @@ def _kill_after_checkpoint(n: int, replace: Callable) -> Callable:
 
     def wrapped(src, dst, *args, **kwargs):
         replace(src, dst, *args, **kwargs)
-        if os.path.basename(dst) == "last.pt":
+        # sceneml's atomic write of last.pt (MLflow's artifact stores replace files of that name too)
+        if os.path.basename(src).startswith(".last.pt."):
             saved[0] += 1
             if saved[0] == n:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -88,6 +91,13 @@ def install(env: Mapping[str, str]) -> Callable[[], None]:
             step()
 
     return disarm
+
+
+def armed(**faults: str) -> dict[str, str]:
+    """Environment variables that arm ``faults`` in any sceneml process started with them, a fresh
+    interpreter included (``armed(SCENEML_FAULT_AT_STEP="10:pause")``)."""
+    hooks = str(Path(__file__).parent / "fault_hooks")
+    return {**faults, "PYTHONPATH": os.pathsep.join(filter(None, [hooks, os.environ.get("PYTHONPATH", "")]))}
 
 
 @contextlib.contextmanager

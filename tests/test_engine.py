@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from sceneml.config import TrainConfig
 from sceneml.engine.batches import random_resized_crop
 from sceneml.engine.checkpoint import load_checkpoint, restore_checkpoint, save_checkpoint
 from sceneml.engine.loop import StepRule, seed_everything, train_one_epoch
@@ -347,8 +348,8 @@ def test_onecycle_follows_its_closed_form_step_by_step_and_across_a_checkpoint(t
 
     assert lrs() == pytest.approx(expected, rel=1e-9)
     assert lrs(resume_at=4) == pytest.approx(expected, rel=1e-9)
-    with pytest.raises(SceneMLError, match="warms up by itself"):
-        build_scheduler("onecycle", torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=LR), 3, warmup_epochs=1)
+    with pytest.raises(SceneMLError, match="warms up by itself"):  # refused where the config is built
+        TrainConfig(scheduler="onecycle", warmup_epochs=1, epochs=3)
 
 
 @pytest.mark.parametrize("policy", ["trivial", "randaugment"])

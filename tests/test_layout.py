@@ -101,3 +101,25 @@ def test_entry_point_help_imports_no_torch():
     imported = {line.split("|")[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
     assert "sceneml.config" in imported
     assert not {m for m in imported if m.split(".")[0] in ("torch", "torchvision", "mlflow")}
+
+
+MAX_FUNCTION_LINES, MAX_PARAMETERS, MAX_CLASS_LINES = 60, 8, 150
+
+
+def test_every_function_and_class_fits_a_screen():
+    """No function over 60 lines or with more than 8 parameters (self and cls aside), no class over 150
+    lines: what a reader takes in at once."""
+    too_big = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            where = f"{path.relative_to(REPO)}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                args = node.args
+                names = [a.arg for a in args.posonlyargs + args.args + args.kwonlyargs if a.arg not in ("self", "cls")]
+                count = len(names) + bool(args.vararg) + bool(args.kwarg)
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES or count > MAX_PARAMETERS:
+                    too_big.append(f"{where} {node.name}: {lines} lines, {count} parameters")
+            elif isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > MAX_CLASS_LINES:
+                too_big.append(f"{where} class {node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert too_big == []

@@ -91,7 +91,7 @@ def test_a_recipe_sets_its_parameters_and_each_one_given_overrides_it_even_at_an
     assert differ  # else `fast` would be `classic`
     # given explicitly at classic's value, the value holds under recipe=fast (it is not "unset")
     given = {k: classic[k] for k in differ[:2]}
-    cfg = TrainConfig(recipe="fast", **given).validate()
+    cfg = TrainConfig(recipe="fast", **given)
     assert {k: getattr(cfg, k) for k in RECIPE_PARAMS} == {**fast, **given}
     # the same from a command line as `mlflow run` builds it: a recipe parameter arrives only when given,
     # spelt as -P wrote it (--label_smoothing), the others as MLproject lists them
@@ -154,5 +154,5 @@ def test_a_sweep_that_names_one_configuration_twice_is_refused_before_training(t
     from sceneml.errors import SceneMLError
 
     with pytest.raises(SceneMLError, match="optimizers='sgd,adamw,sgd' names sgd twice"):
-        StudyConfig("sgd,adamw,sgd").validate()
-    assert len(StudyConfig("sgd,adamw", "0.01,0.001").validate().children()) == 4
+        StudyConfig("sgd,adamw,sgd")
+    assert len(StudyConfig("sgd,adamw", "0.01,0.001").children()) == 4

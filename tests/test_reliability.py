@@ -49,7 +49,7 @@ def _only_run(client: MlflowClient) -> str:
 
 
 # synthetic:30 gives 126 training images: 8 batches of 16 per epoch, so step 10 lies inside epoch 2
-PAUSE_IN_EPOCH_2 = {faults.AT_STEP: "10:pause"}
+PAUSE_IN_EPOCH_2 = faults.armed(SCENEML_FAULT_AT_STEP="10:pause")
 
 
 def _interrupt_in_epoch_2(tmp: Path, uri: str, sig: int) -> tuple[str, Process, str]:

@@ -184,7 +184,7 @@ def test_same_seed_same_metrics_and_resume_matches_a_straight_run(tracking_uri, 
 ])
 def test_bad_values_fail_before_training(bad, match):
     with pytest.raises(SceneMLError, match=match):
-        TrainConfig(**bad).validate()
+        TrainConfig(**bad)
 
 
 def test_a_last_batch_of_one_image_is_dropped_not_handed_to_batchnorm(tracking_uri):
@@ -434,9 +434,9 @@ def test_precision_choices_are_checked_before_any_work():
     with pytest.raises(SceneMLError, match="precision=fp16 needs a CUDA device; on the CPU use bf16 or fp32"):
         resolve_precision("fp16", cpu)
     with pytest.raises(SceneMLError, match="precision=fp16 needs a CUDA device"):
-        TrainConfig(precision="fp16", device="cpu").validate()
+        TrainConfig(precision="fp16", device="cpu")
     with pytest.raises(SceneMLError, match="unknown precision 'fp8'; choose one of auto, fp32, bf16, fp16"):
-        TrainConfig(precision="fp8").validate()
+        TrainConfig(precision="fp8")
 
 
 def _train_fp32_and_bf16(train_split, val, cpu) -> dict:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sceneml.config import ONECYCLE_WARMS_UP, OPTIMIZERS, SCHEDULERS
+from sceneml.config import OPTIMIZERS, SCHEDULERS
 from sceneml.errors import SceneMLError
 
 
@@ -47,9 +47,7 @@ def build_scheduler(name: str, optimizer: torch.optim.Optimizer, epochs: int, wa
     ``epochs * steps_per_epoch`` steps."""
     lr_sched = torch.optim.lr_scheduler
     rest = epochs - warmup_epochs
-    if name == "onecycle":
-        if warmup_epochs:
-            raise SceneMLError(ONECYCLE_WARMS_UP)
+    if name == "onecycle":  # its own warmup: a config with warmup_epochs too is refused where it is built
         # the momentum stays the optimizer's own (its `momentum` param) rather than cycling
         return lr_sched.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
                                    total_steps=epochs * steps_per_epoch, cycle_momentum=False)

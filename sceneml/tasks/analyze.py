@@ -129,7 +129,6 @@ def _scores_from_evaluation(model_id: str, split: str, paths: list[str]) -> np.n
 
 def analyze(cfg: AnalyzeConfig, nested: bool = False) -> dict[str, float]:
     """The `analyze` task: one run; returns the logged metrics."""
-    cfg.validate()
     with task_run("analyze", nested=nested, task="analyze"):
         return _analyze(cfg)
 

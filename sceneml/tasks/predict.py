@@ -26,7 +26,6 @@ from sceneml.tracking.store import with_retries
 
 def predict(cfg: PredictConfig) -> dict[str, float]:
     """The `predict` task: writes ``cfg.output``; returns the image and unreadable-image counts."""
-    cfg.validate()
     pick_device(cfg.device)
     files = image_files(cfg.input)
     out = Path(cfg.output).expanduser().resolve()

@@ -28,8 +28,7 @@ from mlflow.entities import Run
 
 from sceneml import plots
 from sceneml.class_keys import class_keys
-from sceneml.comparison import summarize
-from sceneml.config import LOWER_IS_BETTER, ReportConfig
+from sceneml.config import ReportConfig
 from sceneml.errors import SceneMLError
 from sceneml.metrics import confusion_matrix
 from sceneml.report import Image, Section, Table, key_values, render_html, render_markdown
@@ -60,7 +59,7 @@ def report(cfg: ReportConfig) -> dict[str, str]:
     """The `report` task: (re)build the report of study ``cfg.study_run_id`` and log it to that study;
     returns the artifact URIs. Its own run (nested under the study, or the one `mlflow run` made)
     only records that the report was rebuilt."""
-    study_run_id = cfg.validate().study_run_id.strip()
+    study_run_id = cfg.study_run_id.strip()
     init_store()
     runs = study_runs(study_run_id)
     with task_run(f"report {runs.study.info.run_name}", task="report", parent_run_id=study_run_id) as run:
@@ -174,16 +173,18 @@ def _configurations_section(runs: StudyRuns) -> Section | None:
     by_config: dict[str, list[Run]] = {}
     for run in sorted(finished, key=lambda r: int(r.data.params.get("seed", 0))):
         by_config.setdefault(run.data.tags[TAG_CONFIG], []).append(run)
-    if not by_config or max(len(v) for v in by_config.values()) < 2:
+    # the comparison the study computed and logged (comparison.csv, best mean first), not a second one
+    logged = _bytes(runs.study.info.run_id, "comparison.csv")
+    if not by_config or max(len(v) for v in by_config.values()) < 2 or logged is None:
         return None
-    rows = summarize({c: [r.data.metrics[f"{metric}_best"] for r in rs] for c, rs in by_config.items()},
-                     metric not in LOWER_IS_BETTER)
-    table = pd.DataFrame([{"configuration": r.config, "repeats": r.n, "mean": r.mean, "std": r.std,
-                           "95 % CI low": r.ci_low, "95 % CI high": r.ci_high} for r in rows])
+    rows = pd.read_csv(io.BytesIO(logged), dtype={"config": str})
+    table = rows.rename(columns={"config": "configuration", "n": "repeats", "ci_low": "95 % CI low",
+                                 "ci_high": "95 % CI high"})
     client = MlflowClient()
-    values = {r.config: [run.data.metrics[f"{metric}_best"] for run in by_config[r.config]] for r in rows}
+    values = {c: [run.data.metrics[f"{metric}_best"] for run in by_config[c]] for c in rows["config"] if c in by_config}
     curves = {c: [_history(client, run.info.run_id, metric) for run in rs] for c, rs in by_config.items()}
-    figure = plots.repeated_configurations(values, {r.config: (r.ci_low, r.ci_high) for r in rows}, curves, metric,
+    intervals = {r.config: (r.ci_low, r.ci_high) for r in rows.itertuples()}
+    figure = plots.repeated_configurations(values, intervals, curves, metric,
                                            f"The configurations over their repeats: {runs.study.info.run_name}")
     verdict = runs.study.data.tags.get(TAG_VERDICT, "no verdict was logged")
     return Section("Which configuration is best", [

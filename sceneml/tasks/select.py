@@ -139,7 +139,6 @@ def select(cfg: SelectConfig, nested: bool = False, config: str | None = None) -
     """The `select` task: one run that registers the champion; returns its metrics, the champion's
     run id and its version (the version, not the alias, is what the study evaluates: the alias may
     move under it)."""
-    cfg.validate()
     metric = cfg.select_metric
     with task_run("select", nested=nested, task="select") as run:
         if cfg.experiment:

@@ -58,7 +58,6 @@ log = logging.getLogger(__name__)
 
 def study(cfg: StudyConfig) -> dict:
     """The `main` task: train every child, then select, evaluate and analyze the champion."""
-    cfg.validate()  # every child's params are checked before the first one trains
     init_store()
     choose_experiment(cfg.experiment, "main")
     children = cfg.children()

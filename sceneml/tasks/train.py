@@ -111,7 +111,6 @@ def train(cfg: TrainConfig, run_name: str | None = None, nested: bool = False, o
     the epochs it has (how `tune` prunes a trial). ``parent_run_id`` nests the run under a run that
     is not active in this process (a `tune` worker); ``tags`` are set on the run when it opens.
     """
-    cfg.validate()
     started = time.monotonic()  # a time_budget counts from here
     if os.environ.get("RANK", "0") == "0":
         init_store()  # a store that does not answer fails here, before the data are decoded

@@ -27,7 +27,6 @@ TAG_TRIAL = "sceneml.trial"
 def tune(cfg: TuneConfig) -> dict:
     """The `tune` task: run trials until the search has ``n_trials``; the worker that ends the last one
     selects, evaluates, analyzes and reports the champion. Returns this worker's summary."""
-    cfg.validate()
     space = load_space(cfg.space)  # a bad space file fails before any run or study exists
     init_store()
     choose_experiment(cfg.experiment, "tune")
@@ -47,7 +46,7 @@ def tune(cfg: TuneConfig) -> dict:
              "analyzes the champion.")
 
     def plan(trial: optuna.Trial) -> Plan:
-        train_cfg = dataclasses.replace(cfg.train, **suggest(trial, space)).validate()
+        train_cfg = dataclasses.replace(cfg.train, **suggest(trial, space))
         return Plan(f"trial-{trial.number}", train_cfg, {TAG_TRIAL: trial.number, "sceneml.search": cfg.name()})
 
     def finish(study: optuna.Study, parent_id: str) -> dict:
