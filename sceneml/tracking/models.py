@@ -39,7 +39,7 @@ _REQUIREMENT_MODULES = {"torch": "torch", "torchvision": "torchvision", "mlflow"
 
 def pip_requirements() -> list[str]:
     """Pinned to what is running. Passing them explicitly also skips MLflow's slow requirement
-    inference (about 6 s per logged model)."""
+    inference (seconds per logged model)."""
     import torchvision
 
     versions = {"torch": torch.__version__, "torchvision": torchvision.__version__, "mlflow": mlflow.__version__}
