@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 
 from sceneml.errors import SceneMLError
-from sceneml.params import REQUIRED, Param, check_choices, param, param_text, params_of
+from sceneml.params import REQUIRED, Param, at_least, check_declared, param, param_text, params_of, within
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "googlenet", "mobilenet_v3_small", "efficientnet_b0")
 OPTIMIZERS = ("adamw", "adam", "rmsprop", "sgd")
@@ -107,7 +107,8 @@ def _tta():
 
 
 def _n_images():
-    return param(200, "images per data set for activation statistics and spectra")
+    return param(200, "images per data set for activation statistics and spectra",
+                 valid=at_least(2, " (a covariance needs two images)"))
 
 
 def _compare():
@@ -136,16 +137,17 @@ class TrainConfig:
                                    "each of them given explicitly overrides it", choices=tuple(RECIPES), resume=True)
     optimizer: str = param("adamw", "adamw, adam, rmsprop, or sgd (Nesterov momentum)", choices=OPTIMIZERS,
                            resume=True, search=True)
-    lr: float = param(RECIPE, "learning rate", resume=True, search=True)
+    lr: float = param(RECIPE, "learning rate", resume=True, search=True, valid=within(lambda v: v > 0, "must be > 0"))
     data: str = _data()
     arch: str = param("resnet18", "torchvision architecture", choices=ARCHS, resume=True, search=True)
     weights: str = param("auto", "auto (ImageNet if the file is there), imagenet, none, or a state-dict path",
                          resume=True)
-    momentum: float = param(0.9, "momentum of sgd and rmsprop", resume=True, search=True)
-    weight_decay: float = param(RECIPE, "decoupled for adamw, L2 for the others", resume=True, search=True)
+    momentum: float = param(0.9, "momentum of sgd and rmsprop", resume=True, search=True, valid=at_least(0))
+    weight_decay: float = param(RECIPE, "decoupled for adamw, L2 for the others", resume=True, search=True,
+                                valid=at_least(0))
     label_smoothing: float = param(RECIPE, "share of each training target spread evenly over all classes, as "
                                         "torchvision's --label-smoothing; validation losses stay unsmoothed",
-                                   resume=True, search=True)
+                                   resume=True, search=True, valid=within(lambda v: 0 <= v < 1, "must be in [0, 1)"))
     scheduler: str = param(RECIPE, "learning-rate schedule over the epochs after the warmup: cosine to 0, a tenth "
                                    "every third of them (step), linear to 0 at the end, or onecycle (per step: up "
                                    "from lr/25 over 30 % of the steps, then down to lr/25e4; its own warmup)",
@@ -153,27 +155,32 @@ class TrainConfig:
                            resume=True, search=True)
     warmup_epochs: int = param(0, "epochs whose lr rises linearly from lr/100 to lr before the schedule, as "
                                   "torchvision's --lr-warmup-epochs", resume=True, search=True)
-    epochs: int = param(3, "training epochs", resume=True, search=True)
+    epochs: int = param(3, "training epochs", resume=True, search=True, valid=at_least(1))
     time_budget: float = param(0.0, "minutes the training may take (0 = off): the first epoch measures, then the "
                                     "epochs are set so that training, validation and checkpoints fit, again after "
                                     "every epoch (epochs is ignored; metric epochs_planned, param epochs_resolved) "
                                     "and the lr falls linearly to 0 when the last one ends (budgeted training)",
-                                resume=True)
+                                resume=True, valid=within(lambda v: v >= 0, "is in minutes, >= 0 (0 = off)"))
     ema: float = param(RECIPE, "decay of an exponential moving average of the weights, updated after every optimizer "
                             "step, as torchvision's --model-ema-decay (0 = off; e.g. 0.99): validation, the logged "
-                            "checkpoints and so the champion are the averaged weights", resume=True, search=True)
+                            "checkpoints and so the champion are the averaged weights", resume=True, search=True,
+                            valid=within(lambda v: 0 <= v < 1, "is a decay in [0, 1) (0 = off)"))
     early_stop: int = param(0, "patience in epochs: training stops once select_metric's best epoch (the rule select "
-                               "uses) is this many epochs behind, and logs stopped_epoch; 0 = off", resume=True)
-    batch_size: int = param(RECIPE, "images per optimizer step (over all processes)", resume=True, search=True)
+                               "uses) is this many epochs behind, and logs stopped_epoch; 0 = off", resume=True,
+                               valid=at_least(0, " (0 = off)"))
+    batch_size: int = param(RECIPE, "images per optimizer step (over all processes)", resume=True, search=True,
+                            valid=at_least(2, " (BatchNorm cannot train on one image)"))
     image_size: int = param(RECIPE, "pixels per side; 0 = native (64 synthetic, 150 folder data)", resume=True,
-                            search=True)
-    seed: int = param(42, "seeds the split, the initialisation, the batch order and the augmentation", resume=True)
+                            search=True, valid=within(lambda v: v == 0 or v >= 32, "must be 0 (native) or >= 32"))
+    seed: int = param(42, "seeds the split, the initialisation, the batch order and the augmentation", resume=True,
+                      valid=within(lambda v: 0 <= v < 2**32, "must be in 0 .. 2**32 - 1 (4294967295)"))
     split_seed: int = param(-1, "seeds the test split and limit_per_class instead of seed (-1: seed); the repeats of "
-                                "a study share it, so they are tested on the same images", resume=True)
+                                "a study share it, so they are tested on the same images", resume=True,
+                                valid=within(lambda v: -1 <= v < 2**32, "must be -1 (the seed) or in 0 .. 2**32 - 1"))
     val_fraction: float = param(0.15, "share of each class held out for validation", resume=True)
     test_fraction: float = param(0.15, "share held out for test (unused when the data bring seg_test)", resume=True)
     limit_per_class: int = param(0, "a seeded subset of at most this many images per class and pool; 0 = all",
-                                 resume=True)
+                                 resume=True, valid=at_least(0))
     freeze_backbone: bool = param(False, "train the classifier head only (features computed once)", resume=True,
                                   search=True)
     random_crop: bool = param(RECIPE, "random-resized crops on top of flips", resume=True, search=True)
@@ -184,26 +191,32 @@ class TrainConfig:
                                       "--auto-augment: trivial (TrivialAugmentWide) or randaugment (RandAugment)",
                               choices=AUTO_AUGMENT, resume=True, search=True)
     random_erase: float = param(RECIPE, "probability per training image of erasing a random box (2-33 % of the "
-                                     "area) to mid-grey, as torchvision's --random-erase", resume=True, search=True)
+                                     "area) to mid-grey, as torchvision's --random-erase", resume=True, search=True,
+                                     valid=within(lambda v: 0 <= v <= 1, "is a probability in [0, 1]"))
     mixup_alpha: float = param(RECIPE, "MixUp of each training batch with lambda ~ Beta(alpha, alpha), as "
                                        "torchvision's --mixup-alpha (0 = off; with cutmix_alpha, each batch draws one "
                                        "of the two)",
-                               resume=True, search=True)
+                               resume=True, search=True, valid=at_least(0, " (0 = off)"))
     cutmix_alpha: float = param(RECIPE, "CutMix of each training batch with lambda ~ Beta(alpha, alpha), as "
-                                     "torchvision's --cutmix-alpha (0 = off)", resume=True, search=True)
+                                     "torchvision's --cutmix-alpha (0 = off)", resume=True, search=True,
+                                     valid=at_least(0, " (0 = off)"))
     device: str = _device()
-    num_workers: str = param("auto", "image-decode threads: auto (CPU cores, at most 8) or a number")
+    num_workers: str = param("auto", "image-decode threads: auto (CPU cores, at most 8) or a number",
+                             valid=within(lambda v: v == "auto" or (str(v).isdigit() and int(v) >= 1),
+                                          "must be 'auto' or a positive integer"))
     select_metric: str = _select_metric()
     keep_checkpoints: str = param("best", "checkpoints a finished run keeps", choices=KEEP_CHECKPOINTS)
     precision: str = param("auto", "training arithmetic (auto: bf16 on CUDA and on AMX CPUs, else fp16 on CUDA, "
                            "fp32 on other CPUs); fp16 needs CUDA", choices=PRECISIONS)
     compile: bool = param(False, "torch.compile the model for training")
     dedupe: str = param("none", "cross_split: drop val/test copies of training images", choices=DEDUPE, resume=True)
-    dup_distance: int = param(6, "near duplicates: perceptual hashes at most this many bits apart", resume=True)
+    dup_distance: int = param(6, "near duplicates: perceptual hashes at most this many bits apart", resume=True,
+                              valid=within(lambda v: 0 <= v <= 64, "must be in 0..64 (bits of a 64-bit pHash)"))
     resume: str = param("", "run id of an interrupted training run to continue", logged=False)
-    nproc: int = param(1, "processes under torchrun (one per GPU; gloo on CPU); 1 = no torchrun", logged=False)
+    nproc: int = param(1, "processes under torchrun (one per GPU; gloo on CPU); 1 = no torchrun", logged=False,
+                       valid=at_least(1))
     dist_timeout: int = param(1800, "seconds a torchrun rank waits for the others (rank 0 decodes, validates and "
-                                    "logs meanwhile) before it stops with an error")
+                                    "logs meanwhile) before it stops with an error", valid=at_least(1, " second"))
     quiet: bool = param(False, "no progress bars or per-epoch lines", logged=False)
 
     def __post_init__(self) -> None:
@@ -216,15 +229,9 @@ class TrainConfig:
         self._check()
 
     def _check(self) -> None:
-        check_choices(self)
-        if not 0 <= self.dup_distance <= 64:
-            raise SceneMLError(f"dup_distance must be in 0..64 (bits of a 64-bit pHash), got {self.dup_distance}")
+        check_declared(self)
         if self.precision == "fp16" and self.device == "cpu":
             raise SceneMLError(FP16_NEEDS_CUDA)  # before any work; device=auto on a CPU is refused where it resolves
-        if not self.lr > 0:
-            raise SceneMLError(f"lr must be > 0, got {self.lr}")
-        if self.time_budget < 0:
-            raise SceneMLError(f"time_budget is in minutes, >= 0 (0 = off), got {self.time_budget}")
         if self.time_budget > 0 and (self.scheduler not in ("none", "linear") or self.warmup_epochs):
             raise SceneMLError("time_budget shapes the lr schedule itself (linear to 0 when the budget ends): leave "
                                "scheduler none or linear and warmup_epochs=0")
@@ -233,44 +240,13 @@ class TrainConfig:
         if not 0 <= self.warmup_epochs < max(self.epochs, 1):
             raise SceneMLError(f"warmup_epochs must be in 0 .. epochs - 1 ({self.epochs - 1}), "
                                f"got {self.warmup_epochs}")
-        if not 0 <= self.label_smoothing < 1:
-            raise SceneMLError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.epochs < 1:
-            raise SceneMLError(f"epochs must be >= 1, got {self.epochs}")
-        if not 0 <= self.random_erase <= 1:
-            raise SceneMLError(f"random_erase is a probability in [0, 1], got {self.random_erase}")
-        if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
-            raise SceneMLError(f"mixup_alpha and cutmix_alpha must be >= 0 (0 = off), got {self.mixup_alpha} and "
-                               f"{self.cutmix_alpha}")
         if self.freeze_backbone and not self.random_crop and (self.random_erase or self.mixup_alpha or
                                                               self.cutmix_alpha or self.auto_augment != "none"):
             raise SceneMLError("auto_augment, random_erase, mixup_alpha and cutmix_alpha act on images, which "
                                "freeze_backbone replaces by cached features; add random_crop=true to train on images")
-        if not 0 <= self.ema < 1:
-            raise SceneMLError(f"ema is a decay in [0, 1) (0 = off), got {self.ema}")
-        if self.early_stop < 0:
-            raise SceneMLError(f"early_stop must be >= 0 (0 = off), got {self.early_stop}")
-        if self.batch_size < 2:
-            raise SceneMLError(f"batch_size must be >= 2 (BatchNorm cannot train on one image), got {self.batch_size}")
-        if not 0 <= self.seed < 2**32:
-            raise SceneMLError(f"seed must be in 0 .. 2**32 - 1 (4294967295), got {self.seed}")
-        if not -1 <= self.split_seed < 2**32:
-            raise SceneMLError(f"split_seed must be -1 (the seed) or in 0 .. 2**32 - 1, got {self.split_seed}")
-        if self.momentum < 0 or self.weight_decay < 0:
-            raise SceneMLError("momentum and weight_decay must be >= 0")
-        if self.image_size < 0 or 0 < self.image_size < 32:
-            raise SceneMLError(f"image_size must be 0 (native) or >= 32, got {self.image_size}")
         if self.train_crop_size and (self.train_crop_size < 32 or not self.random_crop):
             raise SceneMLError(f"train_crop_size is the side of the random-resized crops: >= 32 with random_crop=true "
                                f"(0 = image_size), got {self.train_crop_size} with random_crop={self.random_crop}")
-        if self.limit_per_class < 0:
-            raise SceneMLError(f"limit_per_class must be >= 0, got {self.limit_per_class}")
-        if self.num_workers != "auto" and (not str(self.num_workers).isdigit() or int(self.num_workers) < 1):
-            raise SceneMLError(f"num_workers must be 'auto' or a positive integer, got {self.num_workers!r}")
-        if self.nproc < 1:
-            raise SceneMLError(f"nproc must be >= 1, got {self.nproc}")
-        if self.dist_timeout < 1:
-            raise SceneMLError(f"dist_timeout must be >= 1 second, got {self.dist_timeout}")
         check_device_name(self.device)
 
     def decode_workers(self) -> int:
@@ -301,7 +277,7 @@ class EvaluateConfig:
     tta: bool = _tta()
 
     def __post_init__(self) -> None:
-        check_choices(self)
+        check_declared(self)
         check_device_name(self.device)
 
 
@@ -331,7 +307,7 @@ class SelectConfig:
     alias: str = param("champion", "the alias moved to the new champion")
 
     def __post_init__(self) -> None:
-        check_choices(self)
+        check_declared(self)
         check_model_name(self.model_name)
 
 
@@ -350,24 +326,18 @@ class AnalyzeConfig:
     data: str = _data("")
     split: str = param("test", "which split of the training run's manifest", choices=SPLITS)
     classes: str = param("", "comma list of classes for the galleries; none = all")
-    k: int = param(10, "images per gallery")
+    k: int = param(10, "images per gallery", valid=at_least(1))
     modules: str = param("", "comma list of module names; none = five spread over the depth of the network")
     n_images: int = _n_images()
     compare: str = _compare()
-    top_eigen: int = param(15, "eigenvalues shown per spectrum")
+    top_eigen: int = param(15, "eigenvalues shown per spectrum", valid=at_least(1))
     device: str = _device()
     batch_size: int = 64
     seed: int = 0
     quiet: bool = False
 
     def __post_init__(self) -> None:
-        check_choices(self)
-        if self.k < 1:
-            raise SceneMLError(f"k must be >= 1, got {self.k}")
-        if self.n_images < 2:
-            raise SceneMLError(f"n_images must be >= 2 (a covariance needs two images), got {self.n_images}")
-        if self.top_eigen < 1:
-            raise SceneMLError(f"top_eigen must be >= 1, got {self.top_eigen}")
+        check_declared(self)
         if self.batch_size < 1:
             raise SceneMLError(f"batch_size must be >= 1, got {self.batch_size}")
         check_device_name(self.device)
@@ -399,7 +369,7 @@ class StudyConfig:
     repeats: int = param(1, "trainings per optimizer x lr; repeat r uses seed + r for the initialisation, the "
                             "batch order, the augmentation and the train/val division (the test split stays), "
                             "the same in every configuration, so repeats are paired and the study says whether "
-                            "its best configuration is really better")
+                            "its best configuration is really better", valid=at_least(1))
     # with neither, the study runs in this process alone; with either, any number of workers started
     # with the same command share its grid
     study_name: str = _study_name("main", alone=" (with storage given; with neither, this process runs alone)")
@@ -408,8 +378,6 @@ class StudyConfig:
     def children(self) -> list[Child]:
         """Every child's config, each validated before the first one trains. A configuration named
         twice (``lrs=0.001,1e-3``) would train two children of one name: refused."""
-        if self.repeats < 1:
-            raise SceneMLError(f"repeats must be >= 1, got {self.repeats}")
         optimizers, lrs = parse_list(self.optimizers), parse_list(self.lrs, float)
         for what, values, given in (("optimizers", optimizers, self.optimizers), ("lrs", lrs, self.lrs)):
             twice = sorted({f"{v:g}" if isinstance(v, float) else v for v in values if values.count(v) > 1})
@@ -434,6 +402,7 @@ class StudyConfig:
         return bool(self.study_name or self.storage)
 
     def __post_init__(self) -> None:
+        check_declared(self)
         self.children()
         check_model_name(self.model_name)
 
@@ -442,7 +411,7 @@ class StudyConfig:
 class TuneConfig:
     """`tune`: an Optuna search over `train` parameters, trials shared by any number of workers."""
 
-    n_trials: int = param(20, "trials over all workers of the search")
+    n_trials: int = param(20, "trials over all workers of the search", valid=at_least(1))
     space: str = param("", "YAML/JSON search space file; none = the default space (docs/search.md)")
     pruner: str = param("median", "stops trials that fall behind, per epoch", choices=PRUNERS)
     storage: str = _storage()
@@ -453,9 +422,7 @@ class TuneConfig:
     analyze: AnalyzeConfig = dataclasses.field(default_factory=AnalyzeConfig)
 
     def __post_init__(self) -> None:
-        check_choices(self)
-        if self.n_trials < 1:
-            raise SceneMLError(f"n_trials must be >= 1, got {self.n_trials}")
+        check_declared(self)
         check_model_name(self.model_name)
 
     def name(self) -> str:

@@ -10,25 +10,37 @@ which, :mod:`sceneml.mlproject` writes the files). Pure and torch-free.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sceneml.errors import SceneMLError
 
 REQUIRED = "<required>"  # the default of a parameter that has none (MLproject: no default; click: required)
+# A parameter's bound: the test a value must pass, and what the error says of the parameter when it fails
+Rule = tuple[Callable[[Any], bool], str]
+
+
+def at_least(low: float, note: str = "") -> Rule:
+    return (lambda v: v >= low), f"must be >= {low}{note}"
+
+
+def within(test: Callable[[Any], bool], says: str) -> Rule:
+    """Any other bound: ``within(lambda v: 0 <= v < 1, "is a decay in [0, 1)")``."""
+    return test, says
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
 
 
-def param(default: Any, help: str, *, choices: tuple[str, ...] = (), resume: bool = False,
-          search: bool = False, logged: bool = True, none_is_empty: bool | None = None) -> Any:
-    """A declared parameter. ``resume``: a resume must use the run's own value (it defines the data
+def param(default: Any, help: str, *, choices: tuple[str, ...] = (), valid: Rule | None = None,
+          resume: bool = False, search: bool = False, logged: bool = True, none_is_empty: bool | None = None) -> Any:
+    """A declared parameter. ``valid``: its bound (:func:`at_least`, :func:`within`), checked with the
+    choices when the config is built; ``resume``: a resume must use the run's own value (it defines the data
     or the model); ``search``: a `tune` space may sample it; ``logged``: a training run logs it as a
     param (False for how a run is launched, e.g. ``resume`` itself); ``none_is_empty``: the value
     ``none`` means nothing (the default for a parameter whose default is empty; ``scheduler=none`` or
     ``weights=none`` are values of their own)."""
     return dataclasses.field(default=default, metadata={
-        "help": help, "choices": tuple(choices), "resume": resume, "search": search, "logged": logged,
+        "help": help, "choices": tuple(choices), "valid": valid, "resume": resume, "search": search, "logged": logged,
         "none_is_empty": default == "" if none_is_empty is None else none_is_empty})
 
 
@@ -41,6 +53,7 @@ class Param:
     default: Any
     help: str
     choices: tuple[str, ...] = ()
+    valid: Rule | None = dataclasses.field(default=None, compare=False)
     resume: bool = False
     search: bool = False
     logged: bool = True
@@ -74,13 +87,15 @@ def params_of(cls: type, only: tuple[str, ...] = (), exclude: tuple[str, ...] = 
     return out
 
 
-def check_choices(cfg: object) -> None:
-    """Every declared choice list of ``cfg`` holds: one line naming the valid choices otherwise."""
+def check_declared(cfg: object) -> None:
+    """Every declared choice list and bound of ``cfg`` holds, in field order: one line naming the valid
+    choices or the bound otherwise."""
     for p in params_of(type(cfg)):
         value = getattr(cfg, p.name)
         if p.choices and value not in p.choices:
             raise SceneMLError(f"unknown {p.name} {value!r}; choose one of {', '.join(p.choices)}")
-
+        if p.valid is not None and not p.valid[0](value):
+            raise SceneMLError(f"{p.name} {p.valid[1]}, got {value!r}")
 
 def build(cls: type, values: dict[str, Any], params: Sequence[Param]) -> Any:
     """``cls`` from a flat mapping of parameter values (a command line's): each of ``params`` goes to
