@@ -33,7 +33,7 @@ def test_odd_class_folders_train_to_a_finished_run_with_one_key_per_class(tracki
     from sceneml.config import TrainConfig
     from sceneml.tasks.train import train
 
-    names = ["best", "sea&sky, calm", "forest (1)", LONG]
+    names = ["best", "sea&sky, calm", "forest (1)", "forêt", LONG]
     root = write_class_folders(tmp_path / "data", {n: 12 for n in names})
     train(TrainConfig(data=str(root), epochs=1, image_size=32, batch_size=8, weights="none", val_fraction=0.25,
                       test_fraction=0.25, quiet=True, device="cpu"))
@@ -43,6 +43,7 @@ def test_odd_class_folders_train_to_a_finished_run_with_one_key_per_class(tracki
     assert run.info.status == "FINISHED"
     classes = sorted(names)  # class index order
     assert json.loads(run.data.params["classes"]) == classes
+    assert '"forêt"' in run.data.params["classes"]  # params are for people: no \u00ea escapes
     keys = class_keys(classes)
     assert json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/data/class_keys.json")) == dict(zip(classes, keys))
     # `best` did not overwrite the best-epoch summary: one value of val_acc_best, at the last step

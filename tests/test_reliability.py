@@ -468,3 +468,52 @@ def test_a_data_set_two_runs_log_at_once_is_linked_to_both_after_one_retry(track
         digests = {r: [i.dataset.digest for i in MlflowClient().get_run(r).inputs.dataset_inputs]
                    for r in (a.info.run_id, b.info.run_id)}
     assert digests[a.info.run_id] == digests[b.info.run_id] == [dataset.digest]
+
+
+@pytest.mark.slow
+def test_a_shared_study_outlives_a_killed_worker_and_refuses_a_worker_with_another_grid(tmp_path):
+    """The only worker of a shared study (2 optimizers x 2 repeats), launched by `mlflow run`, is SIGKILLed with
+    its whole process group while its first cell trains; a new worker with the same command trains the other
+    cells, finds the killed cell's worker gone (its process no longer exists), retrains that cell and crowns:
+    every cell ends FINISHED once, nothing stays RUNNING (the dead worker's launch run neither), the verdict
+    counts both repeats. A worker started afterwards with another grid is refused in one line before it
+    opens a run."""
+    uri = new_store(tmp_path)
+    params = {"optimizers": "adamw,sgd", "repeats": "2", "data": "synthetic:30", "epochs": "1", "batch_size": "16",
+              "image_size": "32", "weights": "none", "arch": "mobilenet_v3_small", "n_images": "10",
+              "classes": "forest", "k": "1", "modules": "features.0", "quiet": "true", "study_name": "dead-worker"}
+    cmd = [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local", "--experiment-name", "dead",
+           *(x for k, v in params.items() for x in ("-P", f"{k}={v}"))]
+    log = tmp_path / "first.log"
+    with log.open("w") as err:
+        first = subprocess.Popen(cmd, env=_env(uri, **faults.armed(SCENEML_FAULT_AT_STEP="3:pause")), cwd=tmp_path,
+                                 stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    wait_for(lambda: "paused after step 3" in log.read_text(), 300, "the pause in the first cell", first, log)
+    os.killpg(first.pid, signal.SIGKILL)  # what an OOM kill or a preempted machine does to the whole group
+    first.wait(timeout=60)
+    second = subprocess.run(cmd, env=_env(uri), cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "lost its worker" in second.stdout and "champion:" in second.stdout
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("dead").experiment_id])
+    assert [r.info.run_name for r in runs if r.info.status == "RUNNING"] == []
+    launches = [r for r in runs if r.info.run_name == "study worker -> dead-worker"]
+    assert sorted(r.info.status for r in launches) == ["FINISHED", "KILLED"]
+    cells = [r for r in runs if "sceneml.config" in r.data.tags]
+    finished = sorted(r.info.run_name for r in cells if r.info.status == "FINISHED")
+    assert finished == sorted(f"{o}-lr0.001-r{r}" for o in ("adamw", "sgd") for r in (0, 1))
+    (killed,) = [r for r in cells if r.info.status != "FINISHED"]
+    assert killed.info.status == "FAILED" and "the worker stopped answering" in killed.data.tags["sceneml.error"]
+    (parent,) = [r for r in runs if r.data.tags.get("sceneml.task") == "study"]
+    assert parent.info.status == "FINISHED" and parent.data.tags["sceneml.failed_children"] == "none"
+    assert " of 2 paired repeats" in parent.data.tags["sceneml.verdict"]
+    assert client.get_model_version_by_alias("sceneml", "champion").tags["sceneml.run_id"] in \
+        {r.info.run_id for r in cells if r.info.status == "FINISHED"}
+
+    other = run_sceneml(["main", *(x for k, v in {**params, "optimizers": "sgd"}.items()
+                                   for x in (f"--{k.replace('_', '-')}", v) if k != "quiet"), "--quiet",
+                         "--experiment", "dead"], _env(uri), tmp_path)
+    errors = [line for line in other.stderr.splitlines() if line.startswith("error:")]
+    assert other.returncode == 2 and len(errors) == 1 and "(optimizers: sgd != adamw,sgd)" in errors[0], other.stderr
+    assert len(client.search_runs([client.get_experiment_by_name("dead").experiment_id])) == len(runs)

@@ -157,6 +157,17 @@ def list_images(class_root: Path) -> tuple[list[str], list[tuple[Path, str]]]:
     return classes, items
 
 
+def listing_digest(spec: str) -> str:
+    """A short digest of what ``spec`` holds: each image file's path under the data's root, class and size,
+    without decoding anything (what the workers of a shared study must agree on)."""
+    source = resolve_source(spec)
+    sha = hashlib.sha256()
+    for folder in (source.train_dir, source.test_dir):
+        for path, name in (list_images(folder)[1] if folder is not None else []):
+            sha.update(f"{path.relative_to(source.root).as_posix()}|{name}|{path.stat().st_size}\n".encode())
+    return sha.hexdigest()[:16]
+
+
 def image_files(input_path: str | Path) -> list[Path]:
     """The file itself, or every image file under the folder (recursively, sorted; hidden files skipped)."""
     path = Path(input_path).expanduser()

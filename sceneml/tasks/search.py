@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,19 +28,27 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from sceneml.config import LOWER_IS_BETTER, AnalyzeConfig, EvaluateConfig, SelectConfig, TrainConfig
+from sceneml.data.sources import listing_digest
 from sceneml.errors import SceneMLError
 from sceneml.tasks.analyze import analyze
 from sceneml.tasks.evaluate import evaluate
 from sceneml.tasks.report import log_report
 from sceneml.tasks.select import select
 from sceneml.tasks.train import train
-from sceneml.tracking.runs import launched_by_mlflow_run, log_params_once, set_tags, task_run
+from sceneml.tracking.lease import BEAT_EVERY_S, STALE_AFTER_S, TAG_HEARTBEAT, heartbeat, holder_of
+from sceneml.tracking.runs import end_run_as, launched_by_mlflow_run, log_params_once, set_tags, task_run
 from sceneml.tracking.store import schema_race, with_retries, without_password
 
 log = logging.getLogger(__name__)
 PARENT_ATTR = "mlflow_parent_run_id"
 RUN_ATTR, ERROR_ATTR, SKIPPED_ATTR = "mlflow_run_id", "error", "sceneml_skipped"
-TAG_PRUNED = "sceneml.pruned"
+WORKER_ATTR = "sceneml_worker"  # the heartbeat of the worker that took a trial, written when it takes it
+RETRY_OF = "sceneml_retry_of"  # a trial that trains again the cell of a trial whose worker died
+CONTRACT_ATTR = "sceneml_contract"  # the parameters the first worker fixed
+TAG_PRUNED, TAG_TRIAL = "sceneml.pruned", "sceneml.trial"
+DEAD_WORKER = "the worker stopped answering"
+# what may differ between the workers of one search: where and how each one runs
+MACHINE_PARAMS = ("device", "num_workers", "compile", "precision", "experiment", "storage", "dist_timeout")
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
@@ -84,16 +93,21 @@ def drive(search: Search, plan: Callable[[optuna.Trial], Plan],
     storage = open_storage(search.storage if search.shared else None)
     study, parent_id = open_search(search, storage)
     if pointer:
-        set_tags(pointer, {"mlflow.runName": f"{search.task} worker -> {search.name}",
+        end_dead_launches(pointer, search.task, search.name)
+        set_tags(pointer, {**heartbeat(), "mlflow.runName": f"{search.task} worker -> {search.name}",
                            "mlflow.note.content": f"This launch ran trials of {search.name} (run {parent_id})."})
     if search.shared:
         print(f"search {search.name}: parent run {parent_id}, storage {describe_storage(search.storage)}",
               flush=True)
     ran = 0
     try:
-        while (trial := next_trial(study, search)) is not None:
+        while (trial := next_trial(study, search)) is not None or (search.shared and reclaim(study, search)):
+            if trial is None:
+                continue  # a dead worker's cell went back to the grid: ask again
             run_trial(study, trial, search, plan(trial), parent_id)
             ran += 1
+            if pointer:
+                set_tags(pointer, heartbeat())
     except BaseException:
         if not search.shared:  # nobody else will end this parent: it ends FAILED (or KILLED) here
             with task_run(run_id=parent_id):
@@ -161,25 +175,47 @@ def open_search(search: Search, storage: optuna.storages.BaseStorage) -> tuple[o
             raise SceneMLError(f"search {search.name} exists with direction {study.direction.name.lower()}; "
                                f"select_metric={search.metric} wants {search.direction}: use another study_name") \
                 from None
-        return study, wait_for_parent(study)
+        check_contract(search, wait_for(study, CONTRACT_ATTR))
+        return study, wait_for(study, PARENT_ATTR)
     # this worker created the search: it creates the parent run, then tells the others where it is
     with task_run(search.run_name, task=search.task, tags={"sceneml.search": search.name}, keep_running=True) as run:
         parent_id = run.info.run_id
         log_params_once(parent_id, search.params)
         set_tags(parent_id, {"mlflow.note.content": search.note})
+        study.set_user_attr(CONTRACT_ATTR, contract(search))
         study.set_user_attr(PARENT_ATTR, parent_id)  # the run stays RUNNING for every worker's trials
     return study, parent_id
 
 
-def wait_for_parent(study: optuna.Study, timeout: float = 120.0) -> str:
-    """The parent run id the creating worker writes right after creating the study."""
+def wait_for(study: optuna.Study, attr: str, timeout: float = 120.0):
+    """A user attribute the creating worker writes right after creating the study (the contract, then the
+    parent run id)."""
     deadline = time.monotonic() + timeout
-    while PARENT_ATTR not in study.user_attrs:
+    while attr not in study.user_attrs:
         if time.monotonic() > deadline:
-            raise SceneMLError(f"search {study.study_name} has no parent run after {timeout:.0f} s: its creator "
+            raise SceneMLError(f"search {study.study_name} has no {attr} after {timeout:.0f} s: its creator "
                                "died early; start again with another study_name")
         time.sleep(0.5)
-    return study.user_attrs[PARENT_ATTR]
+    return study.user_attrs[attr]
+
+
+def contract(search: Search) -> dict[str, str]:
+    """What every worker of a search must be given alike: the grid or space and the training parameters as
+    the parent logs them (``MACHINE_PARAMS`` may differ), and the data's files (``data_files``: their
+    digest, so the same path holding other images is another data set)."""
+    fixed = {k: str(v) for k, v in search.params.items() if k not in MACHINE_PARAMS}
+    return {**fixed, "data_files": listing_digest(str(search.params["data"]))} if "data" in search.params else fixed
+
+
+def check_contract(search: Search, fixed: dict[str, str]) -> None:
+    """Refuse, in one line naming the first difference, a worker started with other parameters than
+    the worker that created the search."""
+    mine = contract(search)
+    for key in dict.fromkeys([*fixed, *mine]):
+        if fixed.get(key) != mine.get(key):
+            raise SceneMLError(f"search {search.name} was started with other parameters ({key}: "
+                               f"{mine.get(key, 'not given')} != {fixed.get(key, 'not given')}); start this worker "
+                               "with the same command, or give another study_name")
 
 
 def next_trial(study: optuna.Study, search: Search) -> optuna.Trial | None:
@@ -188,10 +224,13 @@ def next_trial(study: optuna.Study, search: Search) -> optuna.Trial | None:
     Trial numbers are unique across workers; a worker that loses the race for the last slot gets a
     number >= n_trials, marks that trial FAIL ("over budget") and stops.
     """
-    if len(study.get_trials(deepcopy=False)) >= search.n_trials:
+    trials = study.get_trials(deepcopy=False)
+    if len([t for t in trials if t.number < search.n_trials]) >= search.n_trials and \
+            not any(t.state == TrialState.WAITING for t in trials):
         return None
-    trial = study.ask()
-    if trial.number >= search.n_trials:
+    trial = study.ask()  # a cell put back for retraining (WAITING) first
+    trial.set_user_attr(WORKER_ATTR, heartbeat()[TAG_HEARTBEAT])
+    if trial.number >= search.n_trials and RETRY_OF not in trial.user_attrs:
         trial.set_user_attr(SKIPPED_ATTR, "over budget: another worker took the last trial")
         study.tell(trial, state=TrialState.FAIL)
         return None
@@ -216,7 +255,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, search: Search, plan: Pl
     trial.set_user_attr("run_name", plan.name)
     try:
         run_id = train(plan.train, run_name=plan.name, on_epoch=on_epoch, parent_run_id=parent_id,
-                       tags={TAG_PRUNED: "false", **plan.tags})
+                       tags={TAG_PRUNED: "false", TAG_TRIAL: str(trial.number), **plan.tags})
     except KeyboardInterrupt:
         study.tell(trial, state=TrialState.FAIL)
         raise
@@ -224,6 +263,10 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, search: Search, plan: Pl
         log.error("%s failed: %s: %s", plan.name, type(exc).__name__, exc)
         trial.set_user_attr(ERROR_ATTR, f"{type(exc).__name__}: {exc}"[:500])
         study.tell(trial, state=TrialState.FAIL)
+        return None
+    if _frozen(study, trial.number).state.is_finished():  # taken for dead meanwhile: not counted
+        log.warning("%s: trial %d was given to another worker after this one stopped answering; this run is "
+                    "kept but not counted", plan.name, trial.number)
         return None
     trial.set_user_attr(RUN_ATTR, run_id)
     if pruned[0]:
@@ -236,8 +279,91 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, search: Search, plan: Pl
 
 
 def counted_trials(study: optuna.Study, n_trials: int) -> list[optuna.trial.FrozenTrial]:
-    """The trials of the budget, by number (a lost race for the last slot makes one more, never run)."""
-    return sorted((t for t in study.get_trials(deepcopy=False) if t.number < n_trials), key=lambda t: t.number)
+    """One trial per slot of the budget, by slot: trial n < n_trials, or the newest retry of its cell when
+    its worker died (a lost race for the last slot makes one more trial, never run, never counted)."""
+    latest: dict[int, optuna.trial.FrozenTrial] = {}
+    for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
+        slot = t.user_attrs.get(RETRY_OF, t.number)
+        if slot < n_trials:
+            latest[slot] = t
+    return [latest[slot] for slot in sorted(latest)]
+
+
+def _frozen(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
+    return next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+
+
+# ------------------------------------------------------------------------------------- dead workers
+
+def _trial_run(study: optuna.Study, number: int):
+    """The training run of trial ``number`` (tag ``sceneml.trial``), or None before it opened."""
+    parent_id = study.user_attrs[PARENT_ATTR]
+    runs = MlflowClient().search_runs(
+        [mlflow.get_run(parent_id).info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_id}' and tags.`{TAG_TRIAL}` = '{number}'")
+    return runs[0] if runs else None
+
+
+def _holder(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> tuple[str | None, bool]:
+    """Who trains a RUNNING trial (None: nobody, its worker is gone), from the newest heartbeat: the training
+    run's, or the worker's own from when it took the trial (before the run opened); and whether that worker
+    may be dead: on another host and silent for two beats (on this host its process says)."""
+    run = _trial_run(study, trial.number)
+    beat = (run.data.tags.get(TAG_HEARTBEAT) if run else None) or trial.user_attrs.get(WORKER_ATTR)
+    holder = holder_of(run.info.status if run else "RUNNING", beat)
+    if holder is None:
+        return None, True
+    host, _, written = beat.rsplit(" ", 2)
+    return holder, host != socket.gethostname() and time.time() - float(written) > 2 * BEAT_EVERY_S
+
+
+def _put_back(study: optuna.Study, trial: optuna.trial.FrozenTrial, why: str) -> bool:
+    """Fail a dead worker's trial and its run, and queue its cell again; False when another worker did."""
+    try:
+        study.tell(trial.number, state=TrialState.FAIL)
+    except Exception:  # another worker failed it first: it queues the cell
+        return False
+    run = _trial_run(study, trial.number)
+    if run is not None and run.info.status == "RUNNING":
+        end_run_as(run.info.run_id, "FAILED", f"{DEAD_WORKER}: {why}")
+    study.enqueue_trial(trial.params, user_attrs={RETRY_OF: trial.user_attrs.get(RETRY_OF, trial.number),
+                                                  "run_name": trial.user_attrs.get("run_name", "")})
+    print(f"search {study.study_name}: trial {trial.number} ({trial.user_attrs.get('run_name', '')}) lost its "
+          f"worker ({why}); its cell goes back to the grid", flush=True)
+    return True
+
+
+def reclaim(study: optuna.Study, search: Search, grace: float = STALE_AFTER_S) -> bool:
+    """When no cell is free: put back the cells of RUNNING trials whose worker is gone (a process of this
+    host that no longer exists, a heartbeat from another host older than ``STALE_AFTER_S``), waiting up to
+    ``grace`` seconds for a silent one to beat again or go stale. True when a cell went back to the grid."""
+    deadline = time.monotonic() + grace
+    while True:
+        running = [t for t in counted_trials(study, search.n_trials) if t.state == TrialState.RUNNING]
+        holders = {t.number: _holder(study, t) for t in running}
+        dead = [t for t in running if holders[t.number][0] is None]
+        if dead:
+            return any([_put_back(study, t, "no heartbeat from its process") for t in dead])
+        silent = [n for n, (_, maybe_dead) in holders.items() if maybe_dead]
+        if not silent or time.monotonic() > deadline:
+            if running:
+                print(f"search {search.name}: trial(s) {[t.number for t in running]} are trained by live workers "
+                      f"({'; '.join(h for h, _ in holders.values())}); the worker that ends the last one finishes "
+                      "the search", flush=True)
+            return False
+        time.sleep(min(BEAT_EVERY_S, max(1.0, deadline - time.monotonic())))
+
+
+def end_dead_launches(pointer: str, task: str, name: str) -> None:
+    """The launch runs (``<task> worker -> <name>``) of this search's workers that died: KILLED, not RUNNING."""
+    client = MlflowClient()
+    runs = client.search_runs([mlflow.get_run(pointer).info.experiment_id],
+                              filter_string=f"attributes.status = 'RUNNING' and "
+                                            f"tags.mlflow.runName = '{task} worker -> {name}'")
+    for run in runs:
+        beat = run.data.tags.get(TAG_HEARTBEAT)
+        if run.info.run_id != pointer and beat and holder_of("RUNNING", beat) is None:
+            end_run_as(run.info.run_id, "KILLED", f"{DEAD_WORKER}: its launch ended without closing this run")
 
 
 # ------------------------------------------------------------------------------- the search ends

@@ -224,7 +224,7 @@ def _log_inputs(recorder: MlflowRecorder, cfg: TrainConfig, parts: _Parts) -> No
     """A fresh run's params, tags, data set, split manifest, class files, config and duplicates."""
     data, trainer, run_id = parts.data, parts.trainer, recorder.run_id
     params = {**cfg.as_params(), "world_size": trainer.ctx.world_size if trainer.ctx else 1,
-              "num_classes": len(data.classes), "classes": json.dumps(data.classes),
+              "num_classes": len(data.classes), "classes": json.dumps(data.classes, ensure_ascii=False),
               "image_size_resolved": data.image_size, "n_train": len(data.splits["train"]),
               "n_val": len(data.splits["val"]), "n_test": len(data.splits["test"]), "images_skipped": len(data.skipped),
               "weights_resolved": parts.weights_resolved, "data_digest": data.digest,

@@ -255,7 +255,8 @@ def set_tags(run_id: str, tags: dict[str, object], client: MlflowClient | None =
 
 
 def log_json(data: object, artifact_file: str) -> None:
-    with_retries(mlflow.log_text, json.dumps(data, indent=2, sort_keys=True, default=str), artifact_file)
+    text = json.dumps(data, indent=2, sort_keys=True, default=str, ensure_ascii=False)  # names as written
+    with_retries(mlflow.log_text, text, artifact_file)
 
 
 def log_figure(fig, artifact_file: str) -> None:
