@@ -46,7 +46,7 @@ from one_at_a_time import one_at_a_time
 
 REPO = Path(__file__).resolve().parents[1]
 INTEL_TRAIN = REPO.parent / "shared" / "data" / "intel-train"
-FIELDS = ("contender", "budget_min", "minutes", "test_acc", "epochs", "img_per_s", "machine", "date")
+FIELDS = ("contender", "budget_min", "minutes", "test_acc", "epochs", "img_per_s", "machine", "date", "test_mAP")
 
 
 def held_out_layout(data: Path, out: Path, test_share: float, seed: int) -> Path:
@@ -131,9 +131,11 @@ def score(model, dataset) -> float:
     return right / len(dataset)
 
 
-def sceneml_run(layout: Path, recipe: str, budget: float, work: Path, threads: int, settings: list[str]) -> dict:
-    """One `train` process of ``budget`` minutes with an empty cache and store, then `evaluate` on seg_test.
-    ``settings``: ``name=value`` parameters given on top of the recipe."""
+def sceneml_run(layout: Path, recipe: str, budget: float, work: Path, threads: int, settings: list[str],
+                tta: bool = False) -> dict:
+    """One `train` process of ``budget`` minutes with an empty cache and store, then `evaluate` on seg_test
+    (``tta``: with horizontal-flip test-time augmentation). ``settings``: ``name=value`` parameters given on
+    top of the recipe."""
     import mlflow
 
     store = work / f"{recipe}-{budget:g}-{'-'.join(settings)}-{time.strftime('%Y%m%dT%H%M%S')}"  # one per run
@@ -150,12 +152,14 @@ def sceneml_run(layout: Path, recipe: str, budget: float, work: Path, threads: i
     minutes = (time.monotonic() - started) / 60
     run = train_run(store)
     out = subprocess.run([sys.executable, "-m", "sceneml", "evaluate", "--model-uri",
-                          f"models:/{run.data.tags['sceneml.best_model_id']}", "--split", "test"],
+                          f"models:/{run.data.tags['sceneml.best_model_id']}", "--split", "test",
+                          "--tta", str(tta).lower()],
                          env=env, cwd=store, check=True, capture_output=True, text=True).stdout
-    test_acc = float(out.split("test_acc = ")[1].split()[0])
+    test_acc, test_map = (float(out.split(f"{key} = ")[1].split()[0]) for key in ("test_acc", "test_mAP"))
     speeds = sorted(m.value for m in mlflow.MlflowClient(uri).get_metric_history(run.info.run_id,
                                                                                    "train_images_per_sec"))
-    return {"minutes": round(minutes, 2), "test_acc": test_acc, "epochs": int(run.data.params["epochs_resolved"]),
+    return {"minutes": round(minutes, 2), "test_acc": test_acc, "test_mAP": test_map,
+            "epochs": int(run.data.params["epochs_resolved"]),
             "img_per_s": round(speeds[len(speeds) // 2], 1)}  # the median epoch's training pace: the VM's speed then
 
 
@@ -236,6 +240,7 @@ def main() -> None:
     ap.add_argument("--machine", default=this_machine(), help="the rows' machine column (default: this CPU)")
     ap.add_argument("--keep", action="store_true",
                     help="keep the held-out layout and each run's store under <out>/work (else a temporary folder)")
+    ap.add_argument("--tta", action="store_true", help="evaluate with test-time flips (the row is labelled tta)")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="a train parameter on top of the recipe (repeatable); the rows are labelled with it")
     args = ap.parse_args()
@@ -257,8 +262,8 @@ def main() -> None:
                 new = [{"budget_min": "", **r} for r in found]
             else:
                 new = [{"budget_min": b, **sceneml_run(layout, contender, b, Path(tmp) / "runs", args.threads,
-                                                       args.set)} for b in budgets]
-            label = " ".join([contender, *args.set])
+                                                       args.set, args.tta)} for b in budgets]
+            label = " ".join([contender, *args.set, *(["tta"] if args.tta else [])])
             if contender == "naive":
                 rows = [r for r in rows if r["contender"] != label or r["machine"] != args.machine]
             rows += [{"contender": label, **r, "machine": args.machine, "date": today} for r in new]
@@ -267,10 +272,11 @@ def main() -> None:
                 writer.writeheader()
                 writer.writerows(rows)
     plot(rows, args.out / "time_to_accuracy.png")
-    print(f"\n{'contender':9} {'budget':>6} {'minutes':>8} {'test_acc':>8} {'epochs':>6} {'img/s':>6}  machine")
+    print(f"\n{'contender':9} {'budget':>6} {'minutes':>8} {'test_acc':>8} {'test_mAP':>8} {'epochs':>6} {'img/s':>6}"
+          "  machine")
     for r in sorted(rows, key=lambda r: (r["machine"], r["contender"], float(r["minutes"]))):
         print(f"{r['contender']:9} {r['budget_min']!s:>6} {float(r['minutes']):8.2f} {float(r['test_acc']):8.3f} "
-              f"{r['epochs']!s:>6} {r.get('img_per_s') or '':>6}  {r['machine']}")
+              f"{r.get('test_mAP') or '':>8} {r['epochs']!s:>6} {r.get('img_per_s') or '':>6}  {r['machine']}")
     here = [r for r in rows if r["machine"] == args.machine]  # the ratio compares runs of one machine
     fast = [r for r in here if r["contender"] == "fast" and float(r["budget_min"]) == args.target]
     curve = [{"minutes": float(r["minutes"]), "test_acc": float(r["test_acc"])} for r in here

@@ -93,7 +93,7 @@ def measure_naive(arch: str, folder: Path, keep: set[str], size: int, batch_size
     import torchvision
     from torchvision import transforms as T
 
-    from sceneml.models import IMAGENET_MEAN, IMAGENET_STD
+    from sceneml.architectures import IMAGENET_MEAN, IMAGENET_STD
 
     tf = T.Compose([T.Resize((size, size)), T.RandomHorizontalFlip(), T.ToTensor(),
                     T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])

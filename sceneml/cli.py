@@ -53,7 +53,8 @@ def option(p: Param) -> Callable:
     call gets, so a bad value reads the same wherever it comes from."""
     if p.required:
         return click.option(p.option, p.name, required=True, type=_CLICK_TYPES[p.type], help=p.help)
-    help_text = p.help + (f" (one of: {', '.join(p.choices)})" if p.choices else "")
+    more = f", or {p.valid[1]}" if p.choices and p.valid is not None else ""
+    help_text = p.help + (f" (one of: {', '.join(p.choices)}{more})" if p.choices else "")
     # the default as MLproject spells it (none, true/false): click converts it through the type. A
     # boolean takes a value (MLproject passes `--quiet false`) or stands alone as a flag (`--quiet`).
     flag = {"is_flag": False, "flag_value": "true"} if p.type is bool else {}

@@ -16,10 +16,10 @@ import os
 import re
 from dataclasses import dataclass
 
+from sceneml.architectures import ARCHS, is_timm_name
 from sceneml.errors import SceneMLError
 from sceneml.params import REQUIRED, Param, at_least, check_declared, param, param_text, params_of, within
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "googlenet", "mobilenet_v3_small", "efficientnet_b0")
 OPTIMIZERS = ("adamw", "adam", "rmsprop", "sgd")
 SCHEDULERS = ("none", "cosine", "step", "linear", "onecycle")
 AUTO_AUGMENT = ("none", "trivial", "randaugment")  # torchvision's TrivialAugmentWide, RandAugment
@@ -46,10 +46,18 @@ RECIPE = "recipe"  # the declared default of those parameters: "whatever the rec
 RECIPES: dict[str, dict[str, object]] = {
     "classic": {"image_size": 0, "train_crop_size": 0, "batch_size": 32, "lr": 0.001, "weight_decay": 0.0001,
                 "scheduler": "none", "label_smoothing": 0.0, "random_crop": False, "auto_augment": "none",
-                "random_erase": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "ema": 0.0},
+                "random_erase": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "ema": 0.0, "backbone_lr_scale": 1.0,
+                "freeze_epochs": 0},
     "fast": {"image_size": 128, "train_crop_size": 96, "batch_size": 32, "lr": 0.001, "weight_decay": 0.05,
              "scheduler": "linear", "label_smoothing": 0.1, "random_crop": True, "auto_augment": "none",
-             "random_erase": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "ema": 0.0},
+             "random_erase": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "ema": 0.0, "backbone_lr_scale": 1.0,
+             "freeze_epochs": 0},
+    # fine-tuning an ImageNet backbone (weights=imagenet): a new head warmed up alone for an epoch, then every
+    # layer, the pretrained body at a quarter of the head's lr
+    "finetune": {"image_size": 192, "train_crop_size": 160, "batch_size": 32, "lr": 0.002, "weight_decay": 0.01,
+                 "scheduler": "linear", "label_smoothing": 0.1, "random_crop": True, "auto_augment": "none",
+                 "random_erase": 0.0, "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "ema": 0.0, "backbone_lr_scale": 0.25,
+                 "freeze_epochs": 1},
 }
 
 
@@ -139,8 +147,10 @@ class TrainConfig:
                            resume=True, search=True)
     lr: float = param(RECIPE, "learning rate", resume=True, search=True, valid=within(lambda v: v > 0, "must be > 0"))
     data: str = _data()
-    arch: str = param("resnet18", "torchvision architecture", choices=ARCHS, resume=True, search=True)
-    weights: str = param("auto", "auto (ImageNet if the file is there), imagenet, none, or a state-dict path",
+    arch: str = param("resnet18", "the network: a torchvision one, EfficientNet-Lite0 (timm) or any model of timm's "
+                                  "zoo as timm/<name> (docs/training.md#pretrained-backbones)", choices=ARCHS,
+                      valid=within(is_timm_name, "timm/<name> (any model of timm's zoo)"), resume=True, search=True)
+    weights: str = param("auto", "auto (ImageNet if the weight set is there), imagenet, none, or a state-dict path",
                          resume=True)
     momentum: float = param(0.9, "momentum of sgd and rmsprop", resume=True, search=True, valid=at_least(0))
     weight_decay: float = param(RECIPE, "decoupled for adamw, L2 for the others", resume=True, search=True,
@@ -183,6 +193,13 @@ class TrainConfig:
                                  resume=True, valid=at_least(0))
     freeze_backbone: bool = param(False, "train the classifier head only (features computed once)", resume=True,
                                   search=True)
+    backbone_lr_scale: float = param(RECIPE, "the lr of every layer but the head, as a share of lr (discriminative "
+                                             "lrs, as fastai's fine_tune and timm's --layer-decay): a pretrained body "
+                                             "moves less than its new head", resume=True, search=True,
+                                     valid=within(lambda v: 0 < v <= 1, "must be in (0, 1]"))
+    freeze_epochs: int = param(RECIPE, "epochs that train the head alone before every layer trains (fastai's "
+                                       "freeze_epochs, Lightning's BackboneFinetuning)", resume=True, search=True,
+                               valid=at_least(0))
     random_crop: bool = param(RECIPE, "random-resized crops on top of flips", resume=True, search=True)
     train_crop_size: int = param(RECIPE, "pixels per side of the random-resized crops, as torchvision's "
                                          "--train-crop-size (0 = image_size); validation, test and serving stay at "
@@ -240,6 +257,8 @@ class TrainConfig:
         if not 0 <= self.warmup_epochs < max(self.epochs, 1):
             raise SceneMLError(f"warmup_epochs must be in 0 .. epochs - 1 ({self.epochs - 1}), "
                                f"got {self.warmup_epochs}")
+        if self.freeze_backbone and self.freeze_epochs:
+            raise SceneMLError("freeze_backbone=true trains the head alone for every epoch: leave freeze_epochs=0")
         if self.freeze_backbone and not self.random_crop and (self.random_erase or self.mixup_alpha or
                                                               self.cutmix_alpha or self.auto_augment != "none"):
             raise SceneMLError("auto_augment, random_erase, mixup_alpha and cutmix_alpha act on images, which "

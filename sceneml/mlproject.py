@@ -110,7 +110,21 @@ def render_parameters_md() -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
-GENERATED = {MLPROJECT: render_mlproject, PARAMETERS_MD: render_parameters_md}
+def render_conda_yaml() -> str:
+    """conda.yaml: the environment `mlflow run` builds with conda, from pyproject.toml's dependencies."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    python = project["requires-python"].removeprefix(">=")
+    lines = ["# Generated from pyproject.toml by `python -m sceneml.mlproject`; `mlflow run` builds this environment",
+             "# with conda unless --env-manager local.", "name: sceneml", "channels:", "  - conda-forge",
+             "dependencies:", f"  - python>={python}", "  - pip", "  - pip:",
+             *(f'      - "{d}"' for d in project["dependencies"]), '      - "-e ."']
+    return "\n".join(lines) + "\n"
+
+
+CONDA_YAML = ROOT / "conda.yaml"
+GENERATED = {MLPROJECT: render_mlproject, PARAMETERS_MD: render_parameters_md, CONDA_YAML: render_conda_yaml}
 
 
 def main() -> None:

@@ -33,10 +33,11 @@ _TYPES = {"str": str, "int": int, "float": float, "bool": bool}
 
 def param(default: Any, help: str, *, choices: tuple[str, ...] = (), valid: Rule | None = None,
           resume: bool = False, search: bool = False, logged: bool = True, none_is_empty: bool | None = None) -> Any:
-    """A declared parameter. ``valid``: its bound (:func:`at_least`, :func:`within`), checked with the
-    choices when the config is built; ``resume``: a resume must use the run's own value (it defines the data
-    or the model); ``search``: a `tune` space may sample it; ``logged``: a training run logs it as a
-    param (False for how a run is launched, e.g. ``resume`` itself); ``none_is_empty``: the value
+    """A declared parameter. ``valid``: its bound (:func:`at_least`, :func:`within`), checked when the
+    config is built (with ``choices``: the values it admits besides them, e.g. ``timm/<name>``);
+    ``resume``: a resume must use the run's own value (it defines the data or the model); ``search``: a
+    `tune` space may sample it; ``logged``: a training run logs it as a param (False for how a run is
+    launched, e.g. ``resume`` itself); ``none_is_empty``: the value
     ``none`` means nothing (the default for a parameter whose default is empty; ``scheduler=none`` or
     ``weights=none`` are values of their own)."""
     return dataclasses.field(default=default, metadata={
@@ -92,9 +93,10 @@ def check_declared(cfg: object) -> None:
     choices or the bound otherwise."""
     for p in params_of(type(cfg)):
         value = getattr(cfg, p.name)
-        if p.choices and value not in p.choices:
-            raise SceneMLError(f"unknown {p.name} {value!r}; choose one of {', '.join(p.choices)}")
-        if p.valid is not None and not p.valid[0](value):
+        if p.choices and value not in p.choices and not (p.valid is not None and p.valid[0](value)):
+            more = f", or {p.valid[1]}" if p.valid is not None else ""
+            raise SceneMLError(f"unknown {p.name} {value!r}; choose one of {', '.join(p.choices)}{more}")
+        if not p.choices and p.valid is not None and not p.valid[0](value):
             raise SceneMLError(f"{p.name} {p.valid[1]}, got {value!r}")
 
 def build(cls: type, values: dict[str, Any], params: Sequence[Param]) -> Any:

@@ -20,10 +20,11 @@ from pathlib import Path
 from .conftest import REPO
 
 PACKAGE = REPO / "sceneml"
-RANK = {"sceneml": 0, "errors": 0, "params": 0, "config": 0, "mlproject": 0, "class_keys": 0,
+RANK = {"sceneml": 0, "errors": 0, "params": 0, "config": 0, "architectures": 0, "mlproject": 0, "class_keys": 0,
         "data": 1, "metrics": 1, "comparison": 1, "scores": 1, "plots": 1, "analysis": 1, "report": 1, "space": 1,
         "models": 2, "engine": 3, "tracking": 4, "tasks": 5, "cli": 6, "__main__": 7}
-TORCH_FREE = {"sceneml", "errors", "params", "config", "mlproject", "class_keys", "cli", "__main__", "metrics",
+TORCH_FREE = {"sceneml", "errors", "params", "config", "architectures", "mlproject", "class_keys", "cli", "__main__",
+              "metrics",
               "comparison",
               "scores", "data", "report", "space"}
 MLFLOW_ALLOWED = {"tracking", "tasks"}

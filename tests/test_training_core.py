@@ -156,3 +156,29 @@ def test_the_loop_asks_early_stop_before_each_epoch_and_on_epoch_after_it(tmp_pa
     pruned = Fit(_trainer(data), Recorder(), CheckpointSaver(tmp_path / "d.pt"), epochs=5,
                  on_epoch=lambda epoch, row: seen.append(epoch) or epoch == 2)(TrainState())
     assert pruned.epoch == 2 and seen == [1, 2]
+
+
+def test_freeze_epochs_keep_the_body_still_while_the_head_learns_then_both_train_at_their_lrs(tmp_path):
+    """freeze_epochs=1 with the body at a quarter of the head's lr (the finetune recipe's shape): after
+    epoch 1 every body tensor is where it started and the head moved; after epoch 2 the body moved too,
+    and the optimizer's two groups kept their 4:1 ratio under the schedule."""
+    from sceneml.engine.unfreeze import Unfreeze
+    from sceneml.models import head_and_body
+
+    data = _data()
+    trainer = _trainer(data)
+    head, body = head_and_body("resnet18", trainer.model)
+    optimizer = build_optimizer("adamw", [{"params": head, "lr": 2e-3}, {"params": body, "lr": 5e-4}], 2e-3, 0.9,
+                                0.0)
+    trainer = dataclasses.replace(trainer, optimizer=optimizer,
+                                  schedule=LrSchedule(build_scheduler("cosine", optimizer, 3)))
+    start = [p.detach().clone() for p in (*head, *body)]
+    fit = Fit(trainer, Recorder(), CheckpointSaver(tmp_path / "u.pt"), epochs=1, unfreeze=Unfreeze(1, tuple(body)))
+    fit(state := TrainState())
+    moved = [not torch.equal(p, s) for p, s in zip((*head, *body), start)]
+    assert any(moved[:len(head)]) and not any(moved[len(head):])
+    fit.epochs = 2
+    fit(state)
+    assert sum(not torch.equal(p, s) for p, s in zip(body, start[len(head):])) > len(body) // 2
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    assert lrs[0] == pytest.approx(4 * lrs[1]) and lrs[0] < 2e-3

@@ -13,20 +13,16 @@ import torch
 from torch import nn
 
 from sceneml.analysis.statistics import RunningCovariance, RunningMoments
+from sceneml.architectures import arch_of
 from sceneml.errors import SceneMLError
-
-# five modules spread over the depth of each network (names inside the torchvision model)
-DEFAULT_MODULES = {
-    "resnet18": ["conv1", "layer1.1.conv1", "layer2.1.conv1", "layer3.1.conv1", "layer4.1.conv1"],
-    "googlenet": ["maxpool1", "conv3.conv", "inception3a.branch1", "inception4c.branch4.1.bn",
-                  "inception5b.branch4.1.conv"],
-}
 
 
 def default_modules(arch: str, network: nn.Module, count: int = 5) -> list[str]:
-    """The named defaults, else ``count`` convolutions evenly spaced from the first to the last."""
-    if arch in DEFAULT_MODULES:
-        return list(DEFAULT_MODULES[arch])
+    """The architecture's declared modules (sceneml.architectures), else ``count`` convolutions evenly
+    spaced from the first to the last."""
+    declared = arch_of(arch, network).modules
+    if declared:
+        return list(declared)
     convs = [name for name, m in network.named_modules() if isinstance(m, nn.Conv2d)]
     picks = np.unique(np.linspace(0, len(convs) - 1, count).round().astype(int))
     return [convs[i] for i in picks]

@@ -6,13 +6,16 @@ import torch
 from captum.attr import LayerAttribution, LayerGradCam
 from torch import nn
 
-# the last convolutional stage of each architecture: its feature maps still know where things are
-LAST_STAGE = {"resnet18": "layer4", "resnet34": "layer4", "resnet50": "layer4", "googlenet": "inception5b",
-              "mobilenet_v3_small": "features", "efficientnet_b0": "features"}
+from sceneml.architectures import arch_of
+
+
+def last_stage_name(arch: str, model: nn.Module) -> str:
+    """The last convolutional stage (sceneml.architectures): its feature maps still know where things are."""
+    return arch_of(arch, model).gradcam
 
 
 def last_conv_stage(arch: str, model: nn.Module) -> nn.Module:
-    return model.get_submodule(LAST_STAGE[arch])
+    return model.get_submodule(last_stage_name(arch, model))
 
 
 def grad_cam(model: nn.Module, layer: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ def cached_backbone_features(arch: str, model: torch.nn.Module, data: PreparedDa
     (every non-head tensor) has already seen the same pixels: the children of a frozen-backbone
     sweep share one backbone, so only the first computes them. Returns the features and whether they
     came from the disk."""
-    head = head_module_name(arch) + "."
+    head = head_module_name(arch, model) + "."
     sha = hashlib.sha256(f"features-v2|{arch}|{getattr(model, 'transform_input', False)}".encode())
     for name, tensor in model.state_dict().items():
         if not name.startswith(head):

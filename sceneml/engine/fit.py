@@ -5,7 +5,8 @@
 :func:`fit` asks the trainer for the training pass (the schedule steps inside it), and, on the rank that
 validates, the evaluator for the val metrics, the saver for the resumable state and the checkpoints to
 drop, and the recorder to tell the outside world. The budget planner and early stopping decide how many
-epochs run; ``on_epoch`` (how `tune` prunes a trial) may end training after any epoch.
+epochs run, the unfreezing schedule when the pretrained body trains; ``on_epoch`` (how `tune` prunes a
+trial) may end training after any epoch.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from sceneml.engine.evaluator import validate
 from sceneml.engine.loop import EpochLoss, EpochTrainer
 from sceneml.engine.recorder import Recorder
 from sceneml.engine.saver import CheckpointSaver, TrainState
+from sceneml.engine.unfreeze import Unfreeze
 
 log = logging.getLogger(__name__)
 OnEpoch = Callable[[int, dict], bool]
@@ -40,6 +42,7 @@ class Fit:
     early_stop: EarlyStop | None = None
     on_epoch: OnEpoch | None = None
     verbose: bool = False  # progress bars and a line per epoch
+    unfreeze: Unfreeze | None = None  # freeze_epochs: when the pretrained body joins the head
 
     def last_epoch(self, current: int) -> int:
         return self.epochs if self.budget is None else self.budget.last_epoch(current)
@@ -50,6 +53,8 @@ class Fit:
         while epoch <= self.last_epoch(epoch):
             if distributed.main_process_says(main and self._early_stop(state), self.trainer.device):
                 break
+            if self.unfreeze is not None:
+                self.unfreeze.before_epoch(epoch)
             started, lr = time.monotonic(), self.trainer.lr
             on_losses = (lambda values: self._on_losses(state, values)) if main else None
             losses, train_seconds = self.trainer.train_pass(epoch, self.last_epoch(epoch), on_losses,

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from sceneml.architectures import arch_of
 from sceneml.data import PreparedData
 from sceneml.engine import distributed
 from sceneml.engine.batches import Augmentation, iterate_batches, iterate_feature_batches
@@ -29,7 +30,7 @@ from sceneml.engine.inference import log_probs_from_features, predict_log_probs
 from sceneml.engine.optim import make_ema
 from sceneml.engine.precision import resolve_precision
 from sceneml.errors import SceneMLError
-from sceneml.models import AUX_ARCHS, AUX_LOSS_WEIGHT, head_of, split_logits
+from sceneml.models import AUX_LOSS_WEIGHT, head_of, split_logits
 
 log = logging.getLogger(__name__)
 FLUSH_EVERY = 20  # batch losses are fetched from the device every this many batches (one sync, not one each)
@@ -213,7 +214,7 @@ class EpochTrainer:
     @property
     def has_aux(self) -> bool:
         """Whether the optimised loss adds auxiliary heads' (a frozen GoogLeNet computes none)."""
-        return self.arch in AUX_ARCHS and not self.how.freeze_backbone
+        return arch_of(self.arch, self.model).aux and not self.how.freeze_backbone
 
     def _batches(self, epoch: int) -> tuple[Iterable, int]:
         how, ctx, train = self.how, self.ctx, self.data.splits["train"]

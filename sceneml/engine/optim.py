@@ -12,12 +12,15 @@ from sceneml.errors import SceneMLError
 
 def build_optimizer(name: str, params, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
     """The ``--opt`` switch of torchvision's references/classification, for the optimizers we sweep.
+    ``params``: tensors (those that require a gradient are trained) or param groups (dicts, each with its
+    own ``lr``).
 
     Adam, AdamW and SGD take torch's fused kernel (one pass over all parameters, on the CPU too): the
     same update to float rounding, in a fraction of the time of the per-parameter loop
     (benchmarks/optimizer_step.py measures it). RMSprop has no fused kernel: it takes the multi-tensor one."""
-    params = [p for p in params if p.requires_grad]
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    params = [p for p in params if isinstance(p, dict) or p.requires_grad]  # param groups (dicts) as given
+    tensors = [t for p in params for t in (p["params"] if isinstance(p, dict) else [p])]
+    fused = all(t.device.type in ("cpu", "cuda") and t.is_floating_point() for t in tensors)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
                                nesterov=momentum > 0, fused=fused)

@@ -321,7 +321,8 @@ def _log_gradcam(subject: _Subject, scored: _Scored, idx: np.ndarray, what: str,
     log_figure(plots.gallery([load_rgb(subject.root / scored.paths[i]) for i in idx],
                              [classes[scored.labels[i]] for i in idx], [classes[p] for p in predicted],
                              scored.scores[idx, predicted],
-                             f"Grad-CAM ({arch} {analysis.LAST_STAGE[arch]}, for the predicted class): {what}",
+                             f"Grad-CAM ({arch} {analysis.last_stage_name(arch, network)}, for the predicted "
+                             f"class): {what}",
                              heatmaps=list(maps)), artifact)
     return rows
 

@@ -39,8 +39,9 @@ from sceneml.engine.loop import EpochTrainer, LrSchedule, Optimisation, seed_eve
 from sceneml.engine.optim import PER_STEP_SCHEDULERS, build_optimizer, build_scheduler
 from sceneml.engine.recorder import Recorder
 from sceneml.engine.saver import CheckpointSaver, TrainState
+from sceneml.engine.unfreeze import Unfreeze
 from sceneml.errors import SceneMLError
-from sceneml.models import build_model, describe_device, freeze_backbone, pick_device
+from sceneml.models import build_model, describe_device, freeze_backbone, head_and_body, pick_device
 from sceneml.params import param_text
 from sceneml.tracking.lease import STALE_AFTER_S, live_holder
 from sceneml.tracking.models import TAG_DIGEST
@@ -117,15 +118,16 @@ def train(cfg: TrainConfig, run_name: str | None = None, nested: bool = False, o
     if cfg.resume:
         check_resume(cfg)
     ctx, device_name = distributed.setup(cfg.device, cfg.dist_timeout)
-    if ctx is not None and (cfg.resume or on_epoch is not None or cfg.time_budget):
-        raise SceneMLError("resume, tune and time_budget under torchrun are not supported: run them in a single "
-                           "process")
+    if ctx is not None and (cfg.resume or on_epoch is not None or cfg.time_budget or cfg.freeze_epochs):
+        raise SceneMLError("resume, tune, time_budget and freeze_epochs under torchrun are not supported: run them "
+                           "in a single process")
     try:
         seed_everything(cfg.seed)
         parts = _build(cfg, ctx, pick_device(device_name), started)
         name = run_name or f"{cfg.optimizer}-lr{cfg.lr:g}"
         if not distributed.is_main_process():  # the same loop, recording nothing
-            Fit(parts.trainer, Recorder(), None, cfg.epochs, parts.budget, parts.early_stop)(TrainState())
+            Fit(parts.trainer, Recorder(), None, cfg.epochs, parts.budget, parts.early_stop,
+                unfreeze=parts.unfreeze)(TrainState())
             return ""
         with task_run(name, nested=nested, run_id=cfg.resume or None, task="train", parent_run_id=parent_run_id,
                       tags=tags, system_metrics=True) as run:
@@ -144,6 +146,7 @@ class _Parts:
     budget: BudgetPlan | None
     early_stop: EarlyStop | None
     weights_resolved: str
+    unfreeze: Unfreeze | None
 
 
 def _data(cfg: TrainConfig, progress: bool) -> PreparedData:
@@ -166,7 +169,11 @@ def _build(cfg: TrainConfig, ctx: distributed.DistContext | None, device: torch.
     if cfg.freeze_backbone:
         freeze_backbone(cfg.arch, model)
     model = model.to(device, memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
+    head, body = head_and_body(cfg.arch, model)
+    groups = [{"params": head, "lr": cfg.lr}, {"params": body, "lr": cfg.lr * cfg.backbone_lr_scale}]
+    # a frozen body is still in the optimizer when freeze_epochs will unfreeze it
+    params = groups if cfg.backbone_lr_scale != 1 or cfg.freeze_epochs else model.parameters()
+    optimizer = build_optimizer(cfg.optimizer, params, cfg.lr, cfg.momentum, cfg.weight_decay)
     steps = steps_per_epoch(len(data.splits["train"]), cfg.batch_size, ctx, cfg.seed)
     budget = BudgetPlan(cfg.time_budget * 60, started, steps) if cfg.time_budget else None
     if budget is not None:
@@ -180,7 +187,8 @@ def _build(cfg: TrainConfig, ctx: distributed.DistContext | None, device: torch.
                                 cfg.mixup_alpha, cfg.cutmix_alpha, len(data.classes))
     trainer = EpochTrainer(cfg.arch, data, model, optimizer, schedule, device, ctx, how, augmentation)
     early_stop = EarlyStop(cfg.select_metric, cfg.early_stop) if cfg.early_stop else None
-    return _Parts(data, trainer, budget, early_stop, weights_resolved)
+    unfreeze = Unfreeze(cfg.freeze_epochs, tuple(body)) if cfg.freeze_epochs else None
+    return _Parts(data, trainer, budget, early_stop, weights_resolved, unfreeze)
 
 
 def _meta(cfg: TrainConfig, data: PreparedData, run_id: str) -> dict:
@@ -195,7 +203,8 @@ def _run(cfg: TrainConfig, parts: _Parts, recorder: MlflowRecorder, on_epoch: On
     state = _resume(saver, parts, recorder) if cfg.resume else TrainState()
     if not cfg.resume:
         _log_inputs(recorder, cfg, parts)
-    fit = Fit(parts.trainer, recorder, saver, cfg.epochs, parts.budget, parts.early_stop, on_epoch, not cfg.quiet)
+    fit = Fit(parts.trainer, recorder, saver, cfg.epochs, parts.budget, parts.early_stop, on_epoch, not cfg.quiet,
+              parts.unfreeze)
     try:
         fit(state)
     except BaseException:

@@ -33,16 +33,18 @@ CHECKPOINT_FORMAT = "pickle"  # an eager module on load; pt2 would be a fixed-sh
 
 
 # distribution -> import name of every package in pip_requirements()
-_REQUIREMENT_MODULES = {"torch": "torch", "torchvision": "torchvision", "mlflow": "mlflow", "numpy": "numpy",
-                        "pandas": "pandas", "pillow": "PIL", "tqdm": "tqdm"}
+_REQUIREMENT_MODULES = {"torch": "torch", "torchvision": "torchvision", "timm": "timm", "mlflow": "mlflow",
+                        "numpy": "numpy", "pandas": "pandas", "pillow": "PIL", "tqdm": "tqdm"}
 
 
 def pip_requirements() -> list[str]:
     """Pinned to what is running. Passing them explicitly also skips MLflow's slow requirement
     inference (seconds per logged model)."""
+    import timm
     import torchvision
 
-    versions = {"torch": torch.__version__, "torchvision": torchvision.__version__, "mlflow": mlflow.__version__}
+    versions = {"torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
+                "mlflow": mlflow.__version__}
     return [f"{name}=={versions[name].split('+')[0]}" if name in versions else name for name in _REQUIREMENT_MODULES]
 
 
