@@ -275,8 +275,8 @@ def build_model(arch: str, num_classes: int | None, weights: str = "auto",
         except SceneMLError as exc:
             if weights == "imagenet":
                 raise
-            log.warning("!! weights=auto: %s; training %s from RANDOM initialisation (weights_resolved=none). "
-                        "Pass weights=none to silence this.", str(exc).split(":", 1)[0], arch)
+            log.warning("!! weights=auto: %s. Training %s from RANDOM initialisation (weights_resolved=none); "
+                        "pass weights=none to silence this.", exc, arch)
             resolved = "none"
         else:
             if num_classes is None:

@@ -446,6 +446,6 @@ def test_a_timm_model_goes_through_the_tiny_study_from_scratch(tracking_uri, tmp
                                                                                             "galleries")}
     model = mlflow.pytorch.load_model("models:/sceneml@champion")
     assert type(model).__name__ == "Normalised__ResNet__timm__models__resnet"
-    requirements = mlflow.artifacts.load_text(f"{client.get_model_version_by_alias('sceneml', 'champion').source}"
-                                              "/requirements.txt")
+    model_id = client.get_model_version_by_alias("sceneml", "champion").source.removeprefix("models:/")
+    requirements = mlflow.artifacts.load_text(f"{client.get_logged_model(model_id).artifact_location}/requirements.txt")
     assert any(line.startswith("timm==") for line in requirements.splitlines())
