@@ -252,7 +252,11 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, search: Search, plan: Pl
         return pruned[0]
 
     print(f"== {plan.name}", flush=True)
-    trial.set_user_attr("run_name", plan.name)
+    try:
+        trial.set_user_attr("run_name", plan.name)
+    except Exception:  # taken for dead already (another host thought this worker silent): not ours to train
+        log.warning("%s: trial %d was given to another worker; skipped here", plan.name, trial.number)
+        return None
     try:
         run_id = train(plan.train, run_name=plan.name, on_epoch=on_epoch, parent_run_id=parent_id,
                        tags={TAG_PRUNED: "false", TAG_TRIAL: str(trial.number), **plan.tags})
@@ -310,6 +314,9 @@ def _holder(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> tuple[str |
     may be dead: on another host and silent for two beats (on this host its process says)."""
     run = _trial_run(study, trial.number)
     beat = (run.data.tags.get(TAG_HEARTBEAT) if run else None) or trial.user_attrs.get(WORKER_ATTR)
+    if beat is None and trial.datetime_start is not None:  # taken a moment ago: its worker has yet to say who
+        age = time.time() - trial.datetime_start.timestamp()
+        return ("a worker that has just taken it", False) if age < STALE_AFTER_S else (None, True)
     holder = holder_of(run.info.status if run else "RUNNING", beat)
     if holder is None:
         return None, True
