@@ -254,7 +254,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, search: Search, plan: Pl
     print(f"== {plan.name}", flush=True)
     try:
         trial.set_user_attr("run_name", plan.name)
-    except Exception:  # taken for dead already (another host thought this worker silent): not ours to train
+    except optuna.exceptions.UpdateFinishedTrialError:  # taken for dead already (its worker seemed silent)
         log.warning("%s: trial %d was given to another worker; skipped here", plan.name, trial.number)
         return None
     try:
@@ -328,8 +328,8 @@ def _put_back(study: optuna.Study, trial: optuna.trial.FrozenTrial, why: str) ->
     """Fail a dead worker's trial and its run, and queue its cell again; False when another worker did."""
     try:
         study.tell(trial.number, state=TrialState.FAIL)
-    except Exception:  # another worker failed it first: it queues the cell
-        return False
+    except (ValueError, optuna.exceptions.UpdateFinishedTrialError):  # another worker failed it first and
+        return False  # queues the cell
     run = _trial_run(study, trial.number)
     if run is not None and run.info.status == "RUNNING":
         end_run_as(run.info.run_id, "FAILED", f"{DEAD_WORKER}: {why}")
