@@ -319,7 +319,8 @@ class PredictConfig:
 class SelectConfig:
     """`select`: register the best epoch checkpoint of a study's runs and point an alias at it."""
 
-    experiment: str = _experiment("")
+    experiment: str = param("", "MLflow experiment of the runs to compare; none = parent_run_id's, else the launch's",
+                            none_is_empty=True)
     parent_run_id: str = param("", "only the children of this study run")
     select_metric: str = _select_metric()
     model_name: str = _model_name()

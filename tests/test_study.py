@@ -449,3 +449,24 @@ def test_a_timm_model_goes_through_the_tiny_study_from_scratch(tracking_uri, tmp
     model_id = client.get_model_version_by_alias("sceneml", "champion").source.removeprefix("models:/")
     requirements = mlflow.artifacts.load_text(f"{client.get_logged_model(model_id).artifact_location}/requirements.txt")
     assert any(line.startswith("timm==") for line in requirements.splitlines())
+
+
+@pytest.mark.slow
+def test_select_after_a_default_study_finds_the_studys_runs_without_an_experiment(study_copy, tmp_path):
+    """docs/study.md's command, `mlflow run . -e select -P select_metric=val_mAP -P parent_run_id=<id>`,
+    launched in the Default experiment while the study's runs are in `sceneml`: it compares the checkpoints
+    of the study's children and registers the one with the best val_mAP."""
+    uri, exp_id = study_copy
+    client = MlflowClient()
+    runs = client.search_runs([exp_id])
+    parent = next(r for r in runs if r.data.tags.get("sceneml.task") == "study")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+                and r.data.tags.get("sceneml.task") == "train"]
+    # the checkpoints the children kept (keep_checkpoints=best: each one's best epoch by its own select metric)
+    best = max(m.value for r in children for m in client.get_metric_history(r.info.run_id, "val_mAP")
+               if m.step == int(r.data.metrics["best_epoch"]))
+    mlflow_run(uri, "0", "select", {"select_metric": "val_mAP", "parent_run_id": parent.info.run_id}, tmp_path)
+    champion = client.get_model_version_by_alias("sceneml", "champion")
+    assert champion.tags["sceneml.select_metric"] == "val_mAP"
+    assert float(champion.tags["sceneml.val_mAP"]) == best
+    assert champion.tags["sceneml.run_id"] in {r.info.run_id for r in children}

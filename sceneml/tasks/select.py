@@ -18,7 +18,7 @@ from sceneml.config import SelectConfig
 from sceneml.errors import SceneMLError
 from sceneml.metrics import best_index
 from sceneml.tracking.models import TAG_DIGEST, epoch_checkpoints
-from sceneml.tracking.runs import TAG_DATA_SET, MetricBuffer, log_params_once, set_tags, task_run
+from sceneml.tracking.runs import TAG_DATA_SET, MetricBuffer, experiment_of, log_params_once, set_tags, task_run
 from sceneml.tracking.store import with_retries
 
 log = logging.getLogger(__name__)
@@ -146,8 +146,8 @@ def select(cfg: SelectConfig, nested: bool = False, config: str | None = None) -
             if exp is None:
                 raise SceneMLError(f"experiment {cfg.experiment!r} does not exist")
             ids = [exp.experiment_id]
-        else:
-            ids = [run.info.experiment_id]
+        else:  # the study's own experiment, else this launch's
+            ids = [experiment_of(cfg.parent_run_id) if cfg.parent_run_id else run.info.experiment_id]
         version, best = select_champion(ids, metric, cfg.model_name, cfg.alias, cfg.parent_run_id or None, config)
         log_params_once(run.info.run_id, {"select_metric": metric, "model_name": cfg.model_name, "alias": cfg.alias})
         set_tags(run.info.run_id, {"sceneml.champion_run_id": best.run_id, "sceneml.model_id": best.model_id})
