@@ -178,7 +178,8 @@ class TrainConfig:
     early_stop: int = param(0, "patience in epochs: training stops once select_metric's best epoch (the rule select "
                                "uses) is this many epochs behind, and logs stopped_epoch; 0 = off", resume=True,
                                valid=at_least(0, " (0 = off)"))
-    batch_size: int = param(RECIPE, "images per optimizer step (over all processes)", resume=True, search=True,
+    batch_size: int = param(RECIPE, "images per optimizer step of each process (under torchrun a step sees nproc "
+                                    "times as many)", resume=True, search=True,
                             valid=at_least(2, " (BatchNorm cannot train on one image)"))
     image_size: int = param(RECIPE, "pixels per side; 0 = native (64 synthetic, 150 folder data)", resume=True,
                             search=True, valid=within(lambda v: v == 0 or v >= 32, "must be 0 (native) or >= 32"))
