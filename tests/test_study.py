@@ -466,7 +466,9 @@ def test_select_after_a_default_study_finds_the_studys_runs_without_an_experimen
     best = max(m.value for r in children for m in client.get_metric_history(r.info.run_id, "val_mAP")
                if m.step == int(r.data.metrics["best_epoch"]))
     mlflow_run(uri, "0", "select", {"select_metric": "val_mAP", "parent_run_id": parent.info.run_id}, tmp_path)
+    (chose,) = client.search_runs(["0"], filter_string="tags.`sceneml.task` = 'select'")
+    assert chose.data.params["select_metric"] == "val_mAP" and chose.data.metrics["champion_val_mAP"] == best
+    # the alias points at that checkpoint (a version registered before for the same checkpoint is reused)
     champion = client.get_model_version_by_alias("sceneml", "champion")
-    assert champion.tags["sceneml.select_metric"] == "val_mAP"
-    assert float(champion.tags["sceneml.val_mAP"]) == best
+    assert champion.tags["sceneml.model_id"] == chose.data.tags["sceneml.model_id"]
     assert champion.tags["sceneml.run_id"] in {r.info.run_id for r in children}

@@ -131,10 +131,10 @@ def train(cfg: TrainConfig, run_name: str | None = None, nested: bool = False, o
             return ""
         with task_run(name, nested=nested, run_id=cfg.resume or None, task="train", parent_run_id=parent_run_id,
                       tags=tags, system_metrics=True) as run:
-            _run(cfg, parts, MlflowRecorder(run.info.run_id, name, cfg, parts.data.classes, _meta(cfg, parts.data,
-                                                                                                run.info.run_id)),
+            run_id = run.info.run_id
+            _run(cfg, parts, MlflowRecorder(run_id, name, cfg, parts.data.classes, _meta(cfg, parts.data, run_id)),
                  on_epoch)
-            return run.info.run_id
+            return run_id
     finally:
         distributed.teardown()
 
