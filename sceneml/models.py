@@ -113,10 +113,11 @@ def _bare(arch: str, aux_logits: bool = True) -> nn.Module:
 
 
 def _replace_heads(arch: str, net: nn.Module, num_classes: int) -> None:
-    if is_timm_name(arch) or ARCHITECTURES[arch].builder.startswith("timm:"):
+    entry = arch_of(arch, net)
+    if entry.builder.startswith("timm:"):
         net.reset_classifier(num_classes)
         return
-    for name in arch_of(arch).replaced:
+    for name in entry.replaced:
         if name.startswith("aux") and getattr(net, name.split(".")[0]) is None:
             continue  # a GoogLeNet built without auxiliary heads
         old = net.get_submodule(name)
