@@ -104,6 +104,17 @@ def test_the_budget_plans_at_the_pace_after_the_first_epoch_and_a_resumed_plan_s
     assert resumed.factor(20) == pytest.approx(0.4) and resumed.factor(70) == 0.0
 
 
+def test_head_only_epochs_spend_the_budget_without_setting_its_pace():
+    plan = BudgetPlan(budget_s=100.0, started=0.0, steps_per_epoch=10)
+    # a 5 s head-only epoch plans nothing: 19 more such epochs would "fit", but the body's epochs are slower
+    assert plan.after_epoch(1, 5.0, now=5.0, measures=False) == 0 and plan.last_epoch(2) == 2
+    # the first epoch of every layer took 30 s, 35 s in: 100 - 35 - 3 leaves room for 2 more
+    assert plan.after_epoch(2, 30.0, now=35.0) == 4 and plan.pace == 30.0
+    assert plan.factor(20) == 1.0 and plan.factor(30) == pytest.approx(0.5)
+    spent = BudgetPlan(budget_s=100.0, started=0.0, steps_per_epoch=10)
+    assert spent.after_epoch(1, 120.0, now=120.0, measures=False) == 1  # the budget is gone: no second epoch
+
+
 def test_early_stop_names_the_epoch_once_the_best_is_patience_behind():
     rows = [{"epoch": e, "val_mean_class_acc": a, "val_loss": 1.0} for e, a in ((1, 0.5), (2, 0.8), (3, 0.7))]
     assert EarlyStop("val_mean_class_acc", 2).stopped_at(rows) is None

@@ -40,8 +40,16 @@ class BudgetPlan:
         measured = self.seconds[1:] or self.seconds
         return sum(measured) / len(measured)
 
-    def after_epoch(self, done: int, epoch_seconds: float, now: float | None = None) -> int:
-        """Epoch ``done`` took ``epoch_seconds`` (its whole wall time): the epochs that fit now."""
+    def after_epoch(self, done: int, epoch_seconds: float, now: float | None = None, measures: bool = True) -> int:
+        """Epoch ``done`` took ``epoch_seconds`` (its whole wall time): the epochs that fit now. An epoch that
+        does not ``measure`` (a head-only epoch of ``freeze_epochs``, several times cheaper than the epochs that
+        train every layer) spends the budget but sets no pace: the plan waits for the first epoch that does,
+        unless the budget is already spent."""
+        if not measures and not self.fixed:
+            now = time.monotonic() if now is None else now
+            if now - self.started >= self.budget_s:
+                self.keep(done, done * self.steps_per_epoch)
+            return self.epochs
         self.seconds.append(epoch_seconds)
         return self.epochs if self.fixed else self.fit(done, self.pace, now)
 

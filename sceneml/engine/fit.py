@@ -112,8 +112,9 @@ class Fit:
 
     def _plan(self, epoch: int, epoch_seconds: float) -> None:
         before = self.budget.epochs
-        epochs = self.budget.after_epoch(epoch, epoch_seconds)
-        if not self.budget.fixed:
+        measures = self.unfreeze is None or epoch > self.unfreeze.epochs  # a head-only epoch is no pace
+        epochs = self.budget.after_epoch(epoch, epoch_seconds, measures=measures)
+        if not self.budget.fixed and epochs:
             self.recorder.log_plan(epoch, epochs)
         if epochs != before:
             log.info("time_budget %.1f min: %d epochs of %.1f s fit", self.budget.budget_s / 60, epochs,
