@@ -31,8 +31,12 @@ check: install
 # two workers: most of a test's time is one process importing torch and MLflow, which leaves the
 # other core idle; the tests that share a costly fixture stay together (tests/conftest.py)
 TEST_WORKERS ?= 2
+# ends with the machine's pace (benchmarks/pace.py) and the suite's budget at that pace (5 min at 90 img/s);
+# PACE_ARGS=--record adds the row to benchmarks/results/pace.csv
 test: install
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -p randomly --randomly-seed=$(ORDER_SEED) --durations=10
+	@start=$$(date +%s); \
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup -p randomly --randomly-seed=$(ORDER_SEED) --durations=10; \
+	status=$$?; $(PY) benchmarks/pace.py --since $$start $(PACE_ARGS); exit $$status
 
 lint: install
 	$(VENV)/bin/ruff check sceneml entrypoints tests benchmarks tools

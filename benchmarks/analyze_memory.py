@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from one_at_a_time import one_at_a_time
+from results import record
 
 
 def _rss_kib(field: str) -> int:
@@ -73,6 +74,9 @@ def main() -> None:
     a, b = results[0], results[-1]
     print(f"peak RSS ratio {b['n_images']} vs {a['n_images']} images: {b['peak_kib'] / a['peak_kib']:.3f}; "
           f"growth difference {(b['peak_kib'] - b['before_kib'] - a['peak_kib'] + a['before_kib']) / 1024:+.1f} MiB")
+    record("analyze_memory", [{"arch": args.arch, "n_images": r["n_images"], "peak_mib": f"{r['peak_kib'] / 1024:.1f}",
+                               "growth_mib": f"{(r['peak_kib'] - r['before_kib']) / 1024:.1f}",
+                               "seconds": f"{r['seconds']:.1f}"} for r in results])
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import time
 import torch
 import torchvision
 from one_at_a_time import one_at_a_time
+from results import record
 
 OPTIMIZERS = {
     "adamw": lambda params, **kw: torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4, **kw),
@@ -34,6 +35,7 @@ def main() -> None:
     one_at_a_time()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, resnet18 (6 classes), ms per step")
+    rows = []
     for name, make in OPTIMIZERS.items():
         models = {k: torchvision.models.resnet18(num_classes=6) for k in KINDS}
         optimizers = {}
@@ -53,6 +55,9 @@ def main() -> None:
         for kind, t in times.items():
             print(f"{name:6} {kind:8} min {min(t):6.1f}  median {statistics.median(t):6.1f}  "
                   f"loop/{kind} {loop / statistics.median(t):4.1f}x")
+            rows.append({"optimizer": name, "kind": kind, "threads": args.threads, "min_ms": f"{min(t):.1f}",
+                         "median_ms": f"{statistics.median(t):.1f}"})
+    record("optimizer_step", rows)
 
 
 if __name__ == "__main__":

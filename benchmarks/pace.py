@@ -1,17 +1,20 @@
 """The machine's pace: images per second of a ResNet18 training step (forward, backward, SGD step) at
-96 px, batch 32, float32, on random tensors already in memory. The same VM runs this anywhere between
-about 45 and 90 img/s from one day to the next, so every timing in benchmarks/README.md and the docs
-is quoted beside this figure, and the test suite's budget scales with it (5 minutes at 90 img/s).
+96 px, batch 32, float32, on random tensors already in memory. The pace of one VM moves from one day to
+the next, so every timing in benchmarks/README.md is shown beside this figure, and the test suite's
+budget scales with it (5 minutes at 90 img/s).
 
-    python benchmarks/pace.py                      # the pace (about 20 s)
+    python benchmarks/pace.py                      # the pace (about 15 s), a row in results/pace.csv
     python benchmarks/pace.py --since <epoch s>    # and the wall time since then against the suite's
-                                                   # budget at this pace (`make test` calls this)
+                                                   # budget at this pace (`make test` calls this;
+                                                   # --record adds it to results/pace.csv)
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+
+from results import record
 
 FULL_PACE = 90.0  # img/s of this probe at which the suite's budget is SUITE_BUDGET_S
 SUITE_BUDGET_S = 300.0
@@ -57,14 +60,19 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="how long to measure")
     parser.add_argument("--since", type=float, help="a start time (seconds since the epoch) to compare with the "
                                                     "suite's budget at the measured pace")
+    parser.add_argument("--record", action="store_true", help="with --since: add the row to results/pace.csv")
     args = parser.parse_args()
     took = time.time() - args.since if args.since else None
     rate = pace(args.seconds)
     print(f"pace: {rate:.0f} img/s (ResNet18 training step, {SIZE} px, batch {BATCH}, {THREADS} threads, fp32)")
-    if took is not None:
-        budget = SUITE_BUDGET_S * FULL_PACE / rate
-        print(f"the tests took {minutes(took)}; their budget at this pace: 5 min x {FULL_PACE:.0f} / {rate:.0f} = "
-              f"{minutes(budget)}")
+    if took is None:
+        record("pace", [{}], pace=rate)
+        return
+    budget = SUITE_BUDGET_S * FULL_PACE / rate
+    print(f"the tests took {minutes(took)}; their budget at this pace: 5 min x {FULL_PACE:.0f} / {rate:.0f} = "
+          f"{minutes(budget)}")
+    if args.record:
+        record("pace", [{"tests_s": f"{took:.0f}", "budget_s": f"{budget:.0f}"}], pace=rate)
 
 
 if __name__ == "__main__":

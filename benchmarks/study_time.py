@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 from one_at_a_time import one_at_a_time
+from results import record
 
 REPO = Path(__file__).resolve().parents[1]
 # the peak RSS of one command and everything it starts, reported by a wrapper process of its own
@@ -86,6 +87,8 @@ def default_study(warm: bool, mlflow_args: list[str]) -> None:
         print(f"  {run.info.run_name:<20} {(run.info.end_time - run.info.start_time) / 1000:6.1f} s  {run.info.status}")
     print(next((line for line in proc.stdout.splitlines() if line.startswith("champion:")), ""))
     print(f"study wall time {wall:.0f} s ({wall / 60:.1f} min), peak RSS {peak:.0f} MiB, {os.cpu_count()} CPU cores")
+    label = " ".join(["mlflow run .", *mlflow_args, f"({'warm' if warm else 'cold'} cache)"])
+    record("study_time", [{"row": label, "wall_s": f"{wall:.1f}", "peak_mib": f"{peak:.0f}"}])
 
 
 def main() -> None:
@@ -111,17 +114,23 @@ def main() -> None:
     print(f"{'row':<34} {'images':>7} {'wall s':>8} {'peak RSS MiB':>13}", flush=True)
     tiny_wall, tiny_peak = run("train", TINY, cache)
     print(f"{'tiny train (30 images, 1 epoch)':<34} {30:>7} {tiny_wall:8.1f} {tiny_peak:13.0f}", flush=True)
+    rows = [{"row": "tiny train (30 images, 1 epoch)", "images": 30, "wall_s": f"{tiny_wall:.1f}",
+             "peak_mib": f"{tiny_peak:.0f}"}]
     by_size = []
     for n in sizes:
         wall, peak = run("main", {**common, "data": f"synthetic:{n}", "optimizers": "adamw"}, cache)
         by_size.append((6 * n, wall))
         print(f"{f'main, 1 child, {n}/class':<34} {6 * n:>7} {wall:8.1f} {peak:13.0f}", flush=True)
+        rows.append({"row": f"main, 1 child, {n}/class", "images": 6 * n, "wall_s": f"{wall:.1f}",
+                     "peak_mib": f"{peak:.0f}"})
     by_child = []
     for opts in children:
         k = len(opts.split(","))
         wall, peak = run("main", {**common, "data": "synthetic:300", "optimizers": opts}, cache)
         by_child.append((k, wall))
         print(f"{f'main, {k} child(ren), 300/class':<34} {1800:>7} {wall:8.1f} {peak:13.0f}", flush=True)
+        rows.append({"row": f"main, {k} child(ren), 300/class", "images": 1800, "wall_s": f"{wall:.1f}",
+                     "peak_mib": f"{peak:.0f}"})
     x, y = np.array(by_size, dtype=float).T
     per_image, fixed = np.polyfit(x, y, 1)
     xc, yc = np.array(by_child, dtype=float).T
@@ -129,6 +138,11 @@ def main() -> None:
     print(f"\nwall = {fixed:.1f} s + {per_image * 1000:.2f} ms x images   (1 child, 1 epoch, 64 px; fit over sizes)")
     print(f"wall = {study_fixed:.1f} s + {per_child:.1f} s x children (300/class; fit over children)")
     print(f"tiny train run: {tiny_wall:.1f} s wall, {os.cpu_count()} CPU cores")
+    rows += [{"row": "fit over sizes: fixed s + ms per image", "wall_s": f"{fixed:.1f}",
+              "per_unit": f"{per_image * 1000:.2f} ms/image"},
+             {"row": "fit over children: fixed s + s per child", "wall_s": f"{study_fixed:.1f}",
+              "per_unit": f"{per_child:.1f} s/child"}]
+    record("study_time", rows)
     tiny_parts(cache)
 
 
@@ -156,6 +170,9 @@ def tiny_parts(cache: Path, repeats: int = 3) -> None:
     print(f"\ntiny run on an existing store, min of {repeats}: imports {imports:.1f} s; entry point run directly "
           f"{direct:.1f} s (so the run itself {direct - imports:.1f} s); mlflow run {launched:.1f} s (so MLflow's "
           f"launcher {launched - direct:.1f} s)")
+    record("study_time", [{"row": f"tiny run, {what} (min of {repeats})", "images": 30, "wall_s": f"{value:.1f}"}
+                          for what, value in (("import sceneml.tasks.train", imports),
+                                              ("entry point run directly", direct), ("mlflow run -e train", launched))])
 
 
 if __name__ == "__main__":

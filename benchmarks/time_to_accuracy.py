@@ -17,24 +17,23 @@ its time is the whole `train` process, imports and decoding into an empty cache 
     python benchmarks/time_to_accuracy.py --contenders fast --budgets 15   # one row
     python benchmarks/time_to_accuracy.py --naive-minutes 60           # the naive curve past the budgets
     python benchmarks/time_to_accuracy.py --contenders fast --budgets 5 --set image_size=48   # a variant
-    python benchmarks/time_to_accuracy.py --contenders "" --out benchmarks   # the table and plot of the CSV
+    python benchmarks/time_to_accuracy.py --contenders ""             # the table and plot of the CSV
 
-Writes ``<out>/time_to_accuracy.csv`` (one row per contender and time, with the training pace in images
-per second: a sceneml run's median epoch, the naive loop's since its first batch; on a shared VM it shows
-how fast the machine ran at the time) and ``time_to_accuracy.png``,
-and prints the table and the ratio "naive minutes to reach the accuracy that fast reaches in
+Appends to ``benchmarks/results/time_to_accuracy.csv`` (one row per contender and time, with the training
+speed in images per second: a sceneml run's median epoch, the naive loop's since its first batch, beside
+the machine's pace) and redraws ``benchmarks/results/time_to_accuracy.png``, and prints the table and the
+ratio "naive minutes to reach the accuracy that fast reaches in
 ``--target`` minutes" over ``--target`` (for each fast run at that budget, from one machine's rows).
 Rows already in the CSV are kept (a second invocation adds the rest, so the two hours can be spent in
-pieces); each row names its machine (``--machine``, by default this CPU's model), the plot has a panel
-per machine. A sceneml contender run again adds a row (a repeat is another draw from the run-to-run
-spread, which the table should show); the naive loop run again replaces its curve of that machine.
+pieces); each row names its machine, and the plot has a panel per machine. A contender run again adds
+rows (a repeat is another draw from the run-to-run spread, which the table should show); the ratio uses
+the newest naive curve of this machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import os
 import subprocess
 import sys
@@ -43,10 +42,11 @@ import time
 from pathlib import Path
 
 from one_at_a_time import one_at_a_time
+from results import RESULTS, machine, read, record
 
 REPO = Path(__file__).resolve().parents[1]
 INTEL_TRAIN = REPO.parent / "shared" / "data" / "intel-train"
-FIELDS = ("contender", "budget_min", "minutes", "test_acc", "epochs", "img_per_s", "machine", "date", "test_mAP")
+NAME = "time_to_accuracy"  # benchmarks/results/time_to_accuracy.csv and .png
 
 
 def held_out_layout(data: Path, out: Path, test_share: float, seed: int) -> Path:
@@ -190,8 +190,8 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(machines), figsize=(7 * len(machines), 4.5), sharey=True, squeeze=False)
     styles = {"naive": "o-", "classic": "s-", "fast": "^-"}
     colours = {name: f"C{i}" for i, name in enumerate([*styles, *sorted({r["contender"] for r in rows} - set(styles))])}
-    for ax, machine in zip(axes[0], machines):
-        here = [r for r in rows if r["machine"] == machine]
+    for ax, name in zip(axes[0], machines):
+        here = [r for r in rows if r["machine"] == name]
         variants = sorted({r["contender"] for r in here} - set(styles))  # "fast image_size=96 ...": thin, dashed
         for contender in (*styles, *variants):
             mine = sorted((r for r in here if r["contender"] == contender), key=lambda r: float(r["minutes"]))
@@ -208,7 +208,7 @@ def plot(rows: list[dict], path: Path) -> None:
                 line = [tuple(np.mean([(float(r["minutes"]), float(r["test_acc"])) for r in mine
                                        if float(r["budget_min"]) == b], axis=0)) for b in budgets]
             ax.plot(*zip(*line), style, color=colours[contender], label=contender, **thin)
-        ax.set(xlabel="wall time of the whole process (min)", title=f"ResNet18 from scratch, {machine}")
+        ax.set(xlabel="wall time of the whole process (min)", title=name)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("test accuracy (Intel photos, held-out 20 %)")
@@ -216,13 +216,12 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def this_machine() -> str:
-    """How the rows name the machine they were measured on: cores, CPU model, and AMX when it has it
-    (bf16 training runs on it, about twice as fast as fp32)."""
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
-                 "CPU")
-    return f"{os.cpu_count()}-core {model}" + (" with AMX" if " amx_bf16" in cpuinfo else "")
+def naive_curve(rows: list[dict]) -> list[dict]:
+    """The newest naive run among ``rows`` (one machine's): its scores, one row per ``--every`` minutes."""
+    runs = [(r["date"], r["command"]) for r in rows if r["contender"] == "naive"]
+    newest = max(runs, default=None)
+    return [{"minutes": float(r["minutes"]), "test_acc": float(r["test_acc"])} for r in rows
+            if r["contender"] == "naive" and (r["date"], r["command"]) == newest]
 
 
 def main() -> None:
@@ -236,22 +235,16 @@ def main() -> None:
     ap.add_argument("--test-share", type=float, default=0.2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
-    ap.add_argument("--machine", default=this_machine(), help="the rows' machine column (default: this CPU)")
-    ap.add_argument("--keep", action="store_true",
-                    help="keep the held-out layout and each run's store under <out>/work (else a temporary folder)")
+    ap.add_argument("--work", type=Path, help="keep the held-out layout and each run's store here (else a "
+                                              "temporary folder)")
     ap.add_argument("--tta", action="store_true", help="evaluate with test-time flips (the row is labelled tta)")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                     help="a train parameter on top of the recipe (repeatable); the rows are labelled with it")
     args = ap.parse_args()
     one_at_a_time()
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    table = args.out / "time_to_accuracy.csv"
-    rows = list(csv.DictReader(table.open())) if table.exists() else []
     budgets = [float(b) for b in args.budgets.split(",")]
-    today = time.strftime("%Y-%m-%d")
-    kept = contextlib.nullcontext(args.out / "work") if args.keep else tempfile.TemporaryDirectory(prefix="tta-")
+    kept = contextlib.nullcontext(args.work) if args.work else tempfile.TemporaryDirectory(prefix="tta-")
     contenders = [c for c in args.contenders.split(",") if c]  # none: redraw the plot from the CSV
     with kept as tmp:
         if contenders:
@@ -264,28 +257,24 @@ def main() -> None:
                 new = [{"budget_min": b, **sceneml_run(layout, contender, b, Path(tmp) / "runs", args.threads,
                                                        args.set, args.tta)} for b in budgets]
             label = " ".join([contender, *args.set, *(["tta"] if args.tta else [])])
-            if contender == "naive":
-                rows = [r for r in rows if r["contender"] != label or r["machine"] != args.machine]
-            rows += [{"contender": label, **r, "machine": args.machine, "date": today} for r in new]
-            with table.open("w", newline="") as f:  # after each contender: nothing lost on a crash
-                writer = csv.DictWriter(f, FIELDS)
-                writer.writeheader()
-                writer.writerows(rows)
-    plot(rows, args.out / "time_to_accuracy.png")
+            record(NAME, [{"contender": label, **r} for r in new])  # after each contender: nothing lost on a crash
+    rows = read(NAME)
+    plot(rows, RESULTS / "time_to_accuracy.png")
     print(f"\n{'contender':9} {'budget':>6} {'minutes':>8} {'test_acc':>8} {'test_mAP':>8} {'epochs':>6} {'img/s':>6}"
           "  machine")
     for r in sorted(rows, key=lambda r: (r["machine"], r["contender"], float(r["minutes"]))):
         print(f"{r['contender']:9} {r['budget_min']!s:>6} {float(r['minutes']):8.2f} {float(r['test_acc']):8.3f} "
               f"{r.get('test_mAP') or '':>8} {r['epochs']!s:>6} {r.get('img_per_s') or '':>6}  {r['machine']}")
-    here = [r for r in rows if r["machine"] == args.machine]  # the ratio compares runs of one machine
+    here = [r for r in rows if r["machine"] == machine()]  # the ratio compares runs of one machine
     fast = [r for r in here if r["contender"] == "fast" and float(r["budget_min"]) == args.target]
-    curve = [{"minutes": float(r["minutes"]), "test_acc": float(r["test_acc"])} for r in here
-             if r["contender"] == "naive"]
+    curve = naive_curve(here)
+
     # the shared VM's speed moves over a day: each line names the dates and paces of the runs it compares
     def when(row: dict) -> str:
-        return f"{row['date']}, {row.get('img_per_s') or '?'} img/s"
+        return f"{row['date']}, pace {row.get('pace') or '?'} img/s"
 
-    naive_end = max((r for r in here if r["contender"] == "naive"), key=lambda r: float(r["minutes"]), default=None)
+    naive_end = max((r for r in here if r["contender"] == "naive"), key=lambda r: (r["date"], float(r["minutes"])),
+                    default=None)
     for run in fast if curve else []:  # each run of fast at the target
         goal = float(run["test_acc"])
         reached = minutes_to_reach(curve, goal)

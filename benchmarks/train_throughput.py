@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 from one_at_a_time import one_at_a_time
+from results import record
 
 REPO = Path(__file__).resolve().parents[1]
 INTEL_MINI = REPO.parent / "shared" / "data" / "intel-mini"
@@ -173,6 +174,9 @@ def whole_process(args) -> None:
     print(f"  sceneml (mlflow run -e train): min {s.min():.1f} s, median {np.median(s):.1f} s")
     print(f"  naive loop:                    min {n.min():.1f} s, median {np.median(n):.1f} s")
     print(f"  naive/sceneml: min-to-min {n.min() / s.min():.2f}, median-to-median {np.median(n) / np.median(s):.2f}")
+    record("train_throughput", [{"setting": setting(args), "epoch": "whole process", "pairs": len(s),
+                                 "sceneml_min_s": f"{s.min():.1f}", "sceneml_median_s": f"{np.median(s):.1f}",
+                                 "naive_min_s": f"{n.min():.1f}", "naive_median_s": f"{np.median(n):.1f}"}])
 
 
 def naive_process(args) -> None:
@@ -194,6 +198,13 @@ def _sync(device) -> None:
 
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def setting(args) -> str:
+    """What a row measured, in words: the model, the images and the arithmetic."""
+    data = {str(INTEL_MINI): "intel-mini", "synthetic": "embedded scenes"}.get(args.data, args.data)
+    return ", ".join([args.arch, f"{args.image_size} px", f"batch {args.batch_size}", data, args.precision,
+                      *(["compile"] if args.compile else []), *(["frozen backbone"] if args.freeze_backbone else [])])
 
 
 def main() -> None:
@@ -285,6 +296,13 @@ def main() -> None:
           f"sceneml/naive = {total_naive / total_full:.2f}")
     print(f"  MLflow logging inside sceneml's epochs: {sum(log_s):.1f} s in all"
           + (f"; feature cache (train + val): {cache_s:.1f} s" if args.freeze_backbone else ""))
+    rows = [{"setting": setting(args), "epoch": e + 1, "limit": f"{limit[e]:.1f}",
+             "sceneml": f"{sceneml[e]:.1f}", "with_val_ckpt": f"{sceneml_full[e]:.1f}", "naive": f"{naive[e]:.1f}",
+             "log_s": f"{log_s[e]:.2f}"}
+            for e in range(args.epochs)]
+    rows.append({"setting": setting(args), "epoch": "run", "sceneml_s": f"{total_sceneml:.1f}",
+                 "with_val_ckpt_s": f"{total_full:.1f}", "naive_s": f"{total_naive:.1f}", "log_s": f"{sum(log_s):.2f}"})
+    record("train_throughput", rows)
 
 
 if __name__ == "__main__":

@@ -265,7 +265,7 @@ def test_plain_mlflow_run_puts_the_study_in_its_own_experiment_with_named_runs_a
     assert sorted(m.name for m in models) == sorted(
         f"{r.info.run_name.replace('.', '_')}-e{int(r.data.metrics['best_epoch'])}" for r in children)
     folder = Path(study_exp.artifact_location.removeprefix("file://"))
-    assert len(list(folder.rglob("model.pth"))) == 2  # the files of the others are gone
+    assert len(list(folder.rglob("model.pth"))) == 2  # the files of the others are deleted
     assert not list(folder.parent.rglob("last.pt"))
     assert not any((hermetic_env / "checkpoints" / r.info.run_id).exists() for r in children)
 

@@ -143,7 +143,7 @@ class ResolvedModel:
         return mlflow.pytorch.load_model(self.pinned_uri).to(device)
 
     def load_pyfunc(self, device: str, tta: bool = False):
-        # a model logged before tta existed does not take the key: asked only when wanted
+        # a model logged without the tta option refuses the key: it is asked for only when wanted
         config = {"device": device, **({"tta": True} if tta else {})}
         model = mlflow.pyfunc.load_model(self.pinned_uri, model_config=config)
         if tta and "tta" not in model.metadata.flavors["python_function"].get(mlflow.pyfunc.MODEL_CONFIG, {}):
