@@ -95,7 +95,8 @@ def time_to_accuracy() -> dict[str, str]:
     out = {"tta_runs": table(trained, [
         ("measured", when), ("contender", lambda r: f"`{r['contender']}`"), ("`time_budget`", field("budget_min")),
         ("minutes", number("minutes", 2)), ("epochs", field("epochs")), ("train img/s", field("img_per_s")),
-        ("test accuracy", number("test_acc", 3)), ("test mAP", number("test_mAP", 3))])}
+        ("test accuracy", number("test_acc", 3)), ("test mAP", number("test_mAP", 3)),
+        ("with flip TTA: accuracy", number("test_acc_tta", 3)), ("mAP", number("test_mAP_tta", 3))])}
     curves = []
     for key in sorted({(r["machine"], r["date"], r["command"]) for r in rows if r["contender"] == "naive"}):
         mine = (r for r in rows if r["contender"] == "naive" and (r["machine"], r["date"], r["command"]) == key)
