@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision
 
-from sceneml.architectures import ARCHS
+from sceneml.architectures import ARCHS, arch_of
 from sceneml.engine.batches import Augmentation, iterate_batches, iterate_feature_batches
 from sceneml.engine.loop import seed_everything, train_one_epoch
 from sceneml.engine.optim import build_optimizer
@@ -217,6 +217,32 @@ def test_imagenet_weights_load_through_torchvision_like_plain_torchvision(tmp_pa
     normalised = torchvision.transforms.functional.normalize(x, weights.transforms().mean, weights.transforms().std)
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(normalised), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_one_log_line_says_which_weights_a_run_starts_from(offline, tmp_path, monkeypatch, caplog):
+    """With SCENEML_OFFLINE set or not, `auto` takes the ImageNet file that is on disk and says so with its
+    path; with no file and offline, and with weights=none, the line says random weights."""
+    if offline:
+        monkeypatch.setenv("SCENEML_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("SCENEML_OFFLINE", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    file = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    file.parent.mkdir(parents=True)
+    torch.save(torchvision.models.resnet18(num_classes=1000).state_dict(), file)
+    caplog.set_level("INFO", logger="sceneml.models")
+    assert build_model("resnet18", 6, "auto")[1] == "imagenet"
+    assert build_model("resnet18", 6, "none")[1] == "none"
+    lines = [r.getMessage() for r in caplog.records if "starts from" in r.getMessage()]
+    assert lines == [f"resnet18 starts from ImageNet weights, {file}: {arch_of('resnet18').imagenet.source}",
+                     "resnet18 starts from random weights"]
+    if offline:
+        file.unlink()
+        caplog.clear()
+        assert build_model("resnet18", 6, "auto")[1] == "none"
+        assert [r.getMessage() for r in caplog.records if "starts from" in r.getMessage()] == [
+            "resnet18 starts from random weights"]
 
 
 IMAGENET_SAMPLE = SHARED_DATA / "imagenet-sample"
