@@ -97,7 +97,8 @@ def test_every_registered_architecture_trains_is_analysed_and_reloads(arch, tmp_
     assert list(stats) == modules and all(0 <= s.nonpos_pct.mean <= 100 for s in stats.values())
     maps = grad_cam(model, last_conv_stage(arch, model), x, expected.argmax(1))
     assert maps.shape == (2, 64, 64) and float(maps.min()) >= 0 and float(maps.max()) <= 1
-    mlflow.pytorch.save_model(model, tmp_path / "model", serialization_format="pickle")
+    # the requirements given: MLflow's inference of them takes seconds a model and is not what is tested here
+    mlflow.pytorch.save_model(model, tmp_path / "model", serialization_format="pickle", pip_requirements=["torch"])
     loaded = mlflow.pytorch.load_model(str(tmp_path / "model")).eval()
     assert type(loaded) is type(model)
     with torch.no_grad():
