@@ -207,8 +207,9 @@ def plot(rows: list[dict], path: Path) -> None:
             mine = sorted((r for r in here if r["contender"] == contender), key=lambda r: float(r["minutes"]))
             if not mine:
                 continue
-            style = styles.get(contender, "x--")
-            thin = {} if contender in styles else {"linewidth": 0.8, "alpha": 0.7}
+            pretrained = "weights=imagenet" in contender  # a fine-tuned ImageNet backbone: drawn as boldly
+            style = styles.get(contender) or ("D-" if pretrained else "x--")
+            thin = {} if contender in styles or pretrained else {"linewidth": 0.8, "alpha": 0.7}
             if contender == "naive":  # one curve: a score every few minutes of one run
                 line = [(float(r["minutes"]), float(r["test_acc"])) for r in mine]
             else:  # a run per budget, repeats of a budget as points of their own, the line through their means
@@ -218,7 +219,8 @@ def plot(rows: list[dict], path: Path) -> None:
                 line = [tuple(np.mean([(float(r["minutes"]), float(r["test_acc"])) for r in mine
                                        if float(r["budget_min"]) == b], axis=0)) for b in budgets]
             ax.plot(*zip(*line), style, color=colours[contender], label=contender, **thin)
-        ax.set(xlabel="wall time of the whole process (min)", title=name)
+        ax.set(xlabel="wall time of the whole process (min)",
+               title=f"{name}\nResNet18 from scratch; EfficientNet-Lite0 where weights=imagenet")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("test accuracy (Intel photos, held-out 20 %)")

@@ -91,7 +91,7 @@ def render_mlproject() -> str:
 def render_parameters_md() -> str:
     """The reference of every parameter of every entry point."""
     out = ["# Parameters", "", HEADER.removeprefix("# ").replace("this file", "this page"),
-           "Every entry point is `mlflow run . -e <entry point> -P name=value` and also "
+           "Every entry point is `mlflow run . -e <entry point> --env-manager local -P name=value` and also "
            "`python -m sceneml <entry point> --name value` (the same names with dashes). `none` means "
            "nothing (an empty value); booleans are `true` or `false`. `train_ddp` takes the parameters "
            f"of `train`, with {', '.join(f'`{k}` = {v}' for k, v in TRAIN_DDP_DEFAULTS.items())}.", ""]
