@@ -166,8 +166,9 @@ class TrainConfig:
     warmup_epochs: int = param(0, "epochs whose lr rises linearly from lr/100 to lr before the schedule, as "
                                   "torchvision's --lr-warmup-epochs", resume=True, search=True)
     epochs: int = param(3, "training epochs", resume=True, search=True, valid=at_least(1))
-    time_budget: float = param(0.0, "minutes the training may take (0 = off): the first epoch measures, then the "
-                                    "epochs are set so that training, validation and checkpoints fit, again after "
+    time_budget: float = param(0.0, "minutes the training may take (0 = off): the first epoch measures (the first "
+                                    "that trains every layer, after freeze_epochs), then the epochs are set so that "
+                                    "training, validation and checkpoints fit, again after "
                                     "every epoch (epochs is ignored; metric epochs_planned, param epochs_resolved) "
                                     "and the lr falls linearly to 0 when the last one ends (budgeted training)",
                                 resume=True, valid=within(lambda v: v >= 0, "is in minutes, >= 0 (0 = off)"))
