@@ -72,7 +72,8 @@ def main() -> None:
     print(f"the tests took {minutes(took)}; their budget at this pace: 5 min x {FULL_PACE:.0f} / {rate:.0f} = "
           f"{minutes(budget)}")
     if args.record:
-        record("pace", [{"tests_s": f"{took:.0f}", "budget_s": f"{budget:.0f}"}], pace=rate)
+        record("pace", [{"command": "make test PACE_ARGS=--record", "tests_s": f"{took:.0f}",
+                         "budget_s": f"{budget:.0f}"}], pace=rate)
 
 
 if __name__ == "__main__":
