@@ -103,8 +103,14 @@ def measure_naive(arch: str, folder: Path, keep: set[str], size: int, batch_size
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
                                          pin_memory=device.type == "cuda", persistent_workers=False)
     torch.manual_seed(0)
-    model = torchvision.models.get_model(arch, weights=None, num_classes=len(dataset.classes),
-                                         **({"aux_logits": False, "init_weights": True} if arch == "googlenet" else {}))
+    if arch in torchvision.models.list_models():
+        model = torchvision.models.get_model(arch, weights=None, num_classes=len(dataset.classes),
+                                             **({"aux_logits": False, "init_weights": True} if arch == "googlenet"
+                                                else {}))
+    else:  # efficientnet_lite0, timm/<name>: the model of timm's zoo, as a timm user builds it
+        import timm
+
+        model = timm.create_model(arch.removeprefix("timm/"), num_classes=len(dataset.classes))
     if frozen:
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith(("fc.", "classifier."))
