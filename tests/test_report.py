@@ -18,7 +18,8 @@ from sceneml.metrics import expected_calibration_error, reliability_bins
 from sceneml.report import Image, Section, Table, number, render_html, render_markdown
 from sceneml.scores import scores_from_csv
 
-from .conftest import mlflow_run
+from .conftest import subprocess_env
+from .processes import run_sceneml
 
 CLASSES = ["buildings", "forest", "glacier", "mountain", "sea", "street"]
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
@@ -157,7 +158,9 @@ def test_report_entry_point_replaces_the_artifacts_and_refuses_a_run_that_is_not
     parent, children = _study(exp_id)
     client = MlflowClient()
     before = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/report/report.md")
-    mlflow_run(uri, exp_id, "report", {"study_run_id": parent.info.run_id}, tmp_path)
+    proc = run_sceneml(["report", "--study-run-id", parent.info.run_id], subprocess_env(MLFLOW_TRACKING_URI=uri),
+                       tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(a.path for a in client.list_artifacts(parent.info.run_id, "report")) == \
         ["report/report.html", "report/report.md"]
     again = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/report/report.md")

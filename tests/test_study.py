@@ -28,6 +28,7 @@ from sceneml.tasks.train import local_checkpoint_path, train
 
 from .conftest import free_port, mlflow_run, subprocess_env, url_answers, wait_for
 from .helpers import assert_metrics_recompute
+from .processes import run_sceneml
 
 
 def _runs(exp_id):
@@ -130,12 +131,14 @@ def images(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def predictions(study_store, images, tmp_path_factory):
-    """`mlflow run . -e predict` on a copy of the study's store (it logs a run of its own)."""
+    """`python -m sceneml predict` on a copy of the study's store (it logs a run of its own). `mlflow run`
+    starts each entry point with these options (tests/test_params.py checks the MLproject commands)."""
     uri, exp_id = study_store
     out = tmp_path_factory.mktemp("predict") / "predictions.csv"
     shutil.copyfile(uri.removeprefix("sqlite:///"), out.parent / "mlflow.db")
-    mlflow_run(f"sqlite:///{out.parent / 'mlflow.db'}", exp_id, "predict", {"input": str(images), "output": str(out)},
-               out.parent)
+    proc = run_sceneml(["predict", "--input", str(images), "--output", str(out)],
+                       subprocess_env(MLFLOW_TRACKING_URI=f"sqlite:///{out.parent / 'mlflow.db'}"), out.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     return pd.read_csv(out, keep_default_na=False)
 
 
@@ -315,10 +318,12 @@ def test_two_studies_with_one_model_name_each_evaluate_their_own_champion(tracki
 
 @pytest.mark.slow
 def test_evaluate_entry_point_prints_the_headline_numbers_of_its_run(study_copy, tmp_path):
-    """`mlflow run . -e evaluate` prints test_acc, test_mAP, test_mean_class_acc, test_ece and test_loss,
-    and they are what the study's own evaluation of the same version logged."""
+    """`evaluate` prints test_acc, test_mAP, test_mean_class_acc, test_ece and test_loss, and they are what
+    the study's own evaluation of the same version logged."""
     uri, exp_id = study_copy
-    proc = mlflow_run(uri, exp_id, "evaluate", {"model_uri": "models:/sceneml/1"}, tmp_path)
+    proc = run_sceneml(["evaluate", "--model-uri", "models:/sceneml/1"], subprocess_env(MLFLOW_TRACKING_URI=uri),
+                       tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     printed = dict(item.split(" = ") for item in proc.stdout.strip().splitlines()[-1].split("  "))
     assert list(printed) == ["test_acc", "test_mAP", "test_mean_class_acc", "test_ece", "test_loss"]
     _, children = _runs(exp_id)
@@ -423,7 +428,6 @@ def test_a_timm_model_goes_through_the_tiny_study_from_scratch(tracking_uri, tmp
     """arch=timm/resnet18 (timm's zoo, random weights): its children train, the champion is registered with
     timm in its requirements and loads as an eager module, evaluate scores it, and analyze hooks the
     modules and runs Grad-CAM on the last stage that the model itself names."""
-    from .processes import run_sceneml
 
     cmd = ["main", "--arch", "timm/resnet18", "--optimizers", "adamw,sgd", "--data", "synthetic:30", "--epochs", "1",
            "--batch-size", "16", "--image-size", "32", "--weights", "none", "--n-images", "10", "--classes", "forest",
