@@ -197,32 +197,39 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     machines = sorted({r["machine"] for r in rows})
-    fig, axes = plt.subplots(1, len(machines), figsize=(7 * len(machines), 4.5), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(machines), figsize=(7 * len(machines), 5), sharey=True, squeeze=False)
     styles = {"naive": "o-", "classic": "s-", "fast": "^-"}
-    colours = {name: f"C{i}" for i, name in enumerate([*styles, *sorted({r["contender"] for r in rows} - set(styles))])}
+    pretrained = sorted({r["contender"] for r in rows if "weights=imagenet" in r["contender"]})
+    colours = {name: f"C{i}" for i, name in enumerate([*styles, *pretrained])}
     for ax, name in zip(axes[0], machines):
         here = [r for r in rows if r["machine"] == name]
-        variants = sorted({r["contender"] for r in here} - set(styles))  # "fast image_size=96 ...": thin, dashed
-        for contender in (*styles, *variants):
+        # the recipes' variants ("fast image_size=96 ..."): thin grey, one legend entry; the table names them
+        variants = sorted({r["contender"] for r in here} - set(styles) - set(pretrained))
+        labelled = False
+        for contender in (*styles, *pretrained, *variants):
             mine = sorted((r for r in here if r["contender"] == contender), key=lambda r: float(r["minutes"]))
             if not mine:
                 continue
-            pretrained = "weights=imagenet" in contender  # a fine-tuned ImageNet backbone: drawn as boldly
-            style = styles.get(contender) or ("D-" if pretrained else "x--")
-            thin = {} if contender in styles or pretrained else {"linewidth": 0.8, "alpha": 0.7}
+            if contender in variants:
+                style, colour, extra = "x--", "grey", {"linewidth": 0.7, "alpha": 0.6, "markersize": 4}
+                label = None if labelled else "variants of the recipes (see the table)"
+                labelled = True
+            else:
+                style, colour, extra = styles.get(contender, "D-"), colours[contender], {}
+                label = contender.replace("arch=efficientnet_lite0 weights=imagenet", "Lite0 ImageNet")
             if contender == "naive":  # one curve: a score every few minutes of one run
                 line = [(float(r["minutes"]), float(r["test_acc"])) for r in mine]
             else:  # a run per budget, repeats of a budget as points of their own, the line through their means
                 ax.plot([float(r["minutes"]) for r in mine], [float(r["test_acc"]) for r in mine], style[0],
-                        color=colours[contender], alpha=0.5, markersize=4)
+                        color=colour, alpha=0.5, markersize=4)
                 budgets = sorted({float(r["budget_min"]) for r in mine})
                 line = [tuple(np.mean([(float(r["minutes"]), float(r["test_acc"])) for r in mine
                                        if float(r["budget_min"]) == b], axis=0)) for b in budgets]
-            ax.plot(*zip(*line), style, color=colours[contender], label=contender, **thin)
-        ax.set(xlabel="wall time of the whole process (min)",
-               title=f"{name}\nResNet18 from scratch; EfficientNet-Lite0 where weights=imagenet")
+            ax.plot(*zip(*line), style, color=colour, label=label, **extra)
+        ax.set(xlabel="wall time of the whole process (min)", title=name)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle("ResNet18 from scratch; EfficientNet-Lite0 fine-tuned from ImageNet where labelled Lite0", fontsize=10)
     axes[0][0].set_ylabel("test accuracy (Intel photos, held-out 20 %)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
