@@ -179,7 +179,8 @@ def _two_workers(server: dict, tmp_path, cmd: list[str], experiment: str, task: 
     env = subprocess_env(MLFLOW_TRACKING_URI=server["uri"])
     workers = [sceneml(cmd, env, tmp_path) for _ in range(2)]
     outputs = [w.communicate(timeout=600) for w in workers]
-    assert [w.returncode for w in workers] == [0, 0], [e[-1500:] for _, e in outputs]
+    # enough of each stderr for the whole traceback of a worker that failed
+    assert [w.returncode for w in workers] == [0, 0], [e[-8000:] for _, e in outputs]
     client = MlflowClient(server["uri"])
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     parents = [r for r in runs if r.data.tags.get("sceneml.task") == task]
