@@ -55,9 +55,11 @@ def record(name: str, rows: list[dict], pace: float | None = None) -> Path:
         fields += [k for k in row if k not in fields]
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.csv"
-    with path.open("w", newline="") as f:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fields, restval="", lineterminator="\n")
         writer.writeheader()
         writer.writerows([*old, *({**stamp, **row} for row in rows)])
+    os.replace(tmp, path)  # the file holds every earlier run's rows: a crash mid-write must not cut it short
     print(f"{len(rows)} row(s) added to {path} (pace {pace:.0f} img/s)")
     return path
