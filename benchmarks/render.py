@@ -124,6 +124,11 @@ def smaller() -> dict[str, str]:
             ("measured", when), ("command", command), ("row", field("row")), ("images", field("images")),
             ("wall s", field("wall_s")), ("per unit", field("per_unit")), ("peak RSS MiB", field("peak_mib")),
             ("note", field("note"))]),
+        "precision": table(read("precision"), [
+            ("measured", when), ("command", command), ("architecture", field("arch")),
+            ("size (px)", field("image_size")), ("batch", field("batch_size")), ("threads", field("threads")),
+            ("fp32 img/s", field("fp32_img_s")), ("bf16 img/s", field("bf16_img_s")),
+            ("bf16 / fp32", field("bf16_over_fp32"))]),
         "pace": table(read("pace"), [
             ("measured", when), ("command", command), ("tests s", field("tests_s")),
             ("budget at this pace s", field("budget_s"))]),

@@ -267,8 +267,9 @@ def main() -> None:
     print(f"decode of all {n_all} images into the cache: {decode_seconds:.1f} s")
 
     from sceneml.engine.precision import resolve_precision
+    from sceneml.models import build_model
 
-    amp = resolve_precision(args.precision, device)
+    amp = resolve_precision(args.precision, device, build_model(args.arch, 6, "none")[0])
     print(f"precision {args.precision} -> {amp or torch.float32}, compile={args.compile} (limit and sceneml; "
           "naive is fp32 eager)")
     limit = measure_limit(args.arch, train.pixels, train.labels, args.batch_size, args.epochs, device,

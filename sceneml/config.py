@@ -29,8 +29,8 @@ LOWER_IS_BETTER = frozenset({"val_loss"})
 # Which epoch checkpoints a finished run keeps: its best one, every one that improved, or all.
 KEEP_CHECKPOINTS = ("best", "improved", "all")
 # Training arithmetic: auto = bf16 autocast on CUDA devices that support it, else fp16 with a
-# GradScaler; on the CPU bf16 where it has AMX bf16 tiles, else fp32. Validation and the logged
-# checkpoints stay float32.
+# GradScaler; on the CPU bf16 where it has AMX bf16 tiles and the network no depthwise convolution,
+# else fp32 (sceneml/engine/precision.py). Validation and the logged checkpoints stay float32.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PRUNERS = ("median", "hyperband", "none")
 DEDUPE = ("none", "cross_split")  # cross_split: drop val/test copies of training images
@@ -225,8 +225,9 @@ class TrainConfig:
                                           "must be 'auto' or a positive integer"))
     select_metric: str = _select_metric()
     keep_checkpoints: str = param("best", "checkpoints a finished run keeps", choices=KEEP_CHECKPOINTS)
-    precision: str = param("auto", "training arithmetic (auto: bf16 on CUDA and on AMX CPUs, else fp16 on CUDA, "
-                           "fp32 on other CPUs); fp16 needs CUDA", choices=PRECISIONS)
+    precision: str = param("auto", "training arithmetic (auto: bf16 on CUDA, and on AMX CPUs for networks "
+                           "without depthwise convolutions; else fp16 on CUDA, fp32 on the CPU); fp16 needs CUDA",
+                           choices=PRECISIONS)
     compile: bool = param(False, "torch.compile the model for training")
     dedupe: str = param("none", "cross_split: drop val/test copies of training images", choices=DEDUPE, resume=True)
     dup_distance: int = param(6, "near duplicates: perceptual hashes at most this many bits apart", resume=True,

@@ -424,12 +424,19 @@ def test_venv_mlflow_runs_the_project_without_activation_and_weights_auto_warns_
 
 def test_precision_choices_are_checked_before_any_work():
     from sceneml.engine.precision import resolve_precision
+    from sceneml.models import build_model
 
     cpu = torch.device("cpu")
     # auto is bf16 exactly where the CPU has AMX bf16 tiles; the kernel's own list of CPU flags tells
     flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else None
     if flags is not None:
         assert resolve_precision("auto", cpu) == (torch.bfloat16 if "amx_bf16" in flags else None), "amx_bf16" in flags
+        # ... and the model has no depthwise convolution, which bf16 slows down on the CPU
+        dense, _ = build_model("resnet18", 6, "none")
+        depthwise, _ = build_model("mobilenet_v3_small", 6, "none")
+        assert resolve_precision("auto", cpu, dense) == (torch.bfloat16 if "amx_bf16" in flags else None)
+        assert resolve_precision("auto", cpu, depthwise) is None
+        assert resolve_precision("bf16", cpu, depthwise) == torch.bfloat16  # asked for: given
     assert resolve_precision("fp32", cpu) is None and resolve_precision("bf16", cpu) == torch.bfloat16
     with pytest.raises(SceneMLError, match="precision=fp16 needs a CUDA device; on the CPU use bf16 or fp32"):
         resolve_precision("fp16", cpu)

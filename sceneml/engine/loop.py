@@ -204,7 +204,7 @@ class EpochTrainer:
                 trained, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         # compiled for training only: validation and the checkpoint use the plain module
         self.trained = torch.compile(trained) if self.how.compile else trained
-        self.amp_dtype = resolve_precision(self.how.precision, self.device)
+        self.amp_dtype = resolve_precision(self.how.precision, self.device, self.model)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
 
     @property
