@@ -131,3 +131,15 @@ def run_sceneml(args: list[str], env: dict[str, str], cwd: Path | str, timeout: 
     proc = Process(args, env, cwd, **kwargs)
     out, err = proc.communicate(timeout)
     return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def failures(workers: list[Process], outputs: list[tuple[str, str]]) -> str:
+    """What a failed assertion on several workers' exit statuses shows: each failed worker's status and
+    its stderr from its last traceback on (pytest would cut a long message in its middle), else its end."""
+    shown = []
+    for worker, (_, err) in zip(workers, outputs):
+        if worker.returncode:
+            start = err.rfind("Traceback (most recent call last)")
+            shown.append(f"worker {worker.pid} exited {worker.returncode}:\n"
+                         + (err[start:start + 6000] if start >= 0 else err[-3000:]))
+    return "\n\n".join(shown)

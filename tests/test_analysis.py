@@ -29,7 +29,8 @@ from sceneml.errors import SceneMLError
 from sceneml.models import build_model
 from sceneml.scores import scores_from_csv
 
-from .conftest import REPO, mlflow_run, subprocess_env
+from .conftest import REPO, subprocess_env
+from .processes import run_sceneml
 
 
 def _tiny_network() -> nn.Sequential:
@@ -205,8 +206,11 @@ def test_study_analyze_run_uses_the_evaluation_scores(study):
 def test_analyze_entry_point_logs_every_artifact_and_metric(study_copy, tmp_path):
     uri, exp_id = study_copy
     _write_cifar(tmp_path / "cifar" / "cifar-10-batches-py", 50)
-    mlflow_run(uri, exp_id, "analyze", {"model_uri": "models:/sceneml/1", "k": "3", "n_images": "40",
-                                        "compare": f"cifar={tmp_path / 'cifar'}"}, tmp_path)
+    # the MLproject command of `analyze` is checked by tests/test_params.py; this runs what it runs
+    proc = run_sceneml(["analyze", "--model-uri", "models:/sceneml/1", "--k", "3", "--n-images", "40",
+                        "--compare", f"cifar={tmp_path / 'cifar'}"],
+                       subprocess_env(MLFLOW_TRACKING_URI=uri, MLFLOW_EXPERIMENT_ID=exp_id), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     run = MlflowClient().search_runs([exp_id], "tags.`sceneml.analysis` = 'true'", order_by=["start_time DESC"])[0]
     modules = ["conv1", "layer1.1.conv1", "layer2.1.conv1", "layer3.1.conv1", "layer4.1.conv1"]
     classes = ["buildings", "forest", "glacier", "mountain", "sea", "street"]

@@ -24,7 +24,7 @@ from sklearn.metrics import accuracy_score
 
 from .conftest import free_port, subprocess_env, url_answers, wait_for
 from .helpers import assert_metrics_recompute
-from .processes import run_sceneml, sceneml
+from .processes import failures, run_sceneml, sceneml
 from .test_reliability import EPOCH_KEYS, TRAIN, _epoch_metrics
 
 pytestmark = pytest.mark.slow
@@ -179,8 +179,7 @@ def _two_workers(server: dict, tmp_path, cmd: list[str], experiment: str, task: 
     env = subprocess_env(MLFLOW_TRACKING_URI=server["uri"])
     workers = [sceneml(cmd, env, tmp_path) for _ in range(2)]
     outputs = [w.communicate(timeout=600) for w in workers]
-    # enough of each stderr for the whole traceback of a worker that failed
-    assert [w.returncode for w in workers] == [0, 0], [e[-8000:] for _, e in outputs]
+    assert [w.returncode for w in workers] == [0, 0], failures(workers, outputs)
     client = MlflowClient(server["uri"])
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
     parents = [r for r in runs if r.data.tags.get("sceneml.task") == task]

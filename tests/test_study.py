@@ -344,7 +344,7 @@ def test_two_workers_share_a_repeated_study_whose_table_and_verdict_recompute_fr
     import optuna
     from scipy import stats
 
-    from .processes import sceneml
+    from .processes import failures, sceneml
 
     cmd = ["main", "--optimizers", "adamw", "--lrs", "0.001,0.0000001", "--repeats", "3", "--data", "synthetic:30",
            "--epochs", "2", "--batch-size", "16", "--image-size", "32", "--weights", "none", "--n-images", "10",
@@ -352,7 +352,7 @@ def test_two_workers_share_a_repeated_study_whose_table_and_verdict_recompute_fr
            "--quiet", "--study-name", "shared-grid", "--experiment", "repeats"]
     workers = [sceneml(cmd, subprocess_env(MLFLOW_TRACKING_URI=tracking_uri), tmp_path) for _ in range(2)]
     outputs = [w.communicate(timeout=600) for w in workers]
-    assert [w.returncode for w in workers] == [0, 0], [err[-2000:] for _, err in outputs]
+    assert [w.returncode for w in workers] == [0, 0], failures(workers, outputs)
     assert all("== adamw-lr" in out for out, _ in outputs)  # both workers trained
     assert sum("champion:" in out for out, _ in outputs) == 1  # one worker crowned
     client = MlflowClient()
