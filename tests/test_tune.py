@@ -184,3 +184,41 @@ def test_a_worker_interrupted_mid_trial_leaves_it_failed_and_the_next_worker_fin
     study = optuna.load_study(study_name=STUDY, storage=optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(tmp_path / "optuna.journal"))))
     assert [t.state.name for t in sorted(study.trials, key=lambda t: t.number)] == ["COMPLETE", "FAIL"]
+
+
+def test_a_trial_whose_run_has_ended_stays_with_its_live_worker_and_goes_back_when_that_worker_is_gone(
+        tracking_uri):
+    """Between the end of a trial's training run and its worker's `tell`, the trial is RUNNING in Optuna
+    and its run FINISHED in MLflow. A worker looking for dead workers' cells leaves it to its worker while
+    that process lives (failing it made the worker's tell raise "Cannot tell a FAIL trial"), and puts the
+    cell back once the process is gone."""
+    import socket
+    import subprocess
+    import time
+
+    from sceneml.tasks.search import PARENT_ATTR, TAG_TRIAL, WORKER_ATTR, Search, reclaim
+    from sceneml.tracking.lease import TAG_HEARTBEAT
+
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(study_name="ended-run", storage=storage, direction="maximize")
+    search = Search(name="ended-run", task="tune", run_name="tune ended-run", n_trials=1, metric="val_mean_class_acc",
+                    storage="", shared=True, sampler_for=lambda n: optuna.samplers.RandomSampler(seed=n),
+                    pruner=optuna.pruners.NopPruner(), params={}, note="")
+    with mlflow.start_run(run_name="parent") as parent:
+        study.set_user_attr(PARENT_ATTR, parent.info.run_id)
+    worker = subprocess.Popen(["sleep", "60"])  # the trial's worker: a live process of this host
+    try:
+        beat = f"{socket.gethostname()} {worker.pid} {time.time():.0f}"
+        trial = study.ask()
+        trial.set_user_attr(WORKER_ATTR, beat)
+        with mlflow.start_run(run_name="trial-0", tags={"mlflow.parentRunId": parent.info.run_id, TAG_TRIAL: "0",
+                                                        TAG_HEARTBEAT: beat}):
+            pass  # the training run ends FINISHED; the worker has yet to tell
+        assert reclaim(study, search, grace=0) is False
+        assert study.trials[0].state == optuna.trial.TrialState.RUNNING
+    finally:
+        worker.kill()
+        worker.wait()
+    assert reclaim(study, search, grace=0) is True  # its worker is gone: the cell goes back
+    assert study.trials[0].state == optuna.trial.TrialState.FAIL
+    assert [t.state for t in study.trials[1:]] == [optuna.trial.TrialState.WAITING]

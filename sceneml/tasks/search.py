@@ -317,7 +317,9 @@ def _holder(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> tuple[str |
     if beat is None and trial.datetime_start is not None:  # taken a moment ago: its worker has yet to say who
         age = time.time() - trial.datetime_start.timestamp()
         return ("a worker that has just taken it", False) if age < STALE_AFTER_S else (None, True)
-    holder = holder_of(run.info.status if run else "RUNNING", beat)
+    # the worker holds the trial, not its run: between the end of the run (FINISHED) and the worker's tell the
+    # trial is still RUNNING, and only a worker that is gone leaves it so
+    holder = holder_of("RUNNING", beat)
     if holder is None:
         return None, True
     host, _, written = beat.rsplit(" ", 2)
