@@ -79,7 +79,10 @@ def _start_server(tmp: Path, db: str, port: int, log_name: str) -> subprocess.Po
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"{db}/mlflow",
              "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
              "--workers", "1"],  # one uvicorn process serves concurrent requests; MLflow's default starts 4
-            env=subprocess_env(), cwd=tmp, stdout=out, stderr=out, start_new_session=True)
+            # as docs/scaling-out.md runs it: without MLflow's job runner (seven Huey consumer processes,
+            # each importing MLflow, for GenAI jobs sceneml never submits)
+            env=subprocess_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), cwd=tmp, stdout=out, stderr=out,
+            start_new_session=True)
     wait_for(lambda: url_answers(f"http://127.0.0.1:{port}/health"), 120, "mlflow server", server, log)
     return server
 
