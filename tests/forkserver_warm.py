@@ -1,8 +1,15 @@
 """Imported once by the forkserver of :mod:`tests.processes`, before it forks any test process: what each
-forked `python -m sceneml` would otherwise pay again is paid here once. A first matplotlib figure loads
-fonts and builds caches (about a second); a train draws its figures when it ends, a crown its galleries."""
+forked `python -m sceneml` would otherwise pay again is paid here once. The modules a run imports only when
+it opens a store or a run (MLflow's SQL store and its migrations, GitPython for the run's source commit, the
+pyfunc flavor when a checkpoint is logged), and a first matplotlib figure, which loads fonts and builds
+caches (about a second): a train draws its figures when it ends, a crown its galleries."""
 
 import io
+
+import git  # noqa: F401  (mlflow.utils.git_utils, at every start_run)
+import mlflow.pyfunc  # noqa: F401
+import mlflow.store.model_registry.sqlalchemy_store  # noqa: F401
+import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
 
 import sceneml.tasks.analyze  # noqa: F401
 import sceneml.tasks.report  # noqa: F401

@@ -38,14 +38,13 @@ _REQUIREMENT_MODULES = {"torch": "torch", "torchvision": "torchvision", "timm": 
 
 
 def pip_requirements() -> list[str]:
-    """Pinned to what is running. Passing them explicitly also skips MLflow's slow requirement
-    inference (seconds per logged model)."""
-    import timm
-    import torchvision
+    """Pinned to what is installed. Passing them explicitly also skips MLflow's slow requirement
+    inference (seconds per logged model); the versions come from the installed packages' metadata, so
+    a model of torchvision's does not import timm to log it."""
+    from importlib.metadata import version
 
-    versions = {"torch": torch.__version__, "torchvision": torchvision.__version__, "timm": timm.__version__,
-                "mlflow": mlflow.__version__}
-    return [f"{name}=={versions[name].split('+')[0]}" if name in versions else name for name in _REQUIREMENT_MODULES]
+    pinned = ("torch", "torchvision", "timm", "mlflow")
+    return [f"{name}=={version(name).split('+')[0]}" if name in pinned else name for name in _REQUIREMENT_MODULES]
 
 
 def log_checkpoint(model: torch.nn.Module, name: str, step: int, params: dict[str, object],
