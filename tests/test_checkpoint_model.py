@@ -22,51 +22,59 @@ SIZES = (32, 100, 150, 320)
 
 LOAD_SCRIPT = """
 import json, sys, torch, mlflow, torchvision
-uri, module, arch_class = sys.argv[1:]
-m = mlflow.pytorch.load_model(uri)
-m.eval()
-m.train()
-m.eval()
-calls = []
-m.get_submodule(module).register_forward_hook(lambda mod, inp, out: calls.append(tuple(out.shape)))
-out = {"class": type(m).__name__, "is_torchvision": isinstance(m, getattr(torchvision.models, arch_class))}
-g = torch.Generator().manual_seed(0)
-with torch.no_grad():
-    for size in (32, 100, 150, 320):
-        x = torch.rand(3, 3, size, size, generator=g)
-        out[str(size)] = m(x).tolist()
-out["one"] = list(m(torch.rand(1, 3, 100, 100)).shape)
-out["five"] = list(m(torch.rand(5, 3, 150, 150)).shape)
-out["hook_calls"] = len(calls)
-print(json.dumps(out))
+for uri, module, arch_class in json.loads(sys.argv[1]):
+    m = mlflow.pytorch.load_model(uri)
+    m.eval()
+    m.train()
+    m.eval()
+    calls = []
+    m.get_submodule(module).register_forward_hook(lambda mod, inp, out: calls.append(tuple(out.shape)))
+    out = {"class": type(m).__name__, "is_torchvision": isinstance(m, getattr(torchvision.models, arch_class))}
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for size in (32, 100, 150, 320):
+            x = torch.rand(3, 3, size, size, generator=g)
+            out[str(size)] = m(x).tolist()
+    out["one"] = list(m(torch.rand(1, 3, 100, 100)).shape)
+    out["five"] = list(m(torch.rand(5, 3, 150, 150)).shape)
+    out["hook_calls"] = len(calls)
+    print(json.dumps(out))
 """
 
 
+CASES = [("resnet18", "layer4.1.conv1", "ResNet"), ("googlenet", "inception4c.branch4.1.bn", "GoogLeNet")]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("arch,module,arch_class", [("resnet18", "layer4.1.conv1", "ResNet"),
-                                                      ("googlenet", "inception4c.branch4.1.bn", "GoogLeNet")])
-def test_logged_checkpoint_loads_as_the_eager_torchvision_module(tracking_uri, arch, module, arch_class):
-    torch.manual_seed(0)
-    model, _ = build_model(arch, 6, "none")
-    model.train()  # logging must not depend on the mode the trainer left the model in
-    with mlflow.start_run():
-        model_id = log_checkpoint(model, name=f"{arch}-e1", step=1, params={}, tags={},
-                                  metadata={"sceneml": {"classes": [str(i) for i in range(6)], "image_size": 64,
-                                                        "arch": arch}})
+def test_logged_checkpoints_load_as_the_eager_torchvision_modules(tracking_uri):
+    """Both architectures' checkpoints, loaded by one fresh interpreter."""
+    models, cases = [], []
+    for arch, module, arch_class in CASES:
+        torch.manual_seed(0)
+        model, _ = build_model(arch, 6, "none")
+        model.train()  # logging must not depend on the mode the trainer left the model in
+        with mlflow.start_run():
+            model_id = log_checkpoint(model, name=f"{arch}-e1", step=1, params={}, tags={},
+                                      metadata={"sceneml": {"classes": [str(i) for i in range(6)], "image_size": 64,
+                                                            "arch": arch}})
+        models.append(model)
+        cases.append((f"models:/{model_id}", module, arch_class))
     env = {k: v for k, v in subprocess_env().items() if k != "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"}
-    proc = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, f"models:/{model_id}", module, arch_class],
+    proc = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, json.dumps(cases)],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    loaded = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert loaded["is_torchvision"] and loaded["class"] == arch_class
-    assert loaded["hook_calls"] == len(SIZES) + 2  # once per forward
-    assert loaded["one"] == [1, 6] and loaded["five"] == [5, 6]
-    model.eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for size in SIZES:
-            expected = model(torch.rand(3, 3, size, size, generator=g)).numpy()
-            np.testing.assert_allclose(np.array(loaded[str(size)]), expected, rtol=0, atol=1e-5)
+    lines = proc.stdout.strip().splitlines()[-len(CASES):]
+    for model, (_, _, arch_class), line in zip(models, CASES, lines):
+        loaded = json.loads(line)
+        assert loaded["is_torchvision"] and loaded["class"] == arch_class
+        assert loaded["hook_calls"] == len(SIZES) + 2  # once per forward
+        assert loaded["one"] == [1, 6] and loaded["five"] == [5, 6]
+        model.eval()
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for size in SIZES:
+                expected = model(torch.rand(3, 3, size, size, generator=g)).numpy()
+                np.testing.assert_allclose(np.array(loaded[str(size)]), expected, rtol=0, atol=1e-5)
 
 
 def test_the_resumable_checkpoint_restores_the_fp16_loss_scale(tmp_path):
