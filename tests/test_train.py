@@ -136,8 +136,8 @@ def test_same_seed_same_metrics_and_resume_matches_a_straight_run(tracking_uri, 
     MLflow's system metrics, sampled every second here, continue their steps across the resume."""
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
     cfg = dict(data="synthetic:30", epochs=3, weights="none", batch_size=16, quiet=True, device="cpu",
-               image_size=32, arch="mobilenet_v3_small", scheduler="cosine", lr=0.002, ema=0.8, mixup_alpha=0.2, cutmix_alpha=1.0,
-               random_erase=0.25, auto_augment="trivial")
+               image_size=32, arch="mobilenet_v3_small", scheduler="cosine", lr=0.002, ema=0.8, mixup_alpha=0.2,
+               cutmix_alpha=1.0, random_erase=0.25, auto_augment="trivial")
     straight = train(TrainConfig(**cfg))
     steps_per_epoch = -(-int(MlflowClient().get_run(straight).data.params["n_train"]) // 16)
     with injected(SCENEML_FAULT_AT_STEP=f"{steps_per_epoch + 2}:interrupt"), pytest.raises(KeyboardInterrupt):
