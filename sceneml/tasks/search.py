@@ -35,7 +35,7 @@ from sceneml.tasks.evaluate import evaluate
 from sceneml.tasks.report import log_report
 from sceneml.tasks.select import select
 from sceneml.tasks.train import train
-from sceneml.tracking.lease import BEAT_EVERY_S, STALE_AFTER_S, TAG_HEARTBEAT, heartbeat, holder_of
+from sceneml.tracking.lease import BEAT_EVERY_S, STALE_AFTER_S, TAG_HEARTBEAT, beat_holder, heartbeat
 from sceneml.tracking.runs import end_run_as, launched_by_mlflow_run, log_params_once, set_tags, task_run
 from sceneml.tracking.store import schema_race, with_retries, without_password
 
@@ -319,7 +319,7 @@ def _holder(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> tuple[str |
         return ("a worker that has just taken it", False) if age < STALE_AFTER_S else (None, True)
     # the worker holds the trial, not its run: between the end of the run (FINISHED) and the worker's tell the
     # trial is still RUNNING, and only a worker that is gone leaves it so
-    holder = holder_of("RUNNING", beat)
+    holder = beat_holder(beat)
     if holder is None:
         return None, True
     host, _, written = beat.rsplit(" ", 2)
@@ -371,7 +371,7 @@ def end_dead_launches(pointer: str, task: str, name: str) -> None:
                                             f"tags.mlflow.runName = '{task} worker -> {name}'")
     for run in runs:
         beat = run.data.tags.get(TAG_HEARTBEAT)
-        if run.info.run_id != pointer and beat and holder_of("RUNNING", beat) is None:
+        if run.info.run_id != pointer and beat and beat_holder(beat) is None:
             end_run_as(run.info.run_id, "KILLED", f"{DEAD_WORKER}: its launch ended without closing this run")
 
 

@@ -38,7 +38,13 @@ def live_holder(run: Run, now: float | None = None) -> str | None:
 
 def holder_of(status: str, text: str | None, now: float | None = None) -> str | None:
     """:func:`live_holder` from a run's status and heartbeat tag."""
-    if status != "RUNNING" or not text:
+    return beat_holder(text, now) if status == "RUNNING" else None
+
+
+def beat_holder(text: str | None, now: float | None = None) -> str | None:
+    """The process that wrote heartbeat ``text``, while it is live (whatever became of the run it beat on:
+    a search's worker holds its trial from before its run opens until after it ends), else None."""
+    if not text:
         return None
     host, pid, written = text.rsplit(" ", 2)
     age = (now if now is not None else time.time()) - float(written)
