@@ -1,9 +1,10 @@
 """Processes for the tests where the process is the point (signals, crashes, concurrent writers, limits).
 
-Each is ``python -m sceneml <args>`` as its own OS process: its own pid, environment, working folder,
-signals and exit status. It is forked from a server process that imported sceneml, torch and MLflow
-once (multiprocessing's forkserver, preloaded), instead of a fresh interpreter that pays those imports
-again (about 5 s of CPU each on two cores). `mlflow run` tests still start fresh interpreters.
+Each is ``python -m sceneml <args>`` (or ``python -c <code>``) as its own OS process: its own pid,
+environment, working folder, signals and exit status. It is forked from a server process that imported
+sceneml, torch and MLflow once (multiprocessing's forkserver, preloaded), instead of a fresh interpreter
+that pays those imports again (about 5 s of CPU each on two cores). `mlflow run` tests still start fresh
+interpreters.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ def _forkserver():
 
 
 def _child(args: list[str], env: dict[str, str], cwd: str, out: str, err: str, new_session: bool,
-           max_file_bytes: int) -> None:
-    """What a fresh `python -m sceneml <args>` would do, in the forked process; exits like it."""
+           max_file_bytes: int, code: str | None) -> None:
+    """What a fresh `python -m sceneml <args>` (or `python -c <code> <args>`) would do, in the forked
+    process; exits like it."""
     if new_session:
         os.setsid()
     if max_file_bytes:
@@ -54,23 +56,26 @@ def _child(args: list[str], env: dict[str, str], cwd: str, out: str, err: str, n
         target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         os.dup2(target, fd)
         os.close(target)
-    sys.argv = ["sceneml", *args]
+    sys.argv = ["-c" if code is not None else "sceneml", *args]
     install_faults(env)  # SCENEML_FAULT_*: tests/faults.py
-    code = 0
+    status = 0
     try:
-        from sceneml.cli import main
+        if code is not None:
+            exec(compile(code, "<string>", "exec"), {"__name__": "__main__"})
+        else:
+            from sceneml.cli import main
 
-        main(args)
+            main(args)
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException:  # an uncaught exception: traceback and status 1, as the interpreter does
         traceback.print_exc()
-        code = 1
+        status = 1
     finally:
         atexit._run_exitfuncs()  # MLflow's and sceneml's exit hooks, which os._exit would skip
         sys.stdout.flush()
         sys.stderr.flush()
-    os._exit(code)
+    os._exit(status)
 
 
 class _Text:
@@ -85,13 +90,13 @@ class Process:
     """The subset of ``subprocess.Popen`` the tests use; output goes to files, read as text."""
 
     def __init__(self, args: list[str], env: dict[str, str], cwd: Path | str, new_session: bool = False,
-                 max_file_bytes: int = 0) -> None:
+                 max_file_bytes: int = 0, code: str | None = None) -> None:
         folder = Path(tempfile.mkdtemp(prefix="sceneml-proc-"))
         self.stdout, self.stderr = _Text(folder / "stdout"), _Text(folder / "stderr")
         self.args = args
         self._proc = _forkserver().Process(target=_child, args=(
             list(args), dict(env), str(cwd), str(self.stdout.path), str(self.stderr.path), new_session,
-            max_file_bytes))
+            max_file_bytes, code))
         self._proc.start()
         self.pid = self._proc.pid
 
@@ -123,6 +128,11 @@ class Process:
 def sceneml(args: list[str], env: dict[str, str], cwd: Path | str, **kwargs) -> Process:
     """Start ``python -m sceneml <args>`` (e.g. ``["train", "--epochs", "2"]``) as its own process."""
     return Process(args, env, cwd, **kwargs)
+
+
+def python(code: str, args: list[str], env: dict[str, str], cwd: Path | str) -> Process:
+    """Start ``python -c <code> <args>`` as its own process (sceneml, torch and MLflow already imported)."""
+    return Process(args, env, cwd, code=code)
 
 
 def run_sceneml(args: list[str], env: dict[str, str], cwd: Path | str, timeout: float = 600,

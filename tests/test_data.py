@@ -361,16 +361,13 @@ def test_exif_orientation_is_applied_when_decoding(tmp_path):
 
 @pytest.mark.slow
 def test_runs_started_together_on_a_fresh_cache_see_the_same_synthetic_data(tmp_path):
-    import subprocess
-    import sys
-
     from .conftest import subprocess_env
+    from .processes import python
 
     code = ("from sceneml.data import prepare_data; d = prepare_data('synthetic:40', 0, workers=1, progress=False);"
             "print(d.digest, len(d.skipped))")
     env = subprocess_env(SCENEML_CACHE=str(tmp_path / "fresh"))
-    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(4)]
+    procs = [python(code, [], env, tmp_path) for _ in range(4)]
     outputs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [e[-800:] for _, e in outputs]
     assert len({out for out, _ in outputs}) == 1 and outputs[0][0].split()[1] == "0"  # one digest, none skipped

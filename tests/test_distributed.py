@@ -63,7 +63,7 @@ def test_two_process_ddp_logs_one_run_with_all_reduced_losses_and_whole_split_va
 
 
 RANK_SCRIPT = """
-import sys
+import time
 from sceneml.cli import user_errors_as_one_line
 from sceneml.engine import distributed
 
@@ -72,33 +72,30 @@ def main():
     if distributed.is_main_process():
         distributed.barrier()
     else:
-        sys.stdin.read()  # rank 1 never reaches the barrier: blocked until the test closes its stdin
+        time.sleep(600)  # rank 1 never reaches the barrier: it waits until the test kills it
 
 user_errors_as_one_line(main)()
 """
 
 
 @pytest.mark.slow
-def test_a_rank_that_never_arrives_ends_the_other_after_dist_timeout_in_one_line():
+def test_a_rank_that_never_arrives_ends_the_other_after_dist_timeout_in_one_line(tmp_path):
     """Rank 1 joins, then blocks; rank 0's barrier gives up after dist_timeout=3 s with one line
     naming the parameter, instead of a gloo traceback (or a wait of the default half hour)."""
-    import subprocess
-    import sys
     import time
 
     from .conftest import free_port, subprocess_env
+    from .processes import python
 
     env = subprocess_env(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    ranks = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for r in (0, 1)]
     started = time.monotonic()
+    ranks = [python(RANK_SCRIPT, [], {**env, "RANK": str(r), "LOCAL_RANK": str(r)}, tmp_path) for r in (0, 1)]
     try:
         _, err = ranks[0].communicate(timeout=60)
         waited = time.monotonic() - started
     finally:
         ranks[1].kill()
-        ranks[1].communicate()
+        ranks[1].wait(timeout=60)
     assert ranks[0].returncode != 0
     lines = err.strip().splitlines()
     assert lines[-1].startswith("error: rank 0 of 2: the barrier failed after waiting up to dist_timeout=3s"), err

@@ -5,6 +5,7 @@ against one process on the same global batch."""
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -169,12 +170,11 @@ dist.destroy_process_group()
 def test_ddp_on_two_processes_takes_the_step_of_one_process_on_the_global_batch(tmp_path):
     """Two gloo ranks with 4 images each (sceneml's training step under DistributedDataParallel, the
     gradient all-reduced as a mean) end with the weights of one process stepping on all 8."""
-    import subprocess
-    import sys
+    from .processes import python
 
     init = f"file://{tmp_path / 'rendezvous'}"
-    ranks = [subprocess.Popen([sys.executable, "-c", DDP_WORKER, str(r), init, str(tmp_path / "ddp.pt")],
-                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    ranks = [python(DDP_WORKER, [str(r), init, str(tmp_path / "ddp.pt")], dict(os.environ), tmp_path)
+             for r in range(2)]
     for p in ranks:
         assert p.wait(timeout=300) == 0, p.stderr.read()[-2000:]
     seed_everything(0)

@@ -87,7 +87,7 @@ def test_evaluation_test_acc_equals_a_recomputation_with_the_loaded_champion(stu
     champion = MlflowClient().get_model_version_by_alias("sceneml", "champion")
     manifest = mlflow.artifacts.load_text(f"runs:/{champion.run_id}/data/split_manifest.csv")
     classes = json.loads(MlflowClient().get_run(champion.run_id).data.params["classes"])
-    test = load_split_from_manifest("synthetic:60", manifest, classes, 64, "test", progress=False)
+    test = load_split_from_manifest("synthetic:60", manifest, classes, 48, "test", progress=False)
     model = mlflow.pytorch.load_model("models:/sceneml@champion")
     with torch.no_grad():
         logits = model(torch.from_numpy(test.pixels).permute(0, 3, 1, 2).float() / 255.0)
@@ -219,7 +219,7 @@ calls = []
 m.layer4.register_forward_hook(lambda module, inputs, output: calls.append(1))
 with torch.no_grad():
     shapes = [list(m(torch.rand(1, 3, 100, 100)).shape), list(m(torch.rand(5, 3, 150, 150)).shape)]
-    pixels = np.stack([load_rgb(p, 64) for p in sys.argv[1:]])
+    pixels = np.stack([load_rgb(p, 48) for p in sys.argv[1:]])
     argmax = m(torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255).argmax(1).tolist()
 print(json.dumps({"shapes": shapes, "calls": len(calls), "argmax": argmax}))
 """
@@ -425,11 +425,11 @@ def test_two_workers_share_a_repeated_study_whose_table_and_verdict_recompute_fr
 
 @pytest.mark.slow
 def test_a_timm_model_goes_through_the_tiny_study_from_scratch(tracking_uri, tmp_path):
-    """arch=timm/resnet18 (timm's zoo, random weights): its children train, the champion is registered with
+    """arch=timm/resnet18 (timm's zoo, random weights): its child trains, the champion is registered with
     timm in its requirements and loads as an eager module, evaluate scores it, and analyze hooks the
     modules and runs Grad-CAM on the last stage that the model itself names."""
 
-    cmd = ["main", "--arch", "timm/resnet18", "--optimizers", "adamw,sgd", "--data", "synthetic:30", "--epochs", "1",
+    cmd = ["main", "--arch", "timm/resnet18", "--optimizers", "adamw", "--data", "synthetic:30", "--epochs", "1",
            "--batch-size", "16", "--image-size", "32", "--weights", "none", "--n-images", "10", "--classes", "forest",
            "--k", "1", "--quiet", "--experiment", "timm"]
     proc = run_sceneml(cmd, subprocess_env(MLFLOW_TRACKING_URI=tracking_uri), tmp_path)
@@ -439,7 +439,7 @@ def test_a_timm_model_goes_through_the_tiny_study_from_scratch(tracking_uri, tmp
     by_task = {}
     for run in runs:
         by_task.setdefault(run.data.tags.get("sceneml.task"), []).append(run)
-    assert len(by_task["train"]) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    assert len(by_task["train"]) == 1 and all(r.info.status == "FINISHED" for r in runs)
     assert {r.data.params["arch"] for r in by_task["train"]} == {"timm/resnet18"}
     (evaluation,) = by_task["evaluate"]
     assert 0 <= evaluation.data.metrics["test_acc"] <= 1
