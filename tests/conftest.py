@@ -23,8 +23,11 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 @pytest.fixture(scope="session", autouse=True)
 def hermetic_env(tmp_path_factory):
-    """One cache per test session (the synthetic set renders once), offline, an empty TORCH_HOME."""
-    cache = tmp_path_factory.mktemp("sceneml-cache")
+    """One cache per `pytest` command, shared by its xdist workers (each synthetic set renders once; the
+    cache is safe for concurrent writers: tests/test_data.py), offline, an empty TORCH_HOME."""
+    base = tmp_path_factory.getbasetemp()
+    cache = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "sceneml-cache"
+    cache.mkdir(exist_ok=True)
     torch_home = tmp_path_factory.mktemp("torch-home")
     saved = {k: os.environ.get(k) for k in ("SCENEML_CACHE", "SCENEML_OFFLINE", "TORCH_HOME")}
     os.environ.update(SCENEML_CACHE=str(cache), SCENEML_OFFLINE="1", TORCH_HOME=str(torch_home))

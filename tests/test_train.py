@@ -248,7 +248,9 @@ def test_cli_prints_one_line_and_starts_no_run(tracking_uri):
 
 
 @pytest.mark.slow
-def test_freeze_backbone_trains_the_head_on_cached_features(tracking_uri):
+def test_freeze_backbone_trains_the_head_on_cached_features(tracking_uri, tmp_path, monkeypatch):
+    # a cache of its own: the features are computed here, and no test beside this one adds files to it
+    monkeypatch.setenv("SCENEML_CACHE", str(tmp_path / "cache"))
     cfg = TrainConfig(data="synthetic:60", epochs=5, weights="none", freeze_backbone=True, quiet=True)
     run_id = train(cfg)
     client = MlflowClient()
