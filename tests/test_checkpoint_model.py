@@ -22,6 +22,7 @@ SIZES = (32, 100, 150, 320)
 
 LOAD_SCRIPT = """
 import json, sys, torch, mlflow, torchvision
+sizes = json.loads(sys.argv[2])
 for uri, module, arch_class in json.loads(sys.argv[1]):
     m = mlflow.pytorch.load_model(uri)
     m.eval()
@@ -32,7 +33,7 @@ for uri, module, arch_class in json.loads(sys.argv[1]):
     out = {"class": type(m).__name__, "is_torchvision": isinstance(m, getattr(torchvision.models, arch_class))}
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for size in (32, 100, 150, 320):
+        for size in sizes:
             x = torch.rand(3, 3, size, size, generator=g)
             out[str(size)] = m(x).tolist()
     out["one"] = list(m(torch.rand(1, 3, 100, 100)).shape)
@@ -60,7 +61,7 @@ def test_logged_checkpoints_load_as_the_eager_torchvision_modules(tracking_uri):
         models.append(model)
         cases.append((f"models:/{model_id}", module, arch_class))
     env = {k: v for k, v in subprocess_env().items() if k != "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"}
-    proc = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, json.dumps(cases)],
+    proc = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, json.dumps(cases), json.dumps(SIZES)],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.strip().splitlines()[-len(CASES):]
