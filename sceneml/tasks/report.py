@@ -422,7 +422,7 @@ def photos(png: bytes, caption: str, quality: int = 85) -> Image:
 
 def _png(figure) -> bytes:
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
+    figure.savefig(buffer, format="png", dpi=100, **plots.PNG_OPTIONS)
     plots.close(figure)
     return buffer.getvalue()
 

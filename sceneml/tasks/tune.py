@@ -14,6 +14,7 @@ import warnings
 
 import optuna
 
+from sceneml import plots
 from sceneml.config import STUDY_ANALYSIS, TuneConfig
 from sceneml.space import Dimension, load_space
 from sceneml.tasks.search import Plan, Search, crown_champion, describe_storage, drive, try_log_report
@@ -105,6 +106,6 @@ def log_search(study: optuna.Study, cfg: TuneConfig) -> None:
                 continue
             ax.figure.set_size_inches(9, 4.5)
             ax.set_title(f"{ax.get_title()}: search {cfg.name()}")
-            ax.figure.tight_layout()
+            plots.tight(ax.figure)
             log_figure(ax.figure, path)
 

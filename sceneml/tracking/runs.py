@@ -260,10 +260,10 @@ def log_json(data: object, artifact_file: str) -> None:
 
 
 def log_figure(fig, artifact_file: str) -> None:
-    from sceneml.plots import close
+    from sceneml.plots import PNG_OPTIONS, close
 
     try:
-        with_retries(mlflow.log_figure, fig, artifact_file)
+        with_retries(mlflow.log_figure, fig, artifact_file, save_kwargs=PNG_OPTIONS)
     finally:
         close(fig)
 
