@@ -92,8 +92,9 @@ def drive(search: Search, plan: Callable[[optuna.Trial], Plan],
     pointer = launched_by_mlflow_run() if search.shared else None
     storage = open_storage(search.storage if search.shared else None)
     study, parent_id = open_search(search, storage)
+    if search.shared:
+        end_dead_launches(search.task, search.name, [parent_id, *filter(None, [pointer])], own=pointer)
     if pointer:
-        end_dead_launches(pointer, search.task, search.name)
         set_tags(pointer, {**heartbeat(), "mlflow.runName": f"{search.task} worker -> {search.name}",
                            "mlflow.note.content": f"This launch ran trials of {search.name} (run {parent_id})."})
     if search.shared:
@@ -363,15 +364,17 @@ def reclaim(study: optuna.Study, search: Search, grace: float = STALE_AFTER_S) -
         time.sleep(min(BEAT_EVERY_S, max(1.0, deadline - time.monotonic())))
 
 
-def end_dead_launches(pointer: str, task: str, name: str) -> None:
-    """The launch runs (``<task> worker -> <name>``) of this search's workers that died: KILLED, not RUNNING."""
+def end_dead_launches(task: str, name: str, beside: list[str], own: str | None) -> None:
+    """The launch runs (``<task> worker -> <name>``) of this search's workers that died: KILLED, not RUNNING.
+    Any worker ends them, however it was started; they are looked for in the experiments of the runs
+    ``beside`` (the parent's, and this worker's own launch run ``own``, if any)."""
     client = MlflowClient()
-    runs = client.search_runs([mlflow.get_run(pointer).info.experiment_id],
-                              filter_string=f"attributes.status = 'RUNNING' and "
-                                            f"tags.mlflow.runName = '{task} worker -> {name}'")
+    experiments = sorted({client.get_run(run_id).info.experiment_id for run_id in beside})
+    runs = client.search_runs(experiments, filter_string=f"attributes.status = 'RUNNING' and "
+                                                         f"tags.mlflow.runName = '{task} worker -> {name}'")
     for run in runs:
         beat = run.data.tags.get(TAG_HEARTBEAT)
-        if run.info.run_id != pointer and beat and beat_holder(beat) is None:
+        if run.info.run_id != own and beat and beat_holder(beat) is None:
             end_run_as(run.info.run_id, "KILLED", f"{DEAD_WORKER}: its launch ended without closing this run")
 
 
