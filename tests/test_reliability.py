@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import mlflow
+import psutil
 import pytest
 from mlflow import MlflowClient
 
@@ -343,6 +344,23 @@ def test_a_heartbeat_from_another_host_holds_the_run_until_it_is_stale():
     assert holder_of("RUNNING", other, now=1000 + STALE_AFTER_S) is None
     assert holder_of("KILLED", other, now=1001) is None  # it ended: nobody holds it
     assert holder_of("RUNNING", None) is None  # a run without heartbeat (not sceneml's, or older)
+
+
+def test_a_heartbeat_of_a_process_that_exited_holds_nothing_even_before_its_status_is_collected():
+    import socket
+
+    from sceneml.tracking.lease import holder_of
+
+    child = subprocess.Popen(["sleep", "600"])
+    beat = f"{socket.gethostname()} {child.pid} 1000"
+    assert holder_of("RUNNING", beat, now=1001) == f"process {child.pid} on {socket.gethostname()}, heartbeat 1 s ago"
+    child.kill()
+    os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # it has exited; its status is not collected
+    try:
+        assert psutil.pid_exists(child.pid)  # a zombie
+        assert holder_of("RUNNING", beat, now=1001) is None
+    finally:
+        child.wait()
 
 
 @pytest.mark.slow

@@ -5,7 +5,8 @@ The training process writes tag ``sceneml.heartbeat`` = ``<host> <pid> <unix sec
 run opens and then at most every ``BEAT_EVERY_S`` seconds while batches are logged. A RUNNING run's
 heartbeat is *live* when
 
-- it was written on this host and that process still exists (a stopped one too: SIGSTOP, Ctrl-Z), or
+- it was written on this host and that process still exists (a stopped one too: SIGSTOP, Ctrl-Z; not a
+  zombie, which has exited and only waits for its parent to collect its status), or
 - it was written on another host less than ``STALE_AFTER_S`` seconds ago.
 
 On this host a dead process frees the run at once; from another host the run is free once its
@@ -50,5 +51,14 @@ def beat_holder(text: str | None, now: float | None = None) -> str | None:
     age = (now if now is not None else time.time()) - float(written)
     who = f"process {pid} on {host}, heartbeat {age:.0f} s ago"
     if host == socket.gethostname():
-        return who if int(pid) != os.getpid() and psutil.pid_exists(int(pid)) else None
+        return who if int(pid) != os.getpid() and _alive(int(pid)) else None
     return who if age < STALE_AFTER_S else None
+
+
+def _alive(pid: int) -> bool:
+    # a worker killed with its process group leaves its children orphaned: until init reaps them, they
+    # are zombies, and psutil.pid_exists still finds them
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
