@@ -110,6 +110,13 @@ def time_to_accuracy() -> dict[str, str]:
 
 def smaller() -> dict[str, str]:
     return {
+        "official_test": table(read("official_test"), [
+            ("measured", when), ("command", command), ("photos", field("photos")),
+            ("byte-identical in intel-train", field("identical_in_train")),
+            ("nearest pHash bits", field("nearest_phash_bits")), ("accuracy", number("acc", 3)),
+            ("mAP", number("mAP", 3)),
+            ("mAP 95 % interval", lambda r: f"{float(r['mAP_low']):.3f}-{float(r['mAP_high']):.3f}"),
+            ("with flip TTA: accuracy", number("acc_tta", 3)), ("mAP", number("mAP_tta", 3))]),
         "score_sizes": table(read("score_sizes"), [
             ("measured", when), ("command", command), ("model", field("model")), ("size (px)", field("size")),
             ("test accuracy", field("test_acc")), ("with flip TTA", field("test_acc_tta"))]),
