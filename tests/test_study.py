@@ -107,8 +107,8 @@ def test_select_is_idempotent_and_a_better_run_moves_the_alias(study_copy, monke
     assert version.version == old.version
 
     monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", exp_id)  # scoped to this test, unlike set_experiment
-    # the study's data set (select refuses to rank runs of another one), trained twice as long
-    better = train(TrainConfig(data="synthetic:60", epochs=4, weights="none", quiet=True))
+    # the study's data set (select refuses to rank runs of another one) at its size, trained twice as long
+    better = train(TrainConfig(data="synthetic:60", epochs=4, image_size=48, weights="none", quiet=True))
     new_version, best = select_champion([exp_id])
     assert best.run_id == better
     assert int(new_version.version) == int(old.version) + 1
