@@ -339,7 +339,7 @@ def _csv(uri: str) -> pd.DataFrame:
 @pytest.mark.slow
 def test_two_workers_share_a_repeated_study_whose_table_and_verdict_recompute_from_the_children(tracking_uri, tmp_path):
     """adamw at lr 0.001 against lr 1e-07, three paired repeats, the grid shared by two `main` workers on one
-    journal: each of the six cells is trained once, one worker crowns. 1e-07 cannot learn in two epochs, so
+    journal: each of the six cells is trained once, one worker crowns. 1e-07 cannot learn in one epoch, so
     the verdict says 0.001 beats it with P = 1; the table and the interval recompute from the children."""
     import optuna
     from scipy import stats
@@ -347,7 +347,7 @@ def test_two_workers_share_a_repeated_study_whose_table_and_verdict_recompute_fr
     from .processes import failures, sceneml
 
     cmd = ["main", "--optimizers", "adamw", "--lrs", "0.001,0.0000001", "--repeats", "3", "--data", "synthetic:30",
-           "--epochs", "2", "--batch-size", "16", "--image-size", "32", "--weights", "none", "--n-images", "10",
+           "--epochs", "1", "--batch-size", "16", "--image-size", "32", "--weights", "none", "--n-images", "10",
            "--classes", "forest", "--k", "1", "--modules", "conv1",
            "--quiet", "--study-name", "shared-grid", "--experiment", "repeats"]
     workers = [sceneml(cmd, subprocess_env(MLFLOW_TRACKING_URI=tracking_uri), tmp_path) for _ in range(2)]
