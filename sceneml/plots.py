@@ -115,6 +115,7 @@ def confusion_matrix_figure(cm: np.ndarray, classes: list[str], title: str) -> F
 
 def compare_runs(curves: dict[str, list[tuple[int, float]]], metric: str, title: str = "", ax=None) -> Figure:
     """One line per child run: ``metric`` per epoch, on one axis (integer epoch ticks)."""
+    owned = ax is None
     fig, ax = plt.subplots(figsize=(7, 4)) if ax is None else (ax.figure, ax)
     for name, points in sorted(curves.items()):
         if points:
@@ -124,12 +125,14 @@ def compare_runs(curves: dict[str, list[tuple[int, float]]], metric: str, title:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
-    tight(fig)
+    if owned:  # a panel of a larger figure is laid out with it
+        tight(fig)
     return fig
 
 
 def compare_losses(histories: dict[str, list[tuple[int, float, float]]], title: str, ax=None) -> Figure:
     """Train (dashed) and val (solid) loss per epoch of every child run, one colour per run."""
+    owned = ax is None
     fig, ax = plt.subplots(figsize=(7, 4)) if ax is None else (ax.figure, ax)
     for i, (name, rows) in enumerate(sorted(histories.items())):
         if rows:
@@ -140,7 +143,8 @@ def compare_losses(histories: dict[str, list[tuple[int, float, float]]], title: 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    tight(fig)
+    if owned:  # a panel of a larger figure is laid out with it
+        tight(fig)
     return fig
 
 
