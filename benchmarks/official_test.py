@@ -8,7 +8,7 @@ sceneml.data.duplicates within its 6 bits): the row records the nearest distance
     python benchmarks/official_test.py W/runs/<store>           # one row for that run's best checkpoint
 
 Scored by `python -m sceneml predict` (the command a user types), with and without flip TTA; accuracy
-and macro AP as sceneml computes them (sceneml.metrics), with a 95 % percentile bootstrap interval of
+and macro AP as sceneml logs them (sceneml.metrics.classification_metrics), with a 95 % percentile bootstrap interval of
 the macro AP over the photos (scipy.stats.bootstrap, 2,000 resamples): 120 photos pin it down less than
 the 1,676 of the held-out part. Appends a row to ``benchmarks/results/official_test.csv``.
 """
@@ -71,15 +71,15 @@ def macro_ap_interval(y: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
     """The 95 % percentile bootstrap interval of the macro AP, resampling the photos."""
     from scipy.stats import bootstrap
 
-    from sceneml.metrics import per_class_average_precision
+    from sceneml.metrics import nanmean_or_nan, per_class_average_precision
 
-    interval = bootstrap((np.arange(len(y)),), lambda i: np.mean(per_class_average_precision(y[i], probs[i])),
+    interval = bootstrap((np.arange(len(y)),), lambda i: nanmean_or_nan(per_class_average_precision(y[i], probs[i])),
                          vectorized=False, n_resamples=2000, method="percentile", random_state=0).confidence_interval
     return round(float(interval.low), 4), round(float(interval.high), 4)
 
 
 def main() -> None:
-    from sceneml.metrics import per_class_average_precision
+    from sceneml.metrics import classification_metrics
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("store", type=Path, help="a time-to-accuracy run's store (W/runs/<store> of its --work W)")
@@ -97,9 +97,8 @@ def main() -> None:
     for tta in (False, True):
         folders, probs = scores(args.store, model_uri, classes, tta)
         y = np.array([classes.index(f) for f in folders])
-        suffix = "_tta" if tta else ""
-        row["acc" + suffix] = round(float((probs.argmax(1) == y).mean()), 4)
-        row["mAP" + suffix] = round(float(np.mean(per_class_average_precision(y, probs))), 4)
+        suffix, metrics = "_tta" if tta else "", classification_metrics(y, probs, classes, "test")
+        row["acc" + suffix], row["mAP" + suffix] = round(metrics["test_acc"], 4), round(metrics["test_mAP"], 4)
         if not tta:
             row["mAP_low"], row["mAP_high"] = macro_ap_interval(y, probs)
     print(row)
