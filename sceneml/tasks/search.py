@@ -93,7 +93,7 @@ def drive(search: Search, plan: Callable[[optuna.Trial], Plan],
     storage = open_storage(search.storage if search.shared else None)
     study, parent_id = open_search(search, storage)
     if search.shared:
-        end_dead_launches(search.task, search.name, [parent_id, *filter(None, [pointer])], own=pointer)
+        end_dead_launches(search.task, search.name, parent_id, own=pointer)
     if pointer:
         set_tags(pointer, {**heartbeat(), "mlflow.runName": f"{search.task} worker -> {search.name}",
                            "mlflow.note.content": f"This launch ran trials of {search.name} (run {parent_id})."})
@@ -364,12 +364,12 @@ def reclaim(study: optuna.Study, search: Search, grace: float = STALE_AFTER_S) -
         time.sleep(min(BEAT_EVERY_S, max(1.0, deadline - time.monotonic())))
 
 
-def end_dead_launches(task: str, name: str, beside: list[str], own: str | None) -> None:
+def end_dead_launches(task: str, name: str, parent_id: str, own: str | None) -> None:
     """The launch runs (``<task> worker -> <name>``) of this search's workers that died: KILLED, not RUNNING.
-    Any worker ends them, however it was started; they are looked for in the experiments of the runs
-    ``beside`` (the parent's, and this worker's own launch run ``own``, if any)."""
+    Any worker ends them, however it was started; they are looked for in the experiment of the search's
+    parent run and in that of this worker's own launch run ``own``, if any."""
     client = MlflowClient()
-    experiments = sorted({client.get_run(run_id).info.experiment_id for run_id in beside})
+    experiments = sorted({client.get_run(run_id).info.experiment_id for run_id in (parent_id, own) if run_id})
     runs = client.search_runs(experiments, filter_string=f"attributes.status = 'RUNNING' and "
                                                          f"tags.mlflow.runName = '{task} worker -> {name}'")
     for run in runs:
