@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import matplotlib
 
 matplotlib.use("Agg")  # headless: runs on servers and in CI
@@ -232,8 +234,13 @@ def gallery(images: list[np.ndarray], true: list[str], predicted: list[str], sco
     n = len(images)
     columns = max(1, min(columns, n))  # a short gallery draws no empty cells
     rows = max(1, -(-n // columns))
-    fig = plt.figure(figsize=(2.4 * columns, 2.9 * rows + 0.6))
-    top = 1 - 0.6 / (2.9 * rows + 0.6)  # the suptitle's band
+    width = 2.4 * columns
+    # the title wrapped to the page (about 10 characters an inch at the suptitle's 12 pt): a gallery of one
+    # or two photos is narrower than its title, which would be cut at both edges
+    lines = [part for line in title.splitlines() for part in textwrap.wrap(line, int(width * 10)) or [""]]
+    band = 0.2 + 0.2 * len(lines)  # the suptitle's band, in inches: a 12 pt line and a margin
+    fig = plt.figure(figsize=(width, 2.9 * rows + band))
+    top = 1 - band / (2.9 * rows + band)
     ax = fig.add_axes((0.0, 0.0, 1.0, top))
     ax.axis("off")
     cell_h = 2.9 / 2.4  # a cell's height in cell widths
@@ -258,7 +265,7 @@ def gallery(images: list[np.ndarray], true: list[str], predicted: list[str], sco
         ax.text((extent[0] + extent[1]) / 2, extent[3] - 0.03, label, ha="center", va="bottom", fontsize=8,
                 color="tab:red" if wrong else "black")
     ax.set(xlim=(0, columns), ylim=(rows * cell_h, 0))  # after the images: imshow fits the limits to each
-    fig.suptitle(title)
+    fig.suptitle("\n".join(lines))
     return fig
 
 
