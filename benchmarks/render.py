@@ -123,6 +123,10 @@ def smaller() -> dict[str, str]:
         "optimizer_step": table(read("optimizer_step"), [
             ("measured", when), ("command", command), ("optimizer", field("optimizer")), ("kernel", field("kind")),
             ("threads", field("threads")), ("min ms", field("min_ms")), ("median ms", field("median_ms"))]),
+        "startup": table(read("startup"), [
+            ("measured", when), ("command", command), ("model", field("arch")), ("imports", field("imports")),
+            ("rounds", field("rounds")), ("wall min / median s", lambda r: f"{r['wall_min_s']} / {r['wall_median_s']}"),
+            ("CPU min / median s", lambda r: f"{r['cpu_min_s']} / {r['cpu_median_s']}")]),
         "analyze_memory": table(read("analyze_memory"), [
             ("measured", when), ("command", command), ("n_images", field("n_images")),
             ("peak RSS MiB", field("peak_mib")), ("growth during the statistics MiB", field("growth_mib")),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from pathlib import Path
 
@@ -213,6 +214,20 @@ def study_copy(study_store, tmp_path):
     _relocate_artifacts(db, lambda experiment: (tmp_path / "artifacts" / str(experiment)).as_uri())
     with using_store(f"sqlite:///{db}", tmp_path) as copied:
         yield copied, exp_id
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_collection(session):
+    """Collecting imports torch, MLflow and the rest for the session: with the cyclic garbage collector
+    off, and then frozen, as `python -m sceneml` does with a task's imports (sceneml.cli.import_for_good),
+    so that the collections during the tests walk only what the tests make."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+    gc.collect()
+    gc.freeze()
 
 
 # Costly fixtures that several tests share. `make test` runs two pytest-xdist workers with

@@ -21,8 +21,7 @@ from pathlib import Path
 
 from .faults import install as install_faults
 
-_PRELOAD = ["sceneml.cli", "sceneml.tasks.train", "sceneml.tasks.select", "sceneml.tasks.evaluate",
-            "sceneml.tasks.tune", "sceneml.tasks.study", "tests.forkserver_warm"]
+_PRELOAD = ["tests.forkserver_warm"]
 _context: list = []
 
 
