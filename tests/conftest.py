@@ -112,9 +112,9 @@ def mlflow_run_in_tmp(tmp: Path, experiment: str, entry_point: str, params: dict
 def study_store(tmp_path_factory, hermetic_env):
     """`mlflow run .` once per session, as a user types it (no experiment named, so the study goes to
     `sceneml`): 2 optimizers x 2 epochs on 60 synthetic images per class at 48 px (ResNet18's layer4 is
-    2 x 2 there, as at 64 px, so Grad-CAM has a map to show), then select, evaluate, analyze and the
-    report. Returns (tracking uri, experiment id). Read-only: a test that adds runs or moves the alias
-    takes ``study_copy``."""
+    2 x 2 there, as at 64 px, so Grad-CAM has a map to show), then select, evaluate, analyze (galleries of
+    4 of each class's 9 test images: a top and a bottom that differ) and the report. Returns (tracking
+    uri, experiment id). Read-only: a test that adds runs or moves the alias takes ``study_copy``."""
     import subprocess
     import sys
 
@@ -124,7 +124,7 @@ def study_store(tmp_path_factory, hermetic_env):
     exp_id = mlflow.MlflowClient(uri).create_experiment("sceneml", artifact_location=(tmp / "artifacts").as_uri())
     proc = subprocess.run([sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local",
                            "-P", "data=synthetic:60", "-P", "epochs=2", "-P", "optimizers=adamw,sgd",
-                           "-P", "weights=none", "-P", "n_images=60", "-P", "image_size=48"],
+                           "-P", "weights=none", "-P", "n_images=60", "-P", "image_size=48", "-P", "k=4"],
                           env=subprocess_env(MLFLOW_TRACKING_URI=uri), cwd=tmp, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -146,11 +146,14 @@ def new_store(folder: Path) -> str:
     """A sqlite tracking store in ``folder``, copied from one created once per process: MLflow's
     migrations take about a second a store, a copy a few milliseconds. Its Default experiment keeps
     artifacts in ``folder/mlruns/0``, as a store created there would."""
+    import atexit
     import shutil
     import tempfile
 
     if not _TEMPLATE:
         template = Path(tempfile.mkdtemp(prefix="sceneml-store-template-")) / "mlflow.db"
+        owner = os.getpid()  # the process's own copy goes with it (not with a fork's exit)
+        atexit.register(lambda: os.getpid() == owner and shutil.rmtree(template.parent, ignore_errors=True))
         mlflow.MlflowClient(f"sqlite:///{template}").search_experiments()  # creates and migrates it
         _TEMPLATE.append(template)
     folder.mkdir(parents=True, exist_ok=True)
@@ -233,7 +236,8 @@ def pytest_collection(session):
 # Costly fixtures that several tests share. `make test` runs two pytest-xdist workers with
 # `--dist loadgroup`: the tests of one fixture go to the same worker, so each is built once (ungrouped,
 # each worker would build its own copy: correct, only slower).
-SHARED_FIXTURES = {"study_store": "study", "real_study": "real-photos", "cli_run": "cli-run", "postgres": "postgres"}
+SHARED_FIXTURES = {"study_store": "study", "real_study": "real-photos", "cli_run": "cli-run", "postgres": "postgres",
+                   "straight": "straight-run"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the group marks
