@@ -21,14 +21,23 @@ from pathlib import Path
 
 from .faults import install as install_faults
 
+REPO = Path(__file__).resolve().parents[1]
 _PRELOAD = ["tests.forkserver_warm"]
 _context: list = []
 
 
 def _forkserver():
     if not _context:
+        import contextlib
+        from multiprocessing import forkserver
+
         ctx = multiprocessing.get_context("forkserver")
         ctx.set_forkserver_preload(_PRELOAD)
+        # the server imports its preload with its own sys.path, whose first entry is its working folder
+        # (the parent's sys.path reaches only the forked processes): started from a test's temporary
+        # folder, it would not find `tests` and, ImportError being skipped there, would preload nothing
+        with contextlib.chdir(REPO):
+            forkserver.ensure_running()
         _context.append(ctx)
     return _context[0]
 

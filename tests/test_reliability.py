@@ -23,7 +23,7 @@ from sceneml.tasks.train import local_checkpoint_path, train
 
 from . import faults
 from .conftest import REPO, new_store, subprocess_env, using_store, wait_for
-from .processes import Process, run_sceneml, sceneml
+from .processes import Process, python, run_sceneml, sceneml
 
 # 32 px: these tests are about crashes and stores, not accuracy (a later --image-size wins). A process
 # where the test is about processes (signals, concurrency, limits); in-process otherwise.
@@ -543,3 +543,15 @@ def test_a_shared_study_outlives_a_killed_worker_and_refuses_a_worker_with_anoth
     errors = [line for line in other.stderr.splitlines() if line.startswith("error:")]
     assert other.returncode == 2 and len(errors) == 1 and "(optimizers: sgd != adamw,sgd)" in errors[0], other.stderr
     assert len(client.search_runs([client.get_experiment_by_name("dead").experiment_id])) == len(runs)
+
+
+def test_a_forked_test_process_starts_with_the_forkservers_imports_whatever_the_folder(tmp_path, monkeypatch):
+    """The tests' processes fork from a server that imported torch, MLflow and the tasks once
+    (tests/processes.py); a server started from a test's temporary folder once imported nothing, and
+    every process paid those imports again (about 4 s of CPU each)."""
+    monkeypatch.chdir(tmp_path)
+    proc = python("import sys; print(sorted(m for m in ('tests.forkserver_warm', 'torch', 'sceneml.tasks.train') "
+                  "if m in sys.modules))", [], _env("sqlite:///unused.db"), tmp_path)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert out.strip() == "['sceneml.tasks.train', 'tests.forkserver_warm', 'torch']"
