@@ -545,6 +545,7 @@ def test_a_shared_study_outlives_a_killed_worker_and_refuses_a_worker_with_anoth
     assert len(client.search_runs([client.get_experiment_by_name("dead").experiment_id])) == len(runs)
 
 
+@pytest.mark.slow  # starts the forkserver: about 5 s of imports
 def test_a_forked_test_process_starts_with_the_forkservers_imports_whatever_the_folder(tmp_path, monkeypatch):
     """The tests' processes fork from a server that imported torch, MLflow and the tasks once
     (tests/processes.py); a server started from a test's temporary folder once imported nothing, and
