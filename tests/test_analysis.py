@@ -256,3 +256,9 @@ def test_n_images_beyond_the_data_is_all_the_data(study_copy):
     stats = _artifact_csv(run.info.run_id, "activations/activation_stats.csv")
     # the test split has 54 images: a million means all 54, and the embedded set is rendered to match
     assert {r["dataset"]: int(r["n_images"]) for r in stats} == {"test": 54, "synthetic": 54}
+
+
+def test_a_figure_title_counts_one_image_in_the_singular():
+    from sceneml.tasks.analyze import _the
+
+    assert [_the(n, "test image") for n in (1, 4)] == ["the test image", "the 4 test images"]

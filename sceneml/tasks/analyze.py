@@ -290,7 +290,7 @@ def _log_audit(subject: _Subject, chosen: list[str], cfg: AnalyzeConfig, caption
             for i, q, s, f in zip(ranked["index"], ranked["quality"], ranked["suggested"], ranked["flagged"])]
     log_csv(rows, "audit/label_issues.csv")
     top = ranked["index"].to_numpy()[:cfg.k]
-    title = f"Likely label errors: the {len(top)} images whose given label the model trusts least\n{caption}"
+    title = f"Likely label errors: {_the(len(top), 'image')} whose given label the model trusts least\n{caption}"
     log_figure(plots.gallery([load_rgb(subject.root / paths[i]) for i in top], [classes[labels[i]] for i in top],
                              [classes[s] for s in all_scores[top].argmax(1)], all_scores[top, labels[top]], title),
                "audit/label_issues.png")
@@ -299,8 +299,8 @@ def _log_audit(subject: _Subject, chosen: list[str], cfg: AnalyzeConfig, caption
     for name in chosen:
         _, bottom = analysis.gallery_indices(labels[in_split], all_scores[in_split], classes.index(name), cfg.k)
         if len(bottom):
-            stats += _log_gradcam(subject, scored, in_split[bottom], f"the {len(bottom)} {cfg.split} images of {name} "
-                                  f"with the lowest score\n{caption}", f"galleries/gradcam_{name}_bottom.png")
+            title = f"{_the(len(bottom), cfg.split + ' image')} of {name} with the lowest score\n{caption}"
+            stats += _log_gradcam(subject, scored, in_split[bottom], title, f"galleries/gradcam_{name}_bottom.png")
     if len(top):
         stats += _log_gradcam(subject, scored, top, f"the likely label errors\n{caption}",
                               "audit/label_issues_gradcam.png")
@@ -356,7 +356,12 @@ def _log_galleries(root: Path, split, scores: np.ndarray, classes: list[str], ch
             which = "highest" if end == "top" else "lowest"
             fig = plots.gallery([load_rgb(root / split.paths[i]) for i in idx], [name] * len(idx),
                                 [classes[p] for p in predicted[idx]], scores[idx, c],
-                                f"true class {name}: the {len(idx)} {split_name} images with the {which} score "
+                                f"true class {name}: {_the(len(idx), split_name + ' image')} with the {which} score "
                                 f"for {name}\n{caption}")
             log_figure(fig, f"galleries/gallery_{name}_{end}.png")
     log_csv(index_rows, "galleries/gallery_index.csv")
+
+
+def _the(n: int, noun: str) -> str:
+    """"the 4 test images", "the test image": a figure title's count."""
+    return f"the {noun}" if n == 1 else f"the {n} {noun}s"
