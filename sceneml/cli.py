@@ -9,6 +9,7 @@ value answer at once.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import gc
@@ -128,7 +129,14 @@ def _run_task(entry: EntryPoint, values: dict) -> None:
 
 
 def import_for_good(module: str):
-    """Import ``module`` for the rest of the process, outside the cyclic garbage collector's view.
+    """Import ``module`` for the rest of the process, inside :func:`frozen_imports`."""
+    with frozen_imports():
+        return importlib.import_module(module)
+
+
+@contextlib.contextmanager
+def frozen_imports():
+    """Imports made for the rest of the process, outside the cyclic garbage collector's view.
 
     Importing torch, torchvision and MLflow makes about 600,000 objects that live as long as the process.
     The collector would walk them at every full collection, during the imports and again while the task
@@ -137,12 +145,11 @@ def import_for_good(module: str):
     (they stay alive, as they would have)."""
     gc.disable()
     try:
-        imported = importlib.import_module(module)
+        yield
     finally:
         gc.enable()
     gc.collect()
     gc.freeze()
-    return imported
 
 
 def torchrun(entry: EntryPoint, values: dict, nproc: int) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 from pathlib import Path
 
@@ -221,16 +220,13 @@ def study_copy(study_store, tmp_path):
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_collection(session):
-    """Collecting imports torch, MLflow and the rest for the session: with the cyclic garbage collector
-    off, and then frozen, as `python -m sceneml` does with a task's imports (sceneml.cli.import_for_good),
-    so that the collections during the tests walk only what the tests make."""
-    gc.disable()
-    try:
+    """Collecting imports torch, MLflow and the rest for the session: frozen, as `python -m sceneml` does
+    with a task's imports (sceneml.cli.frozen_imports), so that the collections during the tests walk
+    only what the tests make."""
+    from sceneml.cli import frozen_imports
+
+    with frozen_imports():
         yield
-    finally:
-        gc.enable()
-    gc.collect()
-    gc.freeze()
 
 
 # Costly fixtures that several tests share. `make test` runs two pytest-xdist workers with

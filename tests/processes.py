@@ -21,6 +21,8 @@ from pathlib import Path
 
 from .faults import install as install_faults
 
+# conftest's REPO too: not imported from there, since every forked process imports this module (and
+# conftest would bring pytest in)
 REPO = Path(__file__).resolve().parents[1]
 _PRELOAD = ["tests.forkserver_warm"]
 _context: list = []
