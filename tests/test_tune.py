@@ -17,10 +17,10 @@ from .conftest import new_store, subprocess_env
 from .processes import Process, sceneml
 
 # 30 synthetic images per class at 32 px, 2 epochs of the smallest listed network: a trial takes a few
-# seconds (the search, not the network, is what these tests are about); the champion's galleries: one
-# image of one class
+# seconds (the search, not the network, is what these tests are about); the champion's analysis: one
+# image of one class in the galleries, one module's statistics and spectrum
 TINY = ["--data", "synthetic:30", "--image-size", "32", "--epochs", "2", "--weights", "none", "--n-images", "30",
-        "--arch", "mobilenet_v3_small", "--classes", "forest", "--k", "1", "--quiet"]
+        "--arch", "mobilenet_v3_small", "--classes", "forest", "--k", "1", "--modules", "features.0", "--quiet"]
 STUDY = "tune-mobilenet_v3_small-synthetic_30"  # the default study name: tune-<arch>-<data>
 
 
@@ -119,6 +119,7 @@ def test_seeded_search_prunes_survives_a_crashing_trial_and_registers_the_best_e
     # the smaller network does not learn in 2 epochs at any lr, so nothing would fall behind)
     (tmp_path / "space.yaml").write_text("optimizer: [adamw, sgd]\nlr: {low: 1.0e-7, high: 1.0e-2, log: true}\n")
     out = _finish(_tune(tmp_path, "--n-trials", "6", "--space", "space.yaml", "--seed", "3", "--arch", "resnet18",
+                        "--modules", "conv1",
                         env={"SCENEML_FAULT_AT_STEP": "1:raise@trial-4"}))
     parent, trials, others = _search_runs(tmp_path)
     assert sorted(trials) == list(range(6)) and parent.info.status == "FINISHED"
