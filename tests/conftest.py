@@ -19,6 +19,9 @@ import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+# how the tests of shared searches (`tune`, `main` workers on mobilenet_v3_small) analyse their champion:
+# galleries of one image of one class, one module's statistics and spectrum (five would double the analysis)
+SMALL_ANALYSIS = ["--classes", "forest", "--k", "1", "--modules", "features.0"]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -22,7 +22,7 @@ import pytest
 from mlflow import MlflowClient
 from sklearn.metrics import accuracy_score
 
-from .conftest import free_port, subprocess_env, url_answers, wait_for
+from .conftest import SMALL_ANALYSIS, free_port, subprocess_env, url_answers, wait_for
 from .helpers import assert_metrics_recompute
 from .processes import failures, run_sceneml, sceneml
 from .test_reliability import EPOCH_KEYS, TRAIN, _epoch_metrics
@@ -193,8 +193,8 @@ def _two_workers(server: dict, tmp_path, cmd: list[str], experiment: str, task: 
 def test_two_tune_workers_share_one_search_in_postgres(server, tmp_path):
     storage = f"{server['db']}/optuna"
     cmd = ["tune", "--data", "synthetic:30", "--image-size", "32", "--arch", "mobilenet_v3_small",
-           "--epochs", "1", "--weights", "none", "--n-images", "30", "--classes", "forest", "--k", "1",
-           "--modules", "features.0", "--quiet", "--n-trials", "2", "--pruner", "none",
+           "--epochs", "1", "--weights", "none", "--n-images", "30", *SMALL_ANALYSIS, "--quiet",
+           "--n-trials", "2", "--pruner", "none",
            "--storage", storage, "--experiment", "pg-tune"]
     runs, parents, outputs = _two_workers(server, tmp_path, cmd, "pg-tune", "tune")
     assert parents[0].data.params["storage"] == storage  # no password here to hide
@@ -207,7 +207,7 @@ def test_two_main_workers_share_one_study_in_postgres(server, tmp_path):
     """`main` with an SQLAlchemy storage: two workers train the 2 x 2 grid, each cell once, under one parent."""
     cmd = ["main", "--optimizers", "adamw,sgd", "--repeats", "2", "--data", "synthetic:20", "--image-size", "32",
            "--arch", "mobilenet_v3_small", "--epochs", "1", "--batch-size", "16", "--weights", "none",
-           "--n-images", "20", "--classes", "forest", "--k", "1", "--modules", "features.0", "--quiet",
+           "--n-images", "20", *SMALL_ANALYSIS, "--quiet",
            "--storage", f"{server['db']}/optuna", "--study-name", "pg-grid",
            "--experiment", "pg-main"]
     runs, parents, outputs = _two_workers(server, tmp_path, cmd, "pg-main", "study")

@@ -13,14 +13,13 @@ from mlflow import MlflowClient
 from sceneml.errors import SceneMLError
 from sceneml.space import DEFAULT_SPACE, load_space, parse_space
 
-from .conftest import new_store, subprocess_env
+from .conftest import SMALL_ANALYSIS, new_store, subprocess_env
 from .processes import Process, sceneml
 
 # 30 synthetic images per class at 32 px, 2 epochs of the smallest listed network: a trial takes a few
-# seconds (the search, not the network, is what these tests are about); the champion's analysis: one
-# image of one class in the galleries, one module's statistics and spectrum
+# seconds (the search, not the network, is what these tests are about); the champion's analysis is small
 TINY = ["--data", "synthetic:30", "--image-size", "32", "--epochs", "2", "--weights", "none", "--n-images", "30",
-        "--arch", "mobilenet_v3_small", "--classes", "forest", "--k", "1", "--modules", "features.0", "--quiet"]
+        "--arch", "mobilenet_v3_small", *SMALL_ANALYSIS, "--quiet"]
 STUDY = "tune-mobilenet_v3_small-synthetic_30"  # the default study name: tune-<arch>-<data>
 
 
