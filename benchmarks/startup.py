@@ -3,7 +3,7 @@ plain way and as sceneml imports them (`sceneml.cli.import_for_good`: with the c
 off during the imports, then one collection and `gc.freeze`). The two alternate, round after round, each
 in a fresh process on a fresh sqlite store; the script prints min and median wall and CPU seconds of each.
 
-    python benchmarks/startup.py                    # 5 rounds, mobilenet_v3_small, 2 epochs of 180 images at 32 px
+    python benchmarks/startup.py        # 5 rounds, mobilenet_v3_small, 2 epochs of 126 training images at 32 px
     python benchmarks/startup.py --rounds 9 --arch resnet18
 """
 
